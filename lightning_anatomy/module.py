@@ -1,0 +1,349 @@
+"""`DPOModule`: direct preference optimisation as a LightningModule.
+
+Chosen and rejected share one forward (`[chosen; rejected]`, see docs/ARCHITECTURE.md), so hooks
+installed by concept callbacks see both halves of a batch in one pass. Metrics follow TRL's
+DPOTrainer names so dashboards carry over; they are accumulated with torchmetrics over the
+micro-batches of an optimizer step, which keeps them right under gradient accumulation and DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from lightning_anatomy.concepts.hooks import reference_pass
+from lightning_anatomy.data import TokenizedPair, collate_pairs
+from lightning_anatomy.losses import preference_loss, validate_loss_options
+from lightning_anatomy.models.loading import load_model
+
+REFERENCE_MODES = ("copy", "precomputed", "peft")
+SCHEDULERS = ("cosine", "linear", "constant")
+METRIC_NAMES = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+)
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of the completion tokens and the count of those tokens, per sequence.
+
+    Token t is scored by the logits at t-1. The log-softmax is taken in fp32 one row at a time,
+    so a bf16 run never materialises the whole fp32 [2B, T, V] tensor.
+    """
+    labels = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(torch.float32)
+    shifted = logits[:, :-1]
+    rows = []
+    for row_logits, row_labels in zip(shifted, labels):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    token_logps = torch.stack(rows)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def _masked_logit_mean(logits: Tensor, completion_mask: Tensor) -> Tensor:
+    """Mean logit over the completion positions and the vocabulary (TRL's `logits/*`)."""
+    mask = completion_mask[:, 1:].unsqueeze(-1)
+    shifted = logits[:, :-1].detach()
+    total = (shifted.float() * mask).sum()
+    count = mask.sum() * shifted.shape[-1]
+    return total / count.clamp_min(1)
+
+
+class DPOModule(L.LightningModule):
+    """Train a causal LM on preference pairs with any loss of `lightning_anatomy.losses`.
+
+    Args:
+        policy: a Hugging Face causal LM object, a model id, a local directory, `"embedded"`
+            or `"tiny:<family>"`.
+        reference: `"copy"` (a frozen copy of the initial policy), `"precomputed"` (reference
+            log-probs computed once before training from the initial policy and cached on disk
+            under a fingerprint of model + tokenized data; no second model in memory) or `"peft"`
+            (the policy's base model with LoRA adapters disabled).
+        peft_config: LoRA settings (a dict for `peft.LoraConfig`); wraps the policy.
+        rpo_alpha: weight of an NLL term on the chosen completions (RPO); None disables it.
+        scheduler: `"cosine"`, `"linear"` or `"constant"` decay after `warmup_steps`.
+    """
+
+    def __init__(
+        self,
+        policy: str | PreTrainedModel = "tiny:gpt2",
+        *,
+        reference: str = "copy",
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        rpo_alpha: float | None = None,
+        discopop_tau: float = 0.05,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scheduler: str = "cosine",
+        gradient_checkpointing: bool = False,
+        peft_config: dict[str, Any] | None = None,
+        reference_cache_dir: str | None = ".anatomy_cache/reference",
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._validate(reference, loss_type, beta, label_smoothing, rpo_alpha, lr, warmup_steps, scheduler,
+                       peft_config, policy)
+        self.save_hyperparameters(ignore=["policy"] if not isinstance(policy, str) else None)
+        model = load_model(policy, dtype=dtype)
+        if peft_config is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(**peft_config))
+        if reference == "peft" and not hasattr(model, "disable_adapter"):
+            raise ValueError(
+                "reference='peft' needs a PEFT policy: pass a peft.PeftModel or peft_config={...}, "
+                "or use reference='copy' / 'precomputed'"
+            )
+        self.policy = model
+        if gradient_checkpointing:
+            self.policy.config.use_cache = False
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if peft_config is not None:
+                self.policy.enable_input_require_grads()
+        self.reference: nn.Module | None = None
+        if reference == "copy":
+            self.reference = copy.deepcopy(model).eval()
+            self.reference.requires_grad_(False)
+        self._ref_cache: dict[int, tuple[float, float]] = {}
+        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
+        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
+
+    # ------------------------------------------------------------------ validation of options
+    @staticmethod
+    def _validate(reference, loss_type, beta, label_smoothing, rpo_alpha, lr, warmup_steps, scheduler,
+                  peft_config, policy) -> None:
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference={reference!r} is not one of {REFERENCE_MODES}")
+        if reference == "peft" and peft_config is None and isinstance(policy, str):
+            raise ValueError("reference='peft' needs peft_config={...} (LoRA settings) or a PEFT model object as policy")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={scheduler!r} is not one of {SCHEDULERS}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if rpo_alpha is not None and rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0 or None, got {rpo_alpha}")
+        validate_loss_options(loss_type, beta, label_smoothing)
+
+    # ------------------------------------------------------------------ forward passes
+    def concatenated_forward(self, model: nn.Module, batch: dict[str, Tensor], *, with_stats: bool = False
+                             ) -> dict[str, Tensor]:
+        """One forward over `[chosen; rejected]`: per-pair log-probs (+ logit means and NLL for the policy)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits
+        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+        n = batch["input_ids"].shape[0] // 2
+        result = {
+            "chosen_logps": logps[:n], "rejected_logps": logps[n:],
+            "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:],
+        }
+        if with_stats:
+            mask = batch["completion_mask"]
+            result["chosen_logits"] = _masked_logit_mean(logits[:n], mask[:n])
+            result["rejected_logits"] = _masked_logit_mean(logits[n:], mask[n:])
+            if self.hparams.rpo_alpha is not None:
+                result["nll"] = -logps[:n].sum() / lengths[:n].sum().clamp_min(1)
+        return result
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        mode = self.hparams.reference
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if mode == "precomputed":
+            ids = batch["row_ids"].tolist()
+            missing = [i for i in ids if i not in self._ref_cache]
+            if missing:
+                raise RuntimeError(
+                    f"no precomputed reference log-probs for row ids {missing[:10]}: reference='precomputed' "
+                    "computes them at fit start from the datamodule's train_pairs/val_pairs; for other rows call "
+                    "DPOModule.precompute_reference(pairs) first"
+                )
+            vals = torch.tensor([self._ref_cache[i] for i in ids], dtype=torch.float32, device=self.device)
+            return vals[:, 0], vals[:, 1]
+        if mode == "peft":
+            with self.policy.disable_adapter(), reference_pass():
+                ref = self.concatenated_forward(self.policy, batch)
+        else:
+            ref = self.concatenated_forward(self.reference, batch)
+        return ref["chosen_logps"], ref["rejected_logps"]
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        pol = self.concatenated_forward(self.policy, batch, with_stats=True)
+        ref_c, ref_r = self.reference_logps(batch)
+        out = preference_loss(
+            pol["chosen_logps"], pol["rejected_logps"], ref_c, ref_r,
+            loss_type=hp.loss_type, beta=hp.beta, label_smoothing=hp.label_smoothing,
+            chosen_lengths=pol["chosen_lengths"], rejected_lengths=pol["rejected_lengths"],
+            margin_offset=batch.get("margin_offset"), discopop_tau=hp.discopop_tau,
+        )
+        weights = batch.get("weights")
+        losses = out.losses if weights is None else out.losses * weights.to(out.losses.dtype)
+        loss = losses.mean()
+        if hp.rpo_alpha is not None:
+            loss = loss + hp.rpo_alpha * pol["nll"]
+        stats = {
+            "loss": loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "logps/chosen": pol["chosen_logps"].detach().mean(),
+            "logps/rejected": pol["rejected_logps"].detach().mean(),
+            "logits/chosen": pol["chosen_logits"],
+            "logits/rejected": pol["rejected_logits"],
+        }
+        return loss, stats
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, stats = self._step(batch)
+        n = batch["row_ids"].numel()
+        for name, value in stats.items():
+            self.train_metrics[_key(name)].update(value, weight=n)
+        self.log("train_loss", loss.detach(), prog_bar=True, logger=False, batch_size=n)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step, after every micro-batch of the step has been accumulated.
+        self._log_metrics("train", self.train_metrics)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, stats = self._step(batch)
+        n = batch["row_ids"].numel()
+        for name, value in stats.items():
+            self.val_metrics[_key(name)].update(value, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def _log_metrics(self, prefix: str, metrics: nn.ModuleDict) -> None:
+        if all(m.update_count == 0 for m in metrics.values()):
+            return
+        values = {f"{prefix}/{name}": metrics[_key(name)].compute() for name in METRIC_NAMES}
+        for m in metrics.values():
+            m.reset()
+        self.log_dict(values, on_step=prefix == "train", on_epoch=False, sync_dist=False,
+                      prog_bar=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        schedule = _lr_lambda(hp.scheduler, hp.warmup_steps, total)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ precomputed reference
+    def on_fit_start(self) -> None:
+        if self.hparams.reference != "precomputed":
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        pairs = list(getattr(dm, "train_pairs", None) or []) + list(getattr(dm, "val_pairs", None) or [])
+        if not pairs:
+            raise ValueError(
+                "reference='precomputed' needs a datamodule with train_pairs/val_pairs (PreferenceDataModule), "
+                "or call DPOModule.precompute_reference(pairs) before fit"
+            )
+        pad = getattr(getattr(dm, "tokenizer", None), "pad_token_id", None) or 0
+        self.precompute_reference(pairs, pad_token_id=pad)
+
+    @torch.no_grad()
+    def precompute_reference(self, pairs: list[TokenizedPair], *, pad_token_id: int = 0, batch_size: int = 8) -> None:
+        """Reference log-probs of the current (initial) policy for `pairs`, cached on disk.
+
+        The cache key hashes the policy weights and the tokenized pairs, so a changed model, data
+        or tokenization never reuses stale numbers. Rank 0 computes and writes; others wait and read.
+        """
+        todo = [p for p in pairs if p.row_id not in self._ref_cache]
+        if not todo:
+            return
+        cache_dir = self.hparams.reference_cache_dir
+        path = Path(cache_dir) / f"{self._fingerprint(todo)}.safetensors" if cache_dir else None
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        is_zero = strategy is None or strategy.is_global_zero
+        if path is None or not path.exists():
+            if is_zero or path is None:
+                table = self._compute_reference(todo, pad_token_id, batch_size)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    save_file(table, str(tmp))
+                    os.replace(tmp, path)
+            if strategy is not None:
+                strategy.barrier("anatomy_reference_cache")
+        if path is not None:
+            table = load_file(str(path))
+        for rid, c, r in zip(table["row_ids"].tolist(), table["chosen"].tolist(), table["rejected"].tolist()):
+            self._ref_cache[int(rid)] = (c, r)
+
+    def _compute_reference(self, pairs: list[TokenizedPair], pad_token_id: int, batch_size: int) -> dict[str, Tensor]:
+        was_training = self.policy.training
+        self.policy.eval()
+        ids, chosen, rejected = [], [], []
+        try:
+            for start in range(0, len(pairs), batch_size):
+                batch = collate_pairs(pairs[start:start + batch_size], pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with reference_pass():
+                    out = self.concatenated_forward(self.policy, batch)
+                ids.append(batch["row_ids"].cpu())
+                chosen.append(out["chosen_logps"].float().cpu())
+                rejected.append(out["rejected_logps"].float().cpu())
+        finally:
+            self.policy.train(was_training)
+        return {"row_ids": torch.cat(ids), "chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+
+    def _fingerprint(self, pairs: list[TokenizedPair]) -> str:
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.policy.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        h.update(json.dumps([[p.row_id, p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]).encode())
+        return h.hexdigest()[:24]
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "__")
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return schedule
+
+
+__all__ = ["DPOModule", "sequence_logps", "METRIC_NAMES", "REFERENCE_MODES"]
