@@ -1,0 +1,87 @@
+"""Concepts: hook points, SAE loading, the ConceptLens, concept sets and their labels.
+
+Names are imported lazily: sae-lens takes seconds to import, and callbacks that only need
+`reference_pass` or `resolve_hook` should not pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "ConceptLens": "lightning_anatomy.concepts.lens",
+    "span_stats": "lightning_anatomy.concepts.lens",
+    "capture_activations": "lightning_anatomy.concepts.lens",
+    "ConceptSet": "lightning_anatomy.concepts.concept_set",
+    "Concept": "lightning_anatomy.concepts.concept_set",
+    "ConceptSetError": "lightning_anatomy.concepts.concept_set",
+    "HookPoint": "lightning_anatomy.concepts.hooks",
+    "resolve_hook": "lightning_anatomy.concepts.hooks",
+    "hook_names": "lightning_anatomy.concepts.hooks",
+    "hook_output": "lightning_anatomy.concepts.hooks",
+    "hook_input": "lightning_anatomy.concepts.hooks",
+    "hidden_size_at": "lightning_anatomy.concepts.hooks",
+    "find_causal_lm": "lightning_anatomy.concepts.hooks",
+    "reference_pass": "lightning_anatomy.concepts.hooks",
+    "is_reference_pass": "lightning_anatomy.concepts.hooks",
+    "load_sae": "lightning_anatomy.concepts.sae",
+    "check_width": "lightning_anatomy.concepts.sae",
+    "measure_fidelity": "lightning_anatomy.concepts.sae",
+    "SAELoadError": "lightning_anatomy.concepts.sae",
+    "SpanFeatures": "lightning_anatomy.concepts.span_features",
+}
+
+__all__ = [
+    "Concept",
+    "ConceptLens",
+    "ConceptSet",
+    "ConceptSetError",
+    "HookPoint",
+    "SAELoadError",
+    "SpanFeatures",
+    "capture_activations",
+    "check_width",
+    "find_causal_lm",
+    "hidden_size_at",
+    "hook_input",
+    "hook_names",
+    "hook_output",
+    "is_reference_pass",
+    "load_sae",
+    "measure_fidelity",
+    "reference_pass",
+    "resolve_hook",
+    "span_stats",
+]  # literal so linters see the re-exports
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_anatomy.concepts' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_anatomy.concepts.concept_set import Concept, ConceptSet, ConceptSetError
+    from lightning_anatomy.concepts.hooks import (
+        HookPoint,
+        find_causal_lm,
+        hidden_size_at,
+        hook_input,
+        hook_names,
+        hook_output,
+        is_reference_pass,
+        reference_pass,
+        resolve_hook,
+    )
+    from lightning_anatomy.concepts.lens import ConceptLens, capture_activations, span_stats
+    from lightning_anatomy.concepts.sae import SAELoadError, check_width, load_sae, measure_fidelity
+    from lightning_anatomy.concepts.span_features import SpanFeatures
