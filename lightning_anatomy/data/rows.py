@@ -213,7 +213,7 @@ def _dataset_records(ds: Any, split: str | None, origin: str) -> list[Any]:
         ds = ds[name]
     elif split is not None:
         raise ValueError(f"split={split!r} only applies to a datasets DatasetDict; {origin} is a single Dataset")
-    return ds.to_list()
+    return ds.to_list() if hasattr(ds, "to_list") else list(ds)  # IterableDataset has no to_list
 
 
 def _load_records(source: Any, split: str | None) -> list[Any]:
