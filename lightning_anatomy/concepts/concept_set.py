@@ -1,0 +1,586 @@
+"""Concept directions a user decides about: suppress, amplify or allow.
+
+A `ConceptSet` is the hand-off between the audit (which finds concepts) and training (which
+projects gradients away from, ablates or steers along them). It is saved as a human-editable
+`concepts.yaml` (names, hooks, labels, actions, provenance) beside `vectors.safetensors`, so a
+user can review the audit and flip actions in a text editor before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ACTIONS", "Concept", "ConceptSet", "ConceptSetError"]
+
+ACTIONS = ("suppress", "amplify", "allow")
+FORMAT = "lightning-anatomy/concept-set"
+VERSION = 1
+YAML_NAME = "concepts.yaml"
+VECTORS_NAME = "vectors.safetensors"
+_FIELDS = ("name", "hook", "label", "action", "dim", "source")
+
+_YAML_HEADER = """\
+# lightning-anatomy concept set. Edit `action` per concept: suppress | amplify | allow.
+# Vectors live in vectors.safetensors under each concept's name; keep names in sync.
+"""
+
+
+class ConceptSetError(ValueError):
+    """A malformed concept set: names the concept and field, and how to fix it."""
+
+
+def _check_action(action: str, where: str) -> str:
+    if action not in ACTIONS:
+        raise ConceptSetError(f"{where}: action {action!r} is not one of {', '.join(ACTIONS)}")
+    return action
+
+
+def _plain(value: Any) -> Any:
+    """Provenance as plain YAML types (tensors and numpy scalars become lists and numbers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+@dataclass
+class Concept:
+    """One named direction at one hook. `vector` is stored fp32 on CPU, shape [d]."""
+
+    name: str
+    hook: str
+    vector: torch.Tensor
+    label: str = ""
+    action: str = "suppress"
+    source: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConceptSetError(f"concept name must be a non-empty string, got {self.name!r}")
+        where = f"concept {self.name!r}"
+        if not isinstance(self.hook, str) or not self.hook:
+            raise ConceptSetError(f"{where}: field 'hook' must be a hook name, got {self.hook!r}")
+        vec = torch.as_tensor(self.vector).detach()
+        if vec.dim() != 1 or vec.numel() == 0:
+            raise ConceptSetError(f"{where}: vector must be 1-D [d], got shape {tuple(vec.shape)}")
+        vec = vec.to(device="cpu", dtype=torch.float32).clone().contiguous()
+        if not torch.isfinite(vec).all():
+            raise ConceptSetError(f"{where}: vector has non-finite values (NaN or inf)")
+        if not vec.abs().sum() > 0:
+            raise ConceptSetError(f"{where}: vector is all zeros, which names no direction")
+        self.vector = vec
+        self.label = "" if self.label is None else str(self.label)
+        _check_action(self.action, where)
+        self.source = _plain(dict(self.source or {}))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vector.numel())
+
+
+class ConceptSet:
+    """An ordered collection of uniquely named concepts, possibly at several hooks."""
+
+    def __init__(self, concepts: Iterable[Concept] = ()) -> None:
+        self._concepts: list[Concept] = list(concepts)
+        seen: dict[str, int] = {}
+        dims: dict[str, tuple[int, str]] = {}
+        for c in self._concepts:
+            if not isinstance(c, Concept):
+                raise ConceptSetError(f"ConceptSet holds Concept objects, got {type(c).__name__}")
+            if c.name in seen:
+                raise ConceptSetError(f"concept name {c.name!r} appears twice; names must be unique")
+            seen[c.name] = 1
+            if c.hook in dims and dims[c.hook][0] != c.dim:
+                other_dim, other = dims[c.hook]
+                raise ConceptSetError(
+                    f"concept {c.name!r}: vector has d={c.dim} but concept {other!r} at the same hook "
+                    f"{c.hook!r} has d={other_dim}"
+                )
+            dims.setdefault(c.hook, (c.dim, c.name))
+        self._index = {c.name: i for i, c in enumerate(self._concepts)}
+
+    # ------------------------------------------------------------------ collection protocol
+
+    def __len__(self) -> int:
+        return len(self._concepts)
+
+    def __iter__(self) -> Iterator[Concept]:
+        return iter(self._concepts)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __getitem__(self, key: str | int) -> Concept:
+        if isinstance(key, int):
+            return self._concepts[key]
+        try:
+            return self._concepts[self._index[key]]
+        except KeyError:
+            raise KeyError(f"no concept named {key!r}; the set has {self.names}") from None
+
+    def __add__(self, other: ConceptSet) -> ConceptSet:
+        return ConceptSet([*self._concepts, *other._concepts])
+
+    def __repr__(self) -> str:
+        counts = {a: sum(c.action == a for c in self) for a in ACTIONS}
+        return f"ConceptSet({len(self)} concepts at {self.hooks}, {counts})"
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self._concepts]
+
+    @property
+    def hooks(self) -> list[str]:
+        """Hooks in order of first appearance."""
+        return list(dict.fromkeys(c.hook for c in self._concepts))
+
+    # ------------------------------------------------------------------ selection and bases
+
+    def with_actions(self, actions: Mapping[str, str]) -> ConceptSet:
+        """A new set with `actions[name]` applied; other concepts keep theirs."""
+        unknown = [n for n in actions if n not in self._index]
+        if unknown:
+            raise KeyError(f"with_actions: no concepts named {unknown}; the set has {self.names}")
+        for name, action in actions.items():
+            _check_action(action, f"concept {name!r}")
+        return ConceptSet(
+            dataclasses.replace(c, action=actions.get(c.name, c.action), source=dict(c.source)) for c in self
+        )
+
+    def select(self, *, action: str | None = None, hook: str | None = None) -> ConceptSet:
+        """The concepts with this action and/or at this hook (None: any)."""
+        if action is not None:
+            _check_action(action, "select")
+        return ConceptSet(
+            c for c in self if (action is None or c.action == action) and (hook is None or c.hook == hook)
+        )
+
+    def vectors(self, hook_name: str, action: str | None = "suppress") -> torch.Tensor:
+        """The chosen concepts' vectors at `hook_name` as rows, [k, d] fp32 (k may be 0)."""
+        chosen = self.select(action=action, hook=hook_name)
+        if not len(chosen):
+            return torch.zeros(0, 0)
+        return torch.stack([c.vector for c in chosen])
+
+    def basis(self, hook_name: str, action: str | None = "suppress", *, tol: float = 1e-5) -> torch.Tensor:
+        """Orthonormal basis [d, k] fp32 (CPU) of the chosen concepts' span at `hook_name`.
+
+        Gram–Schmidt with re-orthogonalisation in float64, in concept order (column 1 is the first
+        concept's direction); a concept whose residual is below `tol` of its norm is dependent on
+        earlier ones and adds no column. Deterministic, so every rank builds the same basis.
+        """
+        chosen = self.select(action=action, hook=hook_name)
+        if not len(chosen):
+            which = "any action" if action is None else f"action {action!r}"
+            having = self.select(action=action).hooks
+            raise ConceptSetError(
+                f"no concepts with {which} at hook {hook_name!r}; hooks that have such concepts: "
+                f"{having or 'none'}"
+            )
+        columns: list[torch.Tensor] = []
+        for c in chosen:
+            w = c.vector.double()
+            w = w / w.norm()
+            for _ in range(2):  # "twice is enough" for numerical orthogonality
+                if columns:
+                    q = torch.stack(columns, dim=1)
+                    w = w - q @ (q.T @ w)
+            residual = w.norm()
+            if residual > tol:
+                columns.append(w / residual)
+        return torch.stack(columns, dim=1).float()
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_sae_features(
+        cls,
+        sae: Any,
+        hook_name: str,
+        feature_ids: Sequence[int],
+        labels: Sequence[str] | Mapping[int, str] | None = None,
+        action: str = "suppress",
+    ) -> ConceptSet:
+        """One concept per SAE feature: its decoder row `W_dec[f]`, named `"{hook}:{f}"`."""
+        w_dec = sae.W_dec.detach()
+        d_sae = int(w_dec.shape[0])
+        ids = [int(f) for f in feature_ids]
+        if not ids:
+            raise ConceptSetError("from_sae_features needs at least one feature id")
+        for f in ids:
+            if not 0 <= f < d_sae:
+                raise ConceptSetError(f"feature id {f} is out of range for an SAE with d_sae={d_sae}")
+        if len(set(ids)) != len(ids):
+            raise ConceptSetError(f"feature ids repeat: {ids}")
+        labels_of = _labels(labels, ids)
+        meta = getattr(getattr(sae, "cfg", None), "metadata", None)
+        provenance = {}
+        if meta is not None:
+            for key in ("model_name", "hook_name", "neuronpedia_id"):
+                if meta.get(key) is not None:
+                    provenance[f"sae_{key}"] = meta.get(key)
+        return cls(
+            Concept(
+                name=f"{hook_name}:{f}",
+                hook=hook_name,
+                vector=w_dec[f],
+                label=labels_of[i],
+                action=action,
+                source={"kind": "sae_feature", "feature": f, "d_sae": d_sae, **provenance},
+            )
+            for i, f in enumerate(ids)
+        )
+
+    @classmethod
+    def from_vectors(
+        cls,
+        vectors: torch.Tensor | Sequence[torch.Tensor],
+        hook_name: str,
+        names: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        action: str = "suppress",
+    ) -> ConceptSet:
+        """Concepts from raw directions, [k, d] or a list of [d]; named `"{hook}:v{i}"` by default."""
+        if isinstance(vectors, torch.Tensor):
+            if vectors.dim() != 2:
+                raise ConceptSetError(f"vectors must be [k, d] or a list of [d], got shape {tuple(vectors.shape)}")
+            rows = list(vectors.unbind(0))
+        else:
+            rows = list(vectors)
+        if not rows:
+            raise ConceptSetError("from_vectors needs at least one vector")
+        names = list(names) if names is not None else [f"{hook_name}:v{i}" for i in range(len(rows))]
+        if len(names) != len(rows):
+            raise ConceptSetError(f"{len(names)} names for {len(rows)} vectors")
+        labels_of = _labels(labels, list(range(len(rows))))
+        return cls(
+            Concept(name, hook_name, vec, labels_of[i], action, {"kind": "vector"})
+            for i, (name, vec) in enumerate(zip(names, rows, strict=True))
+        )
+
+    @classmethod
+    def from_activation_difference(
+        cls,
+        acts_with: torch.Tensor,
+        acts_without: torch.Tensor,
+        hook_name: str,
+        *,
+        name: str,
+        label: str = "",
+        action: str = "suppress",
+        mask_with: torch.Tensor | None = None,
+        mask_without: torch.Tensor | None = None,
+    ) -> ConceptSet:
+        """Persona-vector style: mean activation with the trait minus mean without.
+
+        Activations are [n, d] or [b, s, d] (with an optional [b, s] mask of real tokens). The
+        raw difference is kept (its norm is meaningful for steering); bases normalise anyway.
+        """
+        a, n_a = _masked_tokens(acts_with, mask_with, "acts_with")
+        b, n_b = _masked_tokens(acts_without, mask_without, "acts_without")
+        if a.shape[-1] != b.shape[-1]:
+            raise ConceptSetError(f"acts_with has width {a.shape[-1]} but acts_without has {b.shape[-1]}")
+        direction = a.double().mean(0) - b.double().mean(0)
+        source = {"kind": "mean_difference", "n_with": n_a, "n_without": n_b, "norm": float(direction.norm())}
+        return cls([Concept(name, hook_name, direction.float(), label, action, source)])
+
+    @classmethod
+    def from_mean_difference(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        hook_name: str,
+        texts_with: Sequence[str],
+        texts_without: Sequence[str],
+        *,
+        name: str,
+        label: str = "",
+        action: str = "suppress",
+        batch_size: int = 8,
+        max_length: int = 256,
+    ) -> ConceptSet:
+        """Persona-vector style from texts: mean token activation at `hook_name` over every real
+        token of `texts_with`, minus that of `texts_without` (one early-stopped forward per batch)."""
+        mean_a, n_a = _mean_activation(model, tokenizer, hook_name, texts_with, batch_size, max_length, "texts_with")
+        mean_b, n_b = _mean_activation(
+            model, tokenizer, hook_name, texts_without, batch_size, max_length, "texts_without"
+        )
+        direction = mean_a - mean_b
+        source = {
+            "kind": "mean_difference",
+            "n_with": n_a,
+            "n_without": n_b,
+            "texts_with": len(texts_with),
+            "texts_without": len(texts_without),
+            "norm": float(direction.norm()),
+        }
+        return cls([Concept(name, hook_name, direction.float(), label, action, source)])
+
+    @classmethod
+    def from_pca(
+        cls,
+        acts_a: torch.Tensor,
+        acts_b: torch.Tensor,
+        hook_name: str,
+        k: int = 1,
+        *,
+        names: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        action: str = "suppress",
+        mask: torch.Tensor | None = None,
+        center: bool = True,
+    ) -> ConceptSet:
+        """CAFT style: the top-`k` principal components of paired differences `acts_a - acts_b`.
+
+        `acts_a`/`acts_b` are paired activations ([n, d], or [b, s, d] with an optional [b, s]
+        mask), e.g. two models on the same tokens. Classic (centred) PCA by default; each
+        component is oriented so the mean difference projects non-negatively onto it.
+        """
+        if acts_a.shape != acts_b.shape:
+            raise ConceptSetError(
+                f"from_pca needs paired activations of one shape, got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}"
+            )
+        diffs, n = _masked_tokens(acts_a.double() - acts_b.double(), mask, "acts_a - acts_b")
+        d = diffs.shape[-1]
+        if not 1 <= k <= min(n, d):
+            raise ConceptSetError(f"k={k} must be between 1 and min(tokens={n}, width={d})")
+        mean = diffs.mean(0)
+        centred = diffs - mean if center else diffs
+        cov = centred.T @ centred
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        order = torch.argsort(evals, descending=True)[:k]
+        total = float(evals.clamp_min(0).sum())
+        comps = evecs[:, order].T.clone()  # [k, d]
+        for i in range(k):
+            proj = float(comps[i] @ mean)
+            flip = proj < 0 if abs(proj) > 1e-9 * float(mean.norm() + 1e-30) else comps[i][comps[i].abs().argmax()] < 0
+            if flip:
+                comps[i] = -comps[i]
+        names = list(names) if names is not None else [f"{hook_name}:pc{i}" for i in range(k)]
+        if len(names) != k:
+            raise ConceptSetError(f"{len(names)} names for k={k} components")
+        labels_of = _labels(labels, list(range(k)))
+        concepts = []
+        for i in range(k):
+            ratio = float(evals[order[i]]) / total if total > 0 else 0.0
+            source = {"kind": "pca", "component": i, "explained_variance_ratio": ratio, "n": n, "center": center}
+            concepts.append(Concept(names[i], hook_name, comps[i].float(), labels_of[i], action, source))
+        return cls(concepts)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path/concepts.yaml` and `path/vectors.safetensors` (each atomically)."""
+        import yaml
+        from safetensors.torch import save_file
+
+        if not len(self):
+            raise ConceptSetError("refusing to save an empty concept set")
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "concepts": [
+                {"name": c.name, "hook": c.hook, "label": c.label, "action": c.action, "dim": c.dim, "source": c.source}
+                for c in self
+            ],
+        }
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".vectors.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({c.name: c.vector for c in self}, tmp, metadata={"format": FORMAT})
+            os.replace(tmp, out / VECTORS_NAME)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        text = _YAML_HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+        _atomic_write_text(out / YAML_NAME, text)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> ConceptSet:
+        """Read a saved set, validating every field; with `model`, also check widths per hook."""
+        import yaml
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        yaml_path, vec_path = root / YAML_NAME, root / VECTORS_NAME
+        if not yaml_path.is_file():
+            raise ConceptSetError(f"{yaml_path} not found; a concept set directory holds {YAML_NAME} and {VECTORS_NAME}")
+        try:
+            doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConceptSetError(f"{yaml_path}: not valid YAML{where} ({problem}); fix the syntax") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("concepts"), list):
+            raise ConceptSetError(f"{yaml_path}: expected a mapping with a 'concepts' list at the top level")
+        version = doc.get("version", VERSION)
+        if not isinstance(version, int) or version > VERSION:
+            raise ConceptSetError(f"{yaml_path}: field 'version' is {version!r}; this release reads version {VERSION}")
+        if not vec_path.is_file():
+            raise ConceptSetError(f"{vec_path} not found; it holds the vectors of {yaml_path}")
+        try:
+            tensors = load_file(str(vec_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ConceptSetError(f"{vec_path}: cannot read ({err}); re-save the concept set") from None
+        concepts = []
+        for i, item in enumerate(doc["concepts"]):
+            concepts.append(_concept_from_yaml(item, i, tensors, yaml_path))
+        result = cls(concepts)
+        if model is not None:
+            result.validate_against(model)
+        return result
+
+    def validate_against(self, model: nn.Module) -> None:
+        """Raise unless every hook resolves on `model` and every vector has the width there."""
+        from lightning_anatomy.concepts.hooks import hidden_size_at
+
+        for hook in self.hooks:
+            try:
+                width = hidden_size_at(model, hook)
+            except ValueError as err:
+                raise ConceptSetError(f"concept set hook {hook!r} does not fit the model: {err}") from None
+            for c in self.select(hook=hook):
+                if c.dim != width:
+                    raise ConceptSetError(
+                        f"concept {c.name!r}: vector has d={c.dim} but the model's width at {hook!r} is {width}; "
+                        "this concept set was built for another model"
+                    )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _labels(labels: Sequence[str] | Mapping[int, str] | None, keys: list[int]) -> list[str]:
+    if labels is None:
+        return [""] * len(keys)
+    if isinstance(labels, Mapping):
+        return [str(labels.get(k, "")) for k in keys]
+    labels = list(labels)
+    if len(labels) != len(keys):
+        raise ConceptSetError(f"{len(labels)} labels for {len(keys)} concepts")
+    return [str(x) for x in labels]
+
+
+def _masked_tokens(acts: torch.Tensor, mask: torch.Tensor | None, what: str) -> tuple[torch.Tensor, int]:
+    """[n, d] rows of `acts` ([n, d], or [b, s, d] with an optional [b, s] mask)."""
+    if acts.dim() == 3:
+        if mask is not None:
+            if tuple(mask.shape) != tuple(acts.shape[:2]):
+                raise ConceptSetError(f"{what}: mask shape {tuple(mask.shape)} does not match {tuple(acts.shape[:2])}")
+            acts = acts[mask.to(acts.device).bool()]
+        else:
+            acts = acts.reshape(-1, acts.shape[-1])
+    elif acts.dim() != 2 or mask is not None:
+        raise ConceptSetError(f"{what}: expected [n, d], or [b, s, d] with a [b, s] mask; got {tuple(acts.shape)}")
+    if acts.shape[0] == 0:
+        raise ConceptSetError(f"{what}: no activation vectors (empty input or all-False mask)")
+    return acts, int(acts.shape[0])
+
+
+def _mean_activation(
+    model: nn.Module,
+    tokenizer: Any,
+    hook_name: str,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    what: str,
+) -> tuple[torch.Tensor, int]:
+    from lightning_anatomy.concepts.hooks import resolve_hook
+    from lightning_anatomy.concepts.lens import capture_activations
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ConceptSetError(f"{what} is empty; pass at least one text")
+    point = resolve_hook(model, hook_name)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = None, 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
+        if any(len(e) == 0 for e in encoded):
+            empty = start + next(i for i, e in enumerate(encoded) if len(e) == 0)
+            raise ConceptSetError(f"{what}[{empty}] tokenizes to no tokens")
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):  # right padding: causal positions stay exact
+            ids[row, : len(e)] = torch.tensor(e)
+            mask[row, : len(e)] = 1
+        acts = capture_activations(model, [point], ids, mask)[point.name]
+        real = acts[mask.to(acts.device).bool()].double()
+        total = real.sum(0) if total is None else total + real.sum(0)
+        count += real.shape[0]
+    return (total / count).cpu(), count
+
+
+def _concept_from_yaml(item: Any, i: int, tensors: dict[str, torch.Tensor], yaml_path: Path) -> Concept:
+    where = f"{yaml_path}: concepts[{i}]"
+    if not isinstance(item, dict):
+        raise ConceptSetError(f"{where}: expected a mapping with {', '.join(_FIELDS)}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConceptSetError(f"{where}: field 'name' must be a non-empty string, got {name!r}")
+    where = f"{yaml_path}: concept {name!r}"
+    unknown = sorted(set(item) - set(_FIELDS))
+    if unknown:
+        raise ConceptSetError(f"{where}: unknown field(s) {unknown}; allowed fields are {', '.join(_FIELDS)}")
+    hook = item.get("hook")
+    if not isinstance(hook, str) or not hook:
+        raise ConceptSetError(f"{where}: field 'hook' must be a hook name, got {hook!r}")
+    action = item.get("action", "suppress")
+    if action not in ACTIONS:
+        raise ConceptSetError(f"{where}: field 'action' is {action!r}; use one of {', '.join(ACTIONS)}")
+    label = item.get("label") or ""
+    if not isinstance(label, str | int | float):
+        raise ConceptSetError(f"{where}: field 'label' must be text, got {type(label).__name__}")
+    source = item.get("source") or {}
+    if not isinstance(source, dict):
+        raise ConceptSetError(f"{where}: field 'source' must be a mapping, got {type(source).__name__}")
+    if name not in tensors:
+        raise ConceptSetError(f"{where}: no vector named {name!r} in {VECTORS_NAME}; rename it back or re-save")
+    vec = tensors[name]
+    if vec.dim() != 1:
+        raise ConceptSetError(f"{where}: vector must be 1-D, got shape {tuple(vec.shape)}")
+    dim = item.get("dim")
+    if dim is not None and (not isinstance(dim, int) or dim != vec.numel()):
+        raise ConceptSetError(f"{where}: field 'dim' is {dim!r} but the stored vector has {vec.numel()} values")
+    if not torch.isfinite(vec).all():
+        raise ConceptSetError(f"{where}: vector has non-finite values (NaN or inf); re-create this concept")
+    try:
+        return Concept(name, hook, vec, str(label), action, source)
+    except ConceptSetError as err:
+        raise ConceptSetError(f"{yaml_path}: {err}") from None
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
