@@ -30,6 +30,12 @@ _EXPORTS: dict[str, str] = {
     "measure_fidelity": "lightning_anatomy.concepts.sae",
     "SAELoadError": "lightning_anatomy.concepts.sae",
     "SpanFeatures": "lightning_anatomy.concepts.span_features",
+    "Context": "lightning_anatomy.concepts.labels",
+    "Labeller": "lightning_anatomy.concepts.labels",
+    "HeuristicLabeller": "lightning_anatomy.concepts.labels",
+    "top_activating_contexts": "lightning_anatomy.concepts.labels",
+    "logit_lens_tokens": "lightning_anatomy.concepts.labels",
+    "label_features": "lightning_anatomy.concepts.labels",
 }
 
 __all__ = [
@@ -37,7 +43,10 @@ __all__ = [
     "ConceptLens",
     "ConceptSet",
     "ConceptSetError",
+    "Context",
+    "HeuristicLabeller",
     "HookPoint",
+    "Labeller",
     "SAELoadError",
     "SpanFeatures",
     "capture_activations",
@@ -48,11 +57,14 @@ __all__ = [
     "hook_names",
     "hook_output",
     "is_reference_pass",
+    "label_features",
     "load_sae",
+    "logit_lens_tokens",
     "measure_fidelity",
     "reference_pass",
     "resolve_hook",
     "span_stats",
+    "top_activating_contexts",
 ]  # literal so linters see the re-exports
 
 
@@ -81,6 +93,14 @@ if TYPE_CHECKING:  # pragma: no cover
         is_reference_pass,
         reference_pass,
         resolve_hook,
+    )
+    from lightning_anatomy.concepts.labels import (
+        Context,
+        HeuristicLabeller,
+        Labeller,
+        label_features,
+        logit_lens_tokens,
+        top_activating_contexts,
     )
     from lightning_anatomy.concepts.lens import ConceptLens, capture_activations, span_stats
     from lightning_anatomy.concepts.sae import SAELoadError, check_width, load_sae, measure_fidelity
