@@ -1,0 +1,67 @@
+"""Shared fixtures of the concept-callback tests (attribution, drift): tiny pairs, SAEs, trainers."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_anatomy.data import TokenizedPair, collate_pairs
+
+PAD = 3
+VOCAB = 260
+
+
+def random_pairs(n: int, seed: int = 0, start_id: int = 0) -> list[TokenizedPair]:
+    """Pairs of random byte tokens with varied prompt/completion lengths (eos 0 appended)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(4, VOCAB, (length,), generator=g).tolist()
+
+    return [TokenizedPair(start_id + i, ids(3, 8), ids(2, 7) + [0], ids(2, 7) + [0]) for i in range(n)]
+
+
+def random_sae(d_in: int = 64, d_sae: int = 128, seed: int = 0) -> StandardSAE:
+    """A random StandardSAE whose features fire on about half of the tokens."""
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return sae
+
+
+def loader(pairs: list[TokenizedPair], batch_size: int) -> DataLoader:
+    return DataLoader(pairs, batch_size=batch_size, shuffle=False, collate_fn=partial(collate_pairs, pad_token_id=PAD))
+
+
+def batches(pairs: list[TokenizedPair], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return list(loader(pairs, batch_size))
+
+
+def trainer(callbacks: list, *, root: Path | str = ".", **kwargs) -> L.Trainer:
+    opts = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=str(root))
+    opts.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **opts)
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward and forward-pre hooks registered on any submodule of `model`."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def offline_wandb_env(monkeypatch, tmp_path: Path) -> None:
+    """W&B offline, quiet, and with its config/cache folders inside the test's tmp dir."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
