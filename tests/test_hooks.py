@@ -116,7 +116,13 @@ def test_module_paths_layers_and_widths():
     assert down.layer == 2
     assert hidden_size_at(model, down) == 32
     assert hidden_size_at(model, "model.layers.2.mlp.up_proj") == 64  # intermediate width (Linear)
-    assert hidden_size_at(model, "model.layers.2.mlp.act_fn") == 64  # no static width: probed
+    flags = []
+    handle = model.model.layers[0].register_forward_hook(lambda *_: flags.append(is_reference_pass()))
+    try:
+        assert hidden_size_at(model, "model.layers.2.mlp.act_fn") == 64  # no static width: probed
+    finally:
+        handle.remove()
+    assert flags == [True]  # the probe forward runs as a reference pass, so statistics hooks skip it
     assert hidden_size_at(model, "lm_head") == 260
     assert hidden_size_at(model, "model.norm") == 32
 

@@ -259,8 +259,8 @@ def _probe_width(model: nn.Module, point: HookPoint) -> int:
 
     handle = point.module.register_forward_hook(grab)
     device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
+    try:  # as a reference pass, so statistics/intervention hooks of callbacks ignore the probe
+        with torch.no_grad(), reference_pass():
             model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     except _ProbeDone:
         pass
