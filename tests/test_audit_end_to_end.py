@@ -47,18 +47,19 @@ def planted_rows(n: int = 120, seed: int = 0) -> list[PreferenceRow]:
 @torch.no_grad()
 def marker_features(lens: ConceptLens, tokenizer, rows: list[PreferenceRow]) -> set[int]:
     """Features whose mean activation on marker tokens beats their max anywhere else (ground truth)."""
-    at_marker, elsewhere = [], []
-    marker_id = tokenizer.convert_tokens_to_ids("@")
-    for row in rows[:40]:
-        for text in (row.prompt + row.chosen, row.prompt + row.rejected):
-            ids = tokenizer(text)["input_ids"]
-            f = lens.encode(torch.tensor([ids]))[HOOK][0]
-            is_marker = torch.tensor([t == marker_id for t in ids])
-            if is_marker.any():
-                at_marker.append(f[is_marker].max(0).values)
-            elsewhere.append(f[~is_marker].max(0).values)
-    specific = torch.stack(at_marker).mean(0) > torch.stack(elsewhere).max(0).values
-    return set(torch.nonzero(specific).flatten().tolist())
+    encoded = [tokenizer(row.prompt + side)["input_ids"] for row in rows[:40] for side in (row.chosen, row.rejected)]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    real = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for i, e in enumerate(encoded):  # right padding: every real position is exact under causal attention
+        ids[i, : len(e)] = torch.tensor(e)
+        real[i, : len(e)] = True
+    f = lens.encode(ids, real.long())[HOOK]
+    is_marker = (ids == tokenizer.convert_tokens_to_ids("@")) & real
+    elsewhere = f.masked_fill(~(real & ~is_marker)[..., None], float("-inf")).amax(dim=(0, 1))
+    at_marker = f.masked_fill(~is_marker[..., None], float("-inf")).amax(dim=1)  # [n, d_sae] per sequence
+    has_marker = is_marker.any(dim=1)
+    return set(torch.nonzero(at_marker[has_marker].mean(0) > elsewhere).flatten().tolist())
 
 
 def test_planted_marker_through_the_model(tmp_path):
@@ -74,6 +75,10 @@ def test_planted_marker_through_the_model(tmp_path):
     assert top["q_value"] < 0.01 and top["split_half_agree"] and top["predicted_direction"] == "amplify"
     trace = result.trace(HOOK, int(top["feature"]), k=5)
     assert len(trace) == 5 and trace["chosen"].str.contains("@@@@", regex=False).all()
+    # labelled from where it fires, and its contexts mark the marker tokens
+    assert "'@'" in top["label"]
+    contexts = [c for c in result.contexts if c["feature"] == int(top["feature"])]
+    assert contexts and all(c["token"] == "@" and "«@»" in c["text"] for c in contexts)
     # resumable extraction: a rerun over the same shards gives the same table
     again = audit_dataset(rows, lens, tokenizer, max_length=64, batch_size=16, n_bootstrap=200, progress=False,
                           out_dir=tmp_path / "shards", n_data_clusters=2, min_cluster_pairs=20)

@@ -36,8 +36,9 @@ def audited():
     features, _ = make_span_features(n_pairs=160, planted=MARKERS, local=(60, 61), seed=5)
     rows = rows_for(features)
     labels = {(HOOK, 7): "marker <script>x</script>", (HOOK, 42): "marker two"}
-    contexts = [{"hook": HOOK, "feature": 7, "row_id": 1000, "span": "chosen",
-                 "tokens": ["Sure", "<script>", "evil()", "</script>"], "activations": [0.0, 2.0, 1.0, 0.0]}]
+    # the shape concepts.labels' contexts take in an audit: firing tokens marked «token»(activation)
+    contexts = [{"hook": HOOK, "feature": 7, "source": "row 1000 chosen", "token": "<script>", "activation": 2.0,
+                 "text": "Sure «<script>»(2.00)«evil()»(1.00)</script>"}]
     result = audit_features(features, rows=rows, labels=labels, contexts=contexts, n_bootstrap=100,
                             n_data_clusters=2, min_cluster_pairs=20, top_k_trace=4, trace_pairs=3)
     return result, rows
@@ -54,7 +55,9 @@ def test_report_escapes_dataset_text_and_is_self_contained(audited):
     assert "marker &lt;script&gt;x&lt;/script&gt;" in page            # labels escaped too
     assert "&lt;b&gt;bold&lt;/b&gt;" in page
     assert page.count("data:image/png;base64,") >= 2                # volcano + heatmaps inline
-    assert "background:rgba(255,140,0,1.00)" in page                 # the top-activating token highlighted
+    # the firing tokens highlighted by activation relative to the peak, their text escaped
+    assert 'style="background:rgba(255,140,0,1.00)">&lt;script&gt;</span>' in page
+    assert 'style="background:rgba(255,140,0,0.50)">evil()</span>&lt;/script&gt;' in page
     assert '<span class="badge pass">agree</span>' in page
 
 

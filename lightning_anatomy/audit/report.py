@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -142,28 +143,32 @@ def table_html(frame: pd.DataFrame, columns: Iterable[str], *, badge: bool = Fal
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float]) -> str:
-    """Tokens with a background whose opacity is the activation relative to the context's max."""
-    acts = np.asarray(activations, dtype=np.float64)
-    top = float(acts.max()) if acts.size and acts.max() > 0 else 1.0
-    parts = []
-    for tok, a in zip(tokens, acts):
-        alpha = max(0.0, min(1.0, a / top))
-        style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0 else ""
-        parts.append(f'<span title="{a:.3g}"{style}>{esc(tok)}</span>')
+_MARKED = re.compile(r"«(.+?)»\((-?\d+(?:\.\d+)?)\)", re.S)
+
+
+def highlighted_context(text: str, peak: float) -> str:
+    """A `concepts.labels` context (`«token»(activation)` marks the firing tokens) as escaped HTML,
+    each marked token on a background whose opacity is its activation relative to the peak."""
+    parts, last = [], 0
+    top = peak if peak > 0 else 1.0
+    for m in _MARKED.finditer(text):
+        parts.append(esc(text[last:m.start()]))
+        act = float(m.group(2))
+        alpha = max(0.05, min(1.0, act / top))
+        parts.append(f'<span title="{act:.3g}" style="background:rgba(255,140,0,{alpha:.2f})">{esc(m.group(1))}</span>')
+        last = m.end()
+    parts.append(esc(text[last:]))
     return '<div class="tok">' + "".join(parts) + "</div>"
 
 
-def _contexts_html(contexts: Sequence[dict[str, Any]], hook: str, feature: int, limit: int = 3) -> str:
+def _contexts_html(contexts: Sequence[dict[str, Any]], hook: str, feature: int, limit: int = 5) -> str:
     mine = [c for c in contexts if c.get("hook") == hook and int(c.get("feature", -1)) == feature][:limit]
     if not mine:
         return ""
-    blocks = []
-    for c in mine:
-        where = esc(f"row {c.get('row_id', '?')} · {c.get('span', '')}")
-        blocks.append(f'<div class="pair"><small>{where}</small>'
-                      f"{highlighted_tokens(c.get('tokens', []), c.get('activations', []))}</div>")
-    return "<h4>Top-activating contexts</h4>" + "".join(blocks)
+    blocks = [f'<div class="pair"><small>{esc(c.get("source", ""))} · peak {fmt(float(c.get("activation", 0.0)))}'
+              f"</small>{highlighted_context(str(c.get('text', '')), float(c.get('activation', 0.0)))}</div>"
+              for c in mine]
+    return "<h4>Where it fires (firing tokens highlighted)</h4>" + "".join(blocks)
 
 
 def _pair_html(tr: pd.Series) -> str:

@@ -238,9 +238,14 @@ def audit_dataset(
     progress: bool = True,
     trainer_kwargs: dict[str, Any] | None = None,
     labels: Mapping | None = None,
+    label_concepts: bool = True,
     **options: Any,
 ) -> AuditResult:
     """Audit preference rows through a `ConceptLens`: tokenize, extract span features, test.
+
+    With `label_concepts`, the traced concepts get a heuristic label (`concepts.labels`) and
+    their example pairs token-level contexts (the firing tokens marked), read from the traced
+    pairs only; `labels` ({(hook, feature): text}) override them.
 
     Sequences are cut to `max_length` tokens, prompts to `max_prompt_length` (their end kept;
     None: min(256, max_length // 2)). `out_dir` keeps resumable extraction shards (a rerun
@@ -254,7 +259,7 @@ def audit_dataset(
     unknown = sorted(set(options) - set(AuditOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"unknown audit option(s) {', '.join(unknown)}; valid options: max_length, "
-                        f"max_prompt_length, batch_size, threshold, out_dir, progress, trainer_kwargs, labels, "
+                        f"max_prompt_length, batch_size, threshold, out_dir, progress, trainer_kwargs, labels, label_concepts, "
                         f"{', '.join(AuditOptions.__dataclass_fields__)}")
     AuditOptions(**options).validate()
     if len(rows) < 4:
@@ -269,4 +274,30 @@ def audit_dataset(
     result = audit_features(features, rows=rows, labels=labels, saes=saes or None, **options)
     result.options.update(max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
                           threshold=threshold)
+    if label_concepts and len(result.traces):
+        _annotate(result, lens, tokenizer, labels or {}, batch_size=batch_size, max_length=max_length)
     return result
+
+
+def _annotate(result: AuditResult, lens: Any, tokenizer: Any, given: Mapping, *, batch_size: int,
+              max_length: int) -> None:
+    """Heuristic labels and marked top contexts for the traced concepts, from their traced pairs."""
+    from lightning_anatomy.concepts.labels import label_features, top_activating_contexts
+
+    rows = result.rows or {}
+    n_ctx = int(result.options.get("trace_pairs", 5))
+    for hook, part in result.traces.groupby("hook", sort=False):
+        feature_ids = [int(f) for f in dict.fromkeys(part["feature"])]
+        texts = [rows[int(r)] for r in dict.fromkeys(part["row_id"]) if int(r) in rows]
+        if not texts:
+            continue
+        auto = label_features(lens, tokenizer, texts, hook, feature_ids, batch_size=batch_size, max_length=max_length)
+        for f in feature_ids:
+            if (hook, f) not in given and f"{hook}:{f}" not in given:
+                hit = (result.concepts["hook"] == hook) & (result.concepts["feature"] == f)
+                result.concepts.loc[hit, "label"] = auto.get(f, "")
+            mine = [rows[int(r)] for r in part.loc[part["feature"] == f, "row_id"] if int(r) in rows]
+            for c in top_activating_contexts(lens, tokenizer, mine, hook, f, k=n_ctx, batch_size=batch_size,
+                                             max_length=max_length):
+                result.contexts.append({"hook": hook, "feature": f, "source": c.source, "token": c.token,
+                                        "activation": float(c.activation), "text": c.text})
