@@ -1,0 +1,357 @@
+"""`ConceptProjection`: keep training from moving the model along chosen concept directions.
+
+Forward hooks on the policy's hook points wrap the activation h in `GradientProjection`
+(identity forward, backward (I − QQᵀ)g: nothing upstream of the hook learns through the concept
+subspace) and/or replace it by h − QQᵀh while training (CAFT ablation: the layers downstream
+never see the concept either, and the model is untouched at inference). Amplified concepts get
+`GradientAmplification` instead. Because the edit sits on the activation path and is linear in
+the gradient, AMP loss scaling, gradient accumulation, DDP averaging and activation checkpointing
+need no special handling; the bases are broadcast from rank 0 so every rank projects identically.
+
+Logged (every `trainer.log_every_n_steps` optimizer steps, rank 0):
+`concepts/projection/<hook>/grad_fraction` — the share of the squared gradient norm arriving at
+the hook that lies in the suppressed subspace (what the projection removes), summed over the
+step's micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from lightning_anatomy.callbacks._logging import check_strategy, log_scalars
+from lightning_anatomy.concepts.hooks import (
+    HookPoint,
+    find_blocks,
+    find_causal_lm,
+    hidden_size_at,
+    resolve_hook,
+)
+from lightning_anatomy.interventions.ablation import orthonormal_union, register_activation_edit
+from lightning_anatomy.interventions.projection import GradientAmplification, GradientProjection, project_out
+
+MODES = ("gradient", "ablate", "both")
+LAYER_MODES = ("own", "all_later")
+ACTIONS = ("suppress", "amplify")
+# Two bases describe the same subspace when their projectors differ by less than this (max entry):
+# far above float noise between machines, far below any real change of a concept.
+SUBSPACE_TOL = 1e-4
+
+
+@dataclass
+class _Target:
+    """One hooked activation and what is done to it."""
+
+    point: HookPoint
+    suppress: Tensor | None = None  # [d, k] fp32 CPU
+    amplify: Tensor | None = None
+    on_device: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict)
+    grad_in_span: Tensor | None = None  # Σ ||g·Q||² over the current optimizer step
+    grad_total: Tensor | None = None  # Σ ||g||²
+
+    def basis(self, action: str, device: torch.device) -> Tensor:
+        key = (action, device)
+        q = self.on_device.get(key)
+        if q is None:
+            q = self.on_device[key] = getattr(self, action).to(device=device, dtype=torch.float32)
+        return q
+
+
+class ConceptProjection(Callback):
+    """Project (or ablate) suppressed concepts and amplify amplified ones, on any HF causal LM.
+
+    Args:
+        concepts: a `ConceptSet` (or the directory of a saved one). Concepts with action
+            `suppress` are removed, `amplify` ones are amplified, `allow` ones ignored.
+        mode: `"gradient"` (edit gradients only; forward unchanged), `"ablate"` (CAFT: the
+            forward replaces h by h − QQᵀh in the Trainer's training stage, never in validation
+            or after fit; its backward projects the gradient too) or `"both"`.
+        layers: `"own"` (each concept at its own hook), `"all_later"` (also at the `resid_post`
+            of every later block) or an explicit list of hook names / block indices (an int i
+            means `blocks.{i}.hook_resid_post`), where the union of all the set's bases of the
+            matching width is applied.
+        amplify_factor: gradient factor (> 1) along amplified concepts.
+        allow_untested_strategy: run under strategies other than single-device and DDP.
+    """
+
+    def __init__(
+        self,
+        concepts: Any,
+        mode: str = "gradient",
+        layers: str | Sequence[str | int] = "own",
+        amplify_factor: float = 2.0,
+        allow_untested_strategy: bool = False,
+    ) -> None:
+        if isinstance(concepts, str | os.PathLike):
+            from lightning_anatomy.concepts import ConceptSet
+
+            concepts = ConceptSet.load(concepts)
+        if mode not in MODES:
+            raise ValueError(f"ConceptProjection: mode={mode!r} is not one of {MODES}")
+        self.layers = _check_layers(layers)
+        if isinstance(amplify_factor, bool) or not isinstance(amplify_factor, int | float) or not (
+            math.isfinite(amplify_factor) and amplify_factor > 1
+        ):
+            raise ValueError(f"ConceptProjection: amplify_factor must be a finite number > 1, got {amplify_factor!r}")
+        self.mode = mode
+        self.amplify_factor = float(amplify_factor)
+        self.allow_untested_strategy = bool(allow_untested_strategy)
+        self.concepts = concepts
+        self.sources = _source_bases(concepts)
+        self._targets: dict[str, _Target] = {}
+        self._handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ identity and resume
+    @property
+    def state_key(self) -> str:
+        layers = self.layers if isinstance(self.layers, str) else tuple(self.layers)
+        return self._generate_state_key(mode=self.mode, layers=layers, amplify_factor=self.amplify_factor)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the hooks, actions and rounded projectors of the concept set."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for (hook, action), q in sorted(self.sources.items()):
+            digest.update(f"{hook}|{action}|{q.shape[1]}".encode())
+            digest.update((q.double() @ q.double().T).mul(1e3).round().to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "settings": {"mode": self.mode, "layers": self.layers, "amplify_factor": self.amplify_factor},
+            "bases": {f"{hook}|{action}": q.clone() for (hook, action), q in self.sources.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a run that projected a different concept set (or with other settings)."""
+        saved = {tuple(k.split("|", 1)): q for k, q in state_dict.get("bases", {}).items()}
+        mine = self.sources
+        differs = set(saved) != set(mine) or any(
+            saved[key].shape != mine[key].shape
+            or (saved[key].double() @ saved[key].double().T - mine[key].double() @ mine[key].double().T).abs().max()
+            > SUBSPACE_TOL
+            for key in mine
+        )
+        if differs:
+            raise ValueError(
+                f"ConceptProjection: the checkpoint was trained with a different concept set (fingerprint "
+                f"{state_dict.get('fingerprint')!r}, bases {sorted('|'.join(k) for k in saved)}) than this callback's "
+                f"(fingerprint {self.fingerprint!r}, bases {sorted('|'.join(k) for k in mine)}); resume with the "
+                "same ConceptSet, or start a new run instead of resuming"
+            )
+        settings = state_dict.get("settings", {})
+        mine_settings = {"mode": self.mode, "layers": self.layers, "amplify_factor": self.amplify_factor}
+        if settings and settings != mine_settings:
+            raise ValueError(
+                f"ConceptProjection: the checkpoint used settings {settings} but this callback has {mine_settings}; "
+                "resume with the same settings"
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, "ConceptProjection", self.allow_untested_strategy)
+        self._targets = self._plan(find_causal_lm(pl_module))
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._targets:  # fit without setup (a Trainer subclass skipping it): plan now
+            check_strategy(trainer, "ConceptProjection", self.allow_untested_strategy)
+            self._targets = self._plan(find_causal_lm(pl_module))
+        shared = trainer.strategy.broadcast(
+            {name: (t.suppress, t.amplify) for name, t in self._targets.items()}, src=0
+        )
+        for name, (suppress, amplify) in shared.items():
+            self._targets[name].suppress, self._targets[name].amplify = suppress, amplify
+            self._targets[name].on_device.clear()
+        self.remove_hooks()
+        for target in self._targets.values():
+            self._handles.append(register_activation_edit(target.point, self._edit_for(target, trainer)))
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        log_now = trainer.global_step % every == 0
+        metrics = {}
+        for name, target in self._targets.items():
+            if target.grad_total is None:
+                continue
+            if log_now:
+                total = float(target.grad_total)
+                metrics[f"concepts/projection/{name}/grad_fraction"] = (
+                    float(target.grad_in_span) / total if total > 0 else 0.0
+                )
+            target.grad_in_span = target.grad_total = None
+        if metrics:
+            log_scalars(trainer, metrics, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.remove_hooks()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.remove_hooks()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def hooked(self) -> list[str]:
+        """Names of the hook points currently hooked (empty outside fit)."""
+        return list(self._targets) if self._handles else []
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, model: torch.nn.Module) -> dict[str, _Target]:
+        """Resolve every target hook, check widths, and union the bases landing on one module."""
+        pending: dict[tuple[int, str], tuple[HookPoint, dict[str, list[Tensor]]]] = {}
+        for (hook, action), q in self.sources.items():
+            for point in self._target_points(model, hook):
+                width = hidden_size_at(model, point)
+                if isinstance(self.layers, list) and width != q.shape[0]:
+                    continue  # explicit layers: bases apply where their width fits
+                if width != q.shape[0]:
+                    raise ValueError(
+                        f"ConceptProjection: concepts at {hook!r} have d={q.shape[0]} but the model's activation at "
+                        f"{point.name!r} has width {width}; the concept set was built for another model"
+                    )
+                key = (id(point.module), point.kind)
+                entry = pending.setdefault(key, (point, {a: [] for a in ACTIONS}))
+                entry[1][action].append(q)
+        if isinstance(self.layers, list):
+            widths = {q.shape[0] for q in self.sources.values()}
+            for point in self._explicit_points(model):
+                if (id(point.module), point.kind) not in pending:
+                    raise ValueError(
+                        f"ConceptProjection: layers entry {point.name!r} has width {hidden_size_at(model, point)}, "
+                        f"but the concept set's vectors have d in {sorted(widths)}; list hooks of that width"
+                    )
+        targets = {}
+        for point, per_action in pending.values():
+            target = _Target(point)
+            for action, bases in per_action.items():
+                if bases:
+                    setattr(target, action, bases[0] if len(bases) == 1 else orthonormal_union(bases))
+            targets[point.name] = target
+        return targets
+
+    def _explicit_points(self, model: torch.nn.Module) -> list[HookPoint]:
+        points = []
+        for i, entry in enumerate(self.layers):
+            name = f"blocks.{entry}.hook_resid_post" if isinstance(entry, int) else entry
+            try:
+                points.append(resolve_hook(model, name))
+            except ValueError as err:
+                raise ValueError(f"ConceptProjection: layers[{i}]={entry!r}: {err}") from None
+        return points
+
+    def _target_points(self, model: torch.nn.Module, hook: str) -> list[HookPoint]:
+        if isinstance(self.layers, list):
+            return self._explicit_points(model)
+        try:
+            point = resolve_hook(model, hook)
+        except ValueError as err:
+            raise ValueError(f"ConceptProjection: concept hook {hook!r} does not fit the model: {err}") from None
+        if self.layers == "own":
+            return [point]
+        _, blocks = find_blocks(model)
+        n = len(blocks)
+        is_block_output = point.kind == "output" and 0 <= point.layer < n and point.module is blocks[point.layer]
+        first_later = point.layer + 1 if is_block_output else max(point.layer, 0)
+        later = [resolve_hook(model, f"blocks.{i}.hook_resid_post") for i in range(first_later, n)]
+        return [point, *later]
+
+    # ------------------------------------------------------------------ the hook
+    def _edit_for(self, target: _Target, trainer: Trainer):
+        """The edit at one target. Ablation follows the Trainer's training stage, not the module's
+        train/eval mode (Lightning trains a model built in eval mode in eval mode); it must not
+        depend on grad mode either, or reentrant checkpointing would recompute a different forward."""
+        mode, factor = self.mode, self.amplify_factor
+
+        def edit(hidden: Tensor, module: torch.nn.Module) -> Tensor | None:
+            out = hidden
+            tracking = torch.is_grad_enabled() and hidden.requires_grad
+            if target.amplify is not None and tracking:
+                out = GradientAmplification.apply(out, target.basis("amplify", hidden.device), factor)
+            if target.suppress is not None:
+                q = target.basis("suppress", hidden.device)
+                ablate = mode in ("ablate", "both") and trainer.training
+                project = mode in ("gradient", "both") and tracking
+                if ablate:
+                    out = project_out(out, q)
+                if project:
+                    out = GradientProjection.apply(out, q)
+                if tracking and (ablate or project):
+                    # The gradient arriving here is the one before the edit. Registered on this
+                    # forward's output only: a checkpoint recompute builds a graph that is never
+                    # backpropagated, so each backward is counted exactly once.
+                    out.register_hook(_grad_counter(target, q))
+            return None if out is hidden else out
+
+        return edit
+
+
+def _grad_counter(target: _Target, q: Tensor):
+    def count(grad: Tensor) -> None:
+        g = grad.detach().float()
+        in_span = (g @ q).square().sum()
+        total = g.square().sum()
+        target.grad_in_span = in_span if target.grad_in_span is None else target.grad_in_span + in_span
+        target.grad_total = total if target.grad_total is None else target.grad_total + total
+
+    return count
+
+
+def _check_layers(layers: Any) -> str | list[str | int]:
+    if isinstance(layers, str):
+        if layers not in LAYER_MODES:
+            raise ValueError(
+                f"ConceptProjection: layers={layers!r} is not one of {LAYER_MODES} or a list of hook names / block indices"
+            )
+        return layers
+    if not isinstance(layers, Sequence) or not layers:
+        raise ValueError(f"ConceptProjection: layers must be 'own', 'all_later' or a non-empty list, got {layers!r}")
+    out: list[str | int] = []
+    for i, entry in enumerate(layers):
+        valid_int = isinstance(entry, int) and not isinstance(entry, bool) and entry >= 0
+        if not (valid_int or (isinstance(entry, str) and entry)):
+            raise ValueError(
+                f"ConceptProjection: layers[{i}]={entry!r} is neither a hook name nor a block index (int >= 0)"
+            )
+        out.append(entry)
+    return out
+
+
+def _source_bases(concepts: Any) -> dict[tuple[str, str], Tensor]:
+    """`{(hook, action): basis [d, k]}` for every hook with suppressed / amplified concepts."""
+    if not hasattr(concepts, "select") or not hasattr(concepts, "basis"):
+        raise ValueError(
+            f"ConceptProjection: concepts must be a ConceptSet (or the directory of a saved one), "
+            f"got {type(concepts).__name__}"
+        )
+    sources = {}
+    for action in ACTIONS:
+        for hook in concepts.select(action=action).hooks:
+            sources[(hook, action)] = concepts.basis(hook, action).float().cpu().contiguous()
+    if not sources:
+        raise ValueError(
+            "ConceptProjection: concepts has no concept with action 'suppress' or 'amplify' "
+            f"({len(concepts)} concepts, all 'allow'); set actions in concepts.yaml or with ConceptSet.with_actions"
+        )
+    return sources
+
+
+__all__ = ["ConceptProjection", "MODES", "LAYER_MODES"]
