@@ -1,0 +1,419 @@
+"""GradientProjection / GradientAmplification / project_out math, and the ConceptProjection callback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_anatomy.interventions.ablation import orthonormal_union
+from lightning_anatomy.interventions.projection import (
+    GradientAmplification,
+    GradientProjection,
+    component_along,
+    project_out,
+)
+
+
+def _basis(d: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    return q.float()
+
+
+def _grad_through(fn, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    h = h.detach().clone().requires_grad_(True)
+    fn(h).backward(g)
+    return h.grad
+
+
+# --------------------------------------------------------------------------- the autograd Functions
+
+
+def test_projection_removes_exactly_the_in_span_component():
+    torch.manual_seed(0)
+    Q = _basis(32, 3)
+    h, g = torch.randn(4, 7, 32), torch.randn(4, 7, 32)
+    out = GradientProjection.apply(h, Q)
+    assert torch.equal(out, h)  # identity forward
+    grad = _grad_through(lambda x: GradientProjection.apply(x, Q), h, g)
+
+    in_span = (grad.double() @ Q.double()).norm() / g.double().norm()
+    assert in_span < 1e-6
+    Qd = Q.double()
+    orth = g.double() - (g.double() @ Qd) @ Qd.T
+    torch.testing.assert_close(grad.double(), orth, rtol=0, atol=1e-6)  # the orthogonal part is unchanged
+    # a gradient already orthogonal to Q passes through unchanged
+    torch.testing.assert_close(_grad_through(lambda x: GradientProjection.apply(x, Q), h, orth.float()),
+                               orth.float(), rtol=0, atol=1e-6)
+
+
+def test_projection_is_idempotent_and_linear():
+    torch.manual_seed(1)
+    Q = _basis(16, 2)
+    h, g1, g2 = torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16)
+    once = _grad_through(lambda x: GradientProjection.apply(x, Q), h, g1)
+    twice = _grad_through(lambda x: GradientProjection.apply(GradientProjection.apply(x, Q), Q), h, g1)
+    torch.testing.assert_close(twice, once, rtol=0, atol=1e-6)
+    # linear in g: loss scaling and accumulation commute with it
+    summed = _grad_through(lambda x: GradientProjection.apply(x, Q), h, 1024.0 * g1 + g2)
+    parts = 1024.0 * once + _grad_through(lambda x: GradientProjection.apply(x, Q), h, g2)
+    torch.testing.assert_close(summed, parts, rtol=1e-6, atol=1e-4)
+
+
+def test_basis_gets_no_gradient_and_inputs_are_checked():
+    Q = _basis(8, 2).requires_grad_(True)
+    h = torch.randn(2, 8, requires_grad=True)
+    GradientProjection.apply(h, Q).sum().backward()
+    assert Q.grad is None and h.grad is not None
+    with pytest.raises(ValueError, match="last dimension is 8 but the basis Q has d=4"):
+        GradientProjection.apply(h, _basis(4, 1))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        GradientProjection.apply(h, torch.ones(8))
+    with pytest.raises(ValueError, match="factor must be a finite number > 1"):
+        GradientAmplification.apply(h, Q, 1.0)
+    with pytest.raises(ValueError, match="factor must be a finite number > 1"):
+        GradientAmplification.apply(h, Q, float("nan"))
+    with pytest.raises(ValueError, match="project_out: the activation's last dimension"):
+        project_out(torch.randn(3, 5), Q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_are_projected_in_fp32(dtype):
+    torch.manual_seed(2)
+    Q = _basis(64, 4)
+    h = torch.randn(5, 64).to(dtype)
+    g = (torch.randn(5, 64) * 3).to(dtype)
+    grad = _grad_through(lambda x: GradientProjection.apply(x, Q), h, g)
+    assert grad.dtype == dtype
+    g32 = g.float()
+    expected = (g32 - (g32 @ Q) @ Q.T).to(dtype)  # fp32 math, one rounding at the end
+    assert torch.equal(grad, expected)
+    # what is left along Q is only the final rounding to `dtype`, far below the input component
+    left = (grad.float() @ Q).norm() / (g32 @ Q).norm()
+    assert left < torch.finfo(dtype).eps / 2
+
+
+def test_amplification_scales_the_in_span_component_exactly():
+    torch.manual_seed(3)
+    Q = _basis(24, 2)
+    h, g = torch.randn(6, 24), torch.randn(6, 24)
+    grad = _grad_through(lambda x: GradientAmplification.apply(x, Q, 3.0), h, g)
+    assert torch.equal(GradientAmplification.apply(h, Q, 3.0), h)
+    torch.testing.assert_close(grad @ Q, 3.0 * (g @ Q), rtol=1e-5, atol=1e-5)
+    Qd = Q.double()
+    orth = lambda x: x.double() - (x.double() @ Qd) @ Qd.T  # noqa: E731
+    torch.testing.assert_close(orth(grad), orth(g), rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad.double(), g.double() + 2.0 * (g.double() @ Qd) @ Qd.T, rtol=0, atol=1e-5)
+
+
+def test_project_out_and_component_along():
+    torch.manual_seed(4)
+    Q = _basis(16, 3)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = project_out(x, Q)
+    assert (y @ Q).abs().max() < 1e-5
+    torch.testing.assert_close(y + (x @ Q) @ Q.T, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(project_out(y, Q), y, rtol=0, atol=1e-6)  # idempotent
+    y.sum().backward()  # the gradient flows through the ablation: (I − QQᵀ)·1
+    torch.testing.assert_close(x.grad, project_out(torch.ones(2, 5, 16), Q), rtol=0, atol=1e-6)
+    xb = x.detach().bfloat16()
+    assert project_out(xb, Q).dtype == torch.bfloat16
+    assert torch.equal(project_out(xb, Q), (xb.float() - (xb.float() @ Q) @ Q.T).bfloat16())
+    torch.testing.assert_close(component_along(x.detach(), Q), x.detach() @ Q)
+
+
+def test_orthonormal_union_spans_both_bases():
+    a, b = _basis(12, 2, seed=0), _basis(12, 2, seed=1)
+    u = orthonormal_union([a, b, a])  # a repeated basis adds nothing
+    assert u.shape == (12, 4) and u.dtype == torch.float32
+    torch.testing.assert_close(u.T @ u, torch.eye(4), rtol=0, atol=1e-5)
+    for q in (a, b):
+        torch.testing.assert_close(project_out(q.T, u), torch.zeros(2, 12), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="different widths"):
+        orthonormal_union([a, _basis(8, 1)])
+
+
+# --------------------------------------------------------------------------- the ConceptProjection callback
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _concepts(hook: str = HOOK, k: int = 2, seed: int = 0, action: str = "suppress"):
+    from lightning_anatomy.concepts import ConceptSet
+
+    g = torch.Generator().manual_seed(seed)
+    return ConceptSet.from_vectors(torch.randn(k, 64, generator=g), hook, action=action)
+
+
+def _fit_and_watch(callbacks, hook=HOOK, acts=None, **module_kwargs):
+    from intervention_helpers import TinyLM, token_loader, trainer, watch
+
+    module = TinyLM(**module_kwargs)
+    grads: list[torch.Tensor] = []
+    handle = watch(module.model, hook, grads=grads, acts=acts)  # registered first: sees what goes upstream
+    t = trainer(callbacks)
+    t.fit(module, token_loader())
+    handle.remove()
+    return module, t, grads
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_mode_removes_the_concept_from_the_gradient_at_the_hook(family):
+    from intervention_helpers import hook_count, in_span_fraction
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    concepts = _concepts()
+    Q = concepts.basis(HOOK)
+    _, _, baseline = _fit_and_watch([], family=family)
+    callback = ConceptProjection(concepts)
+    module, t, grads = _fit_and_watch([callback], family=family)
+
+    assert len(grads) == len(baseline) == 2  # one backward per step
+    assert min(in_span_fraction(g, Q) for g in baseline) > 0.05  # without it the concept gets gradient
+    assert max(in_span_fraction(g, Q) for g in grads) < 1e-6
+    # the first step's raw gradient is the baseline's (same weights, same batch): only the projection differs
+    torch.testing.assert_close(grads[0].double(), project_out(baseline[0], Q).double(), rtol=0, atol=1e-6)
+    assert hook_count(module.model) == 0 and callback.hooked == []
+    # the logged share of the gradient inside the subspace is the one the step really had
+    assert float(t.callback_metrics[f"concepts/projection/{HOOK}/grad_fraction"]) > 0
+
+
+def test_hooks_are_removed_after_an_exception_mid_fit():
+    from intervention_helpers import TinyLM, hook_count, token_loader, trainer
+
+    module = TinyLM(fail_at=1)
+    callback = ConceptProjection_ = None  # noqa: F841
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    callback = ConceptProjection(_concepts(), mode="both", layers="all_later")
+    seen = []
+
+    class Spy(__import__("lightning").pytorch.Callback):
+        def on_train_batch_start(self, *args):
+            seen.append(hook_count(module.model))
+
+    with pytest.raises(RuntimeError, match="planned failure at step 1"):
+        trainer([callback, Spy()], max_steps=4).fit(module, token_loader())
+    assert seen == [2, 2]  # installed while training (blocks 1 and 2) ...
+    assert hook_count(module.model) == 0 and callback.hooked == []  # ... and gone after the failure
+
+
+def test_ablation_changes_the_forward_only_while_training():
+    from intervention_helpers import TinyLM, in_span_fraction, token_loader, trainer, watch
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    concepts = _concepts()
+    Q = concepts.basis(HOOK)
+
+    class Probe(TinyLM):
+        """Records block 2's input per stage: what the layers after the ablated hook receive."""
+
+        def on_fit_start(self):  # runs after the callbacks' on_fit_start: sees the edited activation
+            self.acts = {"train": [], "val": []}
+            self.sink = self.acts["train"]
+            watch(self.model, "blocks.2.hook_resid_pre", acts=self)
+
+        def append(self, x):
+            self.sink.append(x)
+
+        def on_validation_start(self):
+            self.sink = self.acts["val"]
+
+        def on_validation_end(self):
+            self.sink = self.acts["train"]
+
+    module = Probe()
+    t = trainer([ConceptProjection(concepts, mode="ablate")], val_check_interval=1, limit_val_batches=1)
+    t.fit(module, token_loader(), token_loader(n=4, seed=1))
+    assert len(module.acts["train"]) == 2 and len(module.acts["val"]) >= 1
+    assert max(in_span_fraction(a, Q) for a in module.acts["train"]) < 1e-6  # ablated in training
+    assert min(in_span_fraction(a, Q) for a in module.acts["val"]) > 0.05  # untouched in validation
+
+    # after fit the model is exactly the plain model again (eval or train mode alike)
+    batch = next(iter(token_loader()))
+    plain = TinyLM()
+    plain.load_state_dict(module.state_dict())
+    for mode in (True, False):
+        module.model.train(mode)
+        plain.model.train(mode)
+        assert torch.equal(module.model(input_ids=batch).logits, plain.model(input_ids=batch).logits)
+
+
+def test_reference_passes_are_left_alone():
+    from intervention_helpers import TinyLM, trainer
+
+    from lightning_anatomy.callbacks import ConceptProjection
+    from lightning_anatomy.concepts.hooks import reference_pass
+
+    module = TinyLM()
+    callback = ConceptProjection(_concepts(), mode="ablate")
+    t = trainer([callback])
+    batch = torch.randint(4, 260, (2, 9))
+    before = module.model(input_ids=batch).logits
+    callback.setup(t, module, "fit")
+    callback.on_fit_start(t, module)
+    t.state.stage = "train"  # what the fit loop sets while training
+    try:
+        assert not torch.equal(module.model(input_ids=batch).logits, before)
+        with reference_pass():
+            assert torch.equal(module.model(input_ids=batch).logits, before)
+    finally:
+        callback.on_fit_end(t, module)
+    assert torch.equal(module.model(input_ids=batch).logits, before)
+
+
+@pytest.mark.parametrize(
+    "layers, hook, expected",
+    [
+        ("own", HOOK, [HOOK]),
+        ("all_later", "blocks.0.hook_resid_post",
+         ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]),
+        ("all_later", "blocks.1.hook_resid_pre",
+         ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]),
+        ("all_later", "blocks.2.hook_resid_post", ["blocks.2.hook_resid_post"]),
+        ([0, "blocks.2.hook_mlp_out"], HOOK, ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]),
+    ],
+)
+def test_layers_option_picks_the_hooked_points(layers, hook, expected):
+    from intervention_helpers import TinyLM, hook_count, trainer
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    module = TinyLM()
+    callback = ConceptProjection(_concepts(hook), layers=layers)
+    t = trainer([callback])
+    callback.setup(t, module, "fit")
+    callback.on_fit_start(t, module)
+    assert callback.hooked == expected and hook_count(module.model) == len(expected)
+    callback.teardown(t, module, "fit")
+    assert hook_count(module.model) == 0
+
+
+def test_all_later_projects_every_later_block_and_unions_bases():
+    from intervention_helpers import in_span_fraction
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    first, second = _concepts("blocks.0.hook_resid_post", k=1, seed=1), _concepts(HOOK, k=2, seed=2)
+    concepts = first + second
+    callback = ConceptProjection(concepts, layers="all_later")
+    _, _, grads = _fit_and_watch([callback], hook="blocks.2.hook_resid_post")
+    union = orthonormal_union([first.basis("blocks.0.hook_resid_post"), second.basis(HOOK)])
+    assert union.shape[1] == 3
+    assert max(in_span_fraction(g, union) for g in grads) < 1e-6
+
+
+@pytest.mark.parametrize("checkpointing", ["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_projects_once_and_counts_once(checkpointing):
+    from intervention_helpers import in_span_fraction
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    hook = "blocks.1.hook_mlp_out"  # inside the checkpointed block: its hooks re-run in backward
+    concepts = _concepts(hook)
+    Q = concepts.basis(hook)
+    plain_forwards: list[torch.Tensor] = []
+    ckpt_forwards: list[torch.Tensor] = []
+    _, t_plain, g_plain = _fit_and_watch([ConceptProjection(concepts)], hook, plain_forwards, checkpointing=None)
+    _, t_ckpt, g_ckpt = _fit_and_watch([ConceptProjection(concepts)], hook, ckpt_forwards, checkpointing=checkpointing)
+    # checkpointing really re-ran the hooked module (and with it the projection hook) in backward
+    assert len(plain_forwards) == 2 and len(ckpt_forwards) == 4
+    assert len(g_ckpt) == len(g_plain) == 2
+    assert max(in_span_fraction(g, Q) for g in g_ckpt) < 1e-6
+    torch.testing.assert_close(g_ckpt[0], g_plain[0], rtol=1e-5, atol=1e-7)
+    key = f"concepts/projection/{hook}/grad_fraction"
+    assert float(t_plain.callback_metrics[key]) > 0
+    assert float(t_ckpt.callback_metrics[key]) == pytest.approx(float(t_plain.callback_metrics[key]), rel=1e-4)
+
+
+def test_amplified_concepts_get_a_scaled_gradient():
+    from intervention_helpers import in_span_fraction
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    concepts = _concepts(action="amplify")
+    Q = concepts.basis(HOOK, "amplify")
+    _, _, baseline = _fit_and_watch([])
+    _, _, grads = _fit_and_watch([ConceptProjection(concepts, amplify_factor=3.0)])
+    torch.testing.assert_close(grads[0] @ Q, 3.0 * (baseline[0] @ Q), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(project_out(grads[0], Q), project_out(baseline[0], Q), rtol=1e-4, atol=1e-7)
+    assert in_span_fraction(grads[0], Q) > in_span_fraction(baseline[0], Q)
+
+
+def test_options_are_validated_by_name():
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    concepts = _concepts()
+    with pytest.raises(ValueError, match="mode='project' is not one of"):
+        ConceptProjection(concepts, mode="project")
+    with pytest.raises(ValueError, match="layers='later' is not one of"):
+        ConceptProjection(concepts, layers="later")
+    with pytest.raises(ValueError, match=r"layers\[1\]=-1 is neither"):
+        ConceptProjection(concepts, layers=[0, -1])
+    with pytest.raises(ValueError, match="amplify_factor must be a finite number > 1"):
+        ConceptProjection(concepts, amplify_factor=0.5)
+    with pytest.raises(ValueError, match="no concept with action 'suppress' or 'amplify'"):
+        ConceptProjection(_concepts(action="allow"))
+    with pytest.raises(ValueError, match="must be a ConceptSet"):
+        ConceptProjection(torch.eye(4))
+
+
+def test_setup_refuses_bad_hooks_widths_and_untested_strategies():
+    from types import SimpleNamespace
+
+    from intervention_helpers import TinyLM, trainer
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_anatomy.callbacks import ConceptProjection
+    from lightning_anatomy.concepts import ConceptSet
+
+    module = TinyLM()
+    t = trainer([])
+    with pytest.raises(ValueError, match="concept hook 'blocks.7.hook_resid_post' does not fit"):
+        ConceptProjection(_concepts("blocks.7.hook_resid_post")).setup(t, module, "fit")
+    narrow = ConceptSet.from_vectors(torch.randn(1, 32), HOOK)
+    with pytest.raises(ValueError, match="have d=32 but the model's activation at 'blocks.1.hook_resid_post' has width 64"):
+        ConceptProjection(narrow).setup(t, module, "fit")
+    with pytest.raises(ValueError, match=r"layers\[0\]='blocks.9.hook_resid_post'"):
+        ConceptProjection(_concepts(), layers=["blocks.9.hook_resid_post"]).setup(t, module, "fit")
+
+    fsdp = SimpleNamespace(strategy=FSDPStrategy(), training=False)
+    with pytest.raises(ValueError, match="not FSDPStrategy.*allow_untested_strategy=True"):
+        ConceptProjection(_concepts()).setup(fsdp, module, "fit")
+    allowed = ConceptProjection(_concepts(), allow_untested_strategy=True)
+    allowed.setup(fsdp, module, "fit")
+    assert list(allowed._targets) == [HOOK]
+    ConceptProjection(_concepts()).setup(fsdp, module, "validate")  # nothing to refuse outside fit
+
+
+def test_state_dict_refuses_a_resume_with_another_concept_set(tmp_path):
+    from intervention_helpers import TinyLM, token_loader, trainer
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    first = ConceptProjection(_concepts(seed=0), layers="all_later")
+    t = trainer([first], max_steps=1)
+    t.fit(TinyLM(), token_loader())
+    ckpt = tmp_path / "last.ckpt"
+    t.save_checkpoint(ckpt)
+
+    other = ConceptProjection(_concepts(seed=5), layers="all_later")
+    assert other.state_key == first.state_key and other.fingerprint != first.fingerprint
+    with pytest.raises(ValueError, match="trained with a different concept set"):
+        trainer([other], max_steps=2).fit(TinyLM(), token_loader(), ckpt_path=ckpt)
+    assert other.hooked == []
+
+    # the same concepts (rebuilt, so not the same tensors) resume fine and train on
+    same = ConceptProjection(_concepts(seed=0), layers="all_later")
+    resumed = trainer([same], max_steps=2)
+    resumed.fit(TinyLM(), token_loader(), ckpt_path=ckpt)
+    assert resumed.global_step == 2
+
+    # settings are part of the key, so differently configured instances can coexist
+    assert ConceptProjection(_concepts(), mode="ablate").state_key != first.state_key
+    bad_settings = first.state_dict()
+    bad_settings["settings"] = {**bad_settings["settings"], "amplify_factor": 9.0}
+    with pytest.raises(ValueError, match="the checkpoint used settings"):
+        ConceptProjection(_concepts(seed=0), layers="all_later").load_state_dict(bad_settings)
