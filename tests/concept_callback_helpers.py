@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_anatomy.concepts.hooks import hook_input, hook_output, resolve_hook
 from lightning_anatomy.data import TokenizedPair, collate_pairs
 
 PAD = 3
@@ -65,3 +67,44 @@ def offline_wandb_env(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+
+
+def reference_push(module: L.LightningModule, batch: dict, saes: dict, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Brute force: splice each SAE's features into the forward as explicit leaf tensors a,
+    h' = h + (a − a.detach())·W_dec (the same value), take ∂L/∂a by autograd, and return the
+    push −Σ_t a·∂L/∂a over the chosen / rejected completion tokens."""
+    mod = copy.deepcopy(module)
+    feats: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def splice(hook: str, h: torch.Tensor) -> torch.Tensor:
+        sae = saes[hook]
+        a = sae.encode(h).detach().requires_grad_(True)
+        feats[hook] = a
+        return h + (a - a.detach()) @ sae.W_dec.detach()
+
+    for hook in saes:
+        point = resolve_hook(mod.policy, hook)
+        if point.kind == "input":
+            def pre(m, args, kwargs, hook=hook):
+                h, rebuild = hook_input(args, kwargs)
+                return rebuild(splice(hook, h))
+
+            handles.append(point.module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(m, args, out, hook=hook):
+                h, rebuild = hook_output(out)
+                return rebuild(splice(hook, h))
+
+            handles.append(point.module.register_forward_hook(post))
+    loss = mod._step(batch)[0] * loss_scale
+    grads = torch.autograd.grad(loss, [feats[h] for h in saes])
+    n = batch["input_ids"].shape[0] // 2
+    mask = batch["completion_mask"].float()[..., None]
+    out = {}
+    for hook, grad in zip(saes, grads):
+        contrib = feats[hook].detach() * grad * mask
+        out[hook] = -torch.stack([contrib[:n].sum((0, 1)), contrib[n:].sum((0, 1))])
+    for handle in handles:
+        handle.remove()
+    return out

@@ -16,13 +16,14 @@ from concept_callback_helpers import (
     offline_wandb_env,
     random_pairs,
     random_sae,
+    reference_push,
     trainer,
 )
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_anatomy.callbacks.attribution import TABLE_COLUMNS, ConceptAttribution, feature_attribution
-from lightning_anatomy.concepts.hooks import hook_input, hook_output, reference_pass, resolve_hook
+from lightning_anatomy.concepts.hooks import reference_pass
 from lightning_anatomy.models.tiny import build_tiny_model
 from lightning_anatomy.module import DPOModule
 
@@ -33,47 +34,6 @@ PRE1 = "blocks.1.hook_resid_pre"    # a block input (kind "input"), same tensor 
 def make_module(family: str = "gpt2", **kwargs) -> DPOModule:
     kwargs.setdefault("lr", 1e-3)
     return DPOModule(build_tiny_model(family, seed=0), **kwargs)
-
-
-def reference_push(module: DPOModule, batch: dict, saes: dict, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Brute force: splice each SAE's features into the forward as explicit leaf tensors a,
-    h' = h + (a − a.detach())·W_dec (the same value), take ∂L/∂a by autograd, and return the
-    push −Σ_t a·∂L/∂a over the chosen / rejected completion tokens."""
-    mod = copy.deepcopy(module)
-    feats: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def splice(hook: str, h: torch.Tensor) -> torch.Tensor:
-        sae = saes[hook]
-        a = sae.encode(h).detach().requires_grad_(True)
-        feats[hook] = a
-        return h + (a - a.detach()) @ sae.W_dec.detach()
-
-    for hook in saes:
-        point = resolve_hook(mod.policy, hook)
-        if point.kind == "input":
-            def pre(m, args, kwargs, hook=hook):
-                h, rebuild = hook_input(args, kwargs)
-                return rebuild(splice(hook, h))
-
-            handles.append(point.module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            def post(m, args, out, hook=hook):
-                h, rebuild = hook_output(out)
-                return rebuild(splice(hook, h))
-
-            handles.append(point.module.register_forward_hook(post))
-    loss = mod._step(batch)[0] * loss_scale
-    grads = torch.autograd.grad(loss, [feats[h] for h in saes])
-    n = batch["input_ids"].shape[0] // 2
-    mask = batch["completion_mask"].float()[..., None]
-    out = {}
-    for hook, grad in zip(saes, grads):
-        contrib = feats[hook].detach() * grad * mask
-        out[hook] = -torch.stack([contrib[:n].sum((0, 1)), contrib[n:].sum((0, 1))])
-    for handle in handles:
-        handle.remove()
-    return out
 
 
 def count_captures(cb: ConceptAttribution) -> list[str]:
@@ -338,7 +298,7 @@ def test_setup_refuses_unknown_hooks_wrong_widths_bad_batches_and_sharded_strate
     tr = trainer([])
     with pytest.raises(ValueError, match="unknown hook 'blocks.7.hook_resid_post'"):
         ConceptAttribution({"blocks.7.hook_resid_post": random_sae()}).setup(tr, module, "fit")
-    with pytest.raises(ValueError, match=r"hook 'blocks.0.hook_resid_post' has d_in=32 .* 64 wide"):
+    with pytest.raises(ValueError, match=r"SAE d_in=32 but model width at 'blocks.0.hook_resid_post' is 64"):
         ConceptAttribution({POST0: random_sae(d_in=32)}).setup(tr, module, "fit")
     cb = ConceptAttribution({POST0: random_sae()})
     with pytest.raises(ValueError, match="completion_mask"):

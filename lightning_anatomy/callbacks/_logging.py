@@ -10,7 +10,6 @@ global rank zero only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -135,19 +134,26 @@ def parse_labels(labels: Mapping[Any, str] | None, widths: Mapping[str, int]) ->
     return {parse_concept(k, widths, f"labels[{k!r}]"): str(v) for k, v in labels.items()}
 
 
-def sae_widths(saes: Mapping[str, Any], owner: str) -> dict[str, int]:
-    """`{hook: d_sae}` of a `{hook: SAE}` dict, refusing anything without a decoder matrix."""
+def load_saes(saes: Mapping[str, Any] | Any, owner: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """`({hook: SAE}, {hook: d_sae})` from a ConceptLens or `{hook: SAE | directory | registry spec}`.
+
+    Specs load through `concepts.sae.load_sae`, so a YAML config can name SAE directories.
+    """
+    from lightning_anatomy.concepts.sae import load_sae
+
+    saes = getattr(saes, "saes", saes)
     if not isinstance(saes, Mapping) or not saes:
         raise ValueError(f"{owner}: saes must be a non-empty dict {{hook_name: SAE}} or a ConceptLens")
-    widths = {}
-    for hook, sae in saes.items():
+    loaded, widths = {}, {}
+    for hook, spec in saes.items():
+        sae = spec if hasattr(spec, "W_dec") or not isinstance(spec, str | dict) else load_sae(spec)
         w_dec = getattr(sae, "W_dec", None)
         if not isinstance(hook, str) or not isinstance(w_dec, torch.Tensor) or w_dec.dim() != 2:
             raise ValueError(
                 f"{owner}: saes[{hook!r}] is not a sae-lens SAE (needs encode() and a 2-d W_dec [d_sae, d_in])"
             )
-        widths[hook] = int(w_dec.shape[0])
-    return widths
+        loaded[hook], widths[hook] = sae, int(w_dec.shape[0])
+    return loaded, widths
 
 
 # --------------------------------------------------------------------------- guards
@@ -169,7 +175,3 @@ def check_every(value: Any, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
     return value
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -26,22 +26,22 @@ from lightning_anatomy.callbacks._logging import (
     ConceptRef,
     check_every,
     check_strategy,
+    load_saes,
     log_scalars,
     log_wandb,
     parse_labels,
     parse_track,
-    sae_widths,
     wandb_table,
 )
 from lightning_anatomy.concepts.hooks import (
     HookPoint,
     find_causal_lm,
-    hidden_size_at,
     hook_input,
     hook_output,
     is_reference_pass,
     resolve_hook,
 )
+from lightning_anatomy.concepts.sae import check_width
 
 # Tokens encoded at once: bounds the two [tokens, d_sae] fp32 temporaries to 2 × 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24
@@ -74,7 +74,8 @@ class ConceptAttribution(Callback):
     """Attribute each attributed step's preference loss to SAE features, split chosen/rejected.
 
     Args:
-        saes: `{hook_name: sae_lens.SAE}` or a `ConceptLens` (its SAEs are used).
+        saes: `{hook_name: SAE}` (an `sae_lens.SAE`, a directory written by `sae.save_model`, or a
+            registry spec; see `concepts.sae.load_sae`) or a `ConceptLens` (its SAEs are used).
         every_n_steps: attribute optimizer steps whose index is a multiple of this. All
             micro-batches of such a step are summed (the loss Lightning backpropagates is already
             divided by `accumulate_grad_batches`); under DDP the per-rank numbers are averaged,
@@ -110,8 +111,7 @@ class ConceptAttribution(Callback):
         log_table_every: int | None = None,
         allow_untested_strategy: bool = False,
     ) -> None:
-        self.saes: dict[str, Any] = dict(getattr(saes, "saes", saes)) if saes is not None else {}
-        self.widths = sae_widths(self.saes, "ConceptAttribution")
+        self.saes, self.widths = load_saes(saes, "ConceptAttribution")
         self.every_n_steps = check_every(every_n_steps, "every_n_steps")
         self.top_k = check_every(top_k, "top_k")
         self.log_table_every = check_every(
@@ -180,13 +180,7 @@ class ConceptAttribution(Callback):
         model = find_causal_lm(pl_module)
         self._points = {hook: resolve_hook(model, hook) for hook in self.widths}
         for hook, point in self._points.items():
-            d_in = int(self.saes[hook].W_dec.shape[1])
-            width = hidden_size_at(model, point)
-            if d_in != width:
-                raise ValueError(
-                    f"ConceptAttribution: the SAE for hook {hook!r} has d_in={d_in} but the activation there is "
-                    f"{width} wide; use an SAE trained on this model's {hook}"
-                )
+            check_width(self.saes[hook], model, point)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for sae in self.saes.values():

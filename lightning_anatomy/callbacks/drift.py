@@ -1,0 +1,453 @@
+"""`ConceptDriftMonitor`: how far training has moved every SAE concept from where it started.
+
+At step 0 and every M optimizer steps a fixed probe set goes through a `ConceptLens` built on the
+policy itself (current weights, no second copy), in eval mode and without grad. Per feature the
+mean activation over the probe's completion tokens (all tokens of all probe sequences pooled) is
+compared with the step-0 mean; the difference is the drift. A resumed run keeps the original
+step-0 baseline (it is part of the callback state), so drift is always measured from the start
+of training, never from the resume point.
+
+When the audit's predictions are supplied (feature → predicted shift, e.g. the `predicted_shift`
+column of `audit_dataset`), R² is the squared Pearson correlation between predicted shift and
+observed drift over those features: 1 when drift is an exact positive *or negative* linear
+function of the prediction, blind to scale and offset (the paper's agreement measure). It is
+undefined, and not logged, while every observed drift is equal (as at step 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lightning_anatomy.callbacks._logging import (
+    ConceptRef,
+    check_every,
+    check_strategy,
+    load_saes,
+    log_scalars,
+    log_wandb,
+    parse_concept,
+    parse_labels,
+    parse_track,
+    wandb_table,
+)
+from lightning_anatomy.concepts.hooks import find_causal_lm
+
+RESPONSES = ("chosen", "rejected", "both")
+TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "drift", "predicted")
+
+# A probe mini-batch: token ids, attention mask, and the mask of tokens whose features count.
+ProbeBatch = tuple[Tensor, Tensor, Tensor]
+
+
+def r_squared(predicted: Sequence[float] | np.ndarray, observed: Sequence[float] | np.ndarray) -> float | None:
+    """Squared Pearson correlation of two equal-length series; None where it is undefined
+    (fewer than two points, or either series constant)."""
+    x = np.asarray(predicted, dtype=np.float64)
+    y = np.asarray(observed, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"r_squared needs two 1-d series of equal length, got shapes {x.shape} and {y.shape}")
+    if x.size < 2:
+        return None
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx, syy = float(xc @ xc), float(yc @ yc)
+    if sxx == 0.0 or syy == 0.0:
+        return None
+    return float(xc @ yc) ** 2 / (sxx * syy)
+
+
+def parse_predicted(predicted: Any, widths: Mapping[str, int]) -> tuple[dict[ConceptRef, float], dict[ConceptRef, str]]:
+    """`{(hook, feature): predicted shift}` (and any labels) from a dict or an audit DataFrame.
+
+    A DataFrame needs `feature` and `predicted_shift` columns; `hook` may be left out with a
+    single hook; a `label` column is picked up for the tables.
+    """
+    if predicted is None:
+        return {}, {}
+    if isinstance(predicted, Mapping):
+        out = {}
+        for key, value in predicted.items():
+            ref = parse_concept(key, widths, f"predicted[{key!r}]")
+            out[ref] = _finite(value, f"predicted[{key!r}]")
+        return out, {}
+    columns = getattr(predicted, "columns", None)
+    if columns is None:
+        raise ValueError(
+            f"predicted must be a dict {{(hook, feature): shift}} or a pandas DataFrame, got {type(predicted).__name__}"
+        )
+    missing = [c for c in ("feature", "predicted_shift") if c not in columns]
+    if missing:
+        raise ValueError(
+            f"predicted DataFrame lacks column(s) {missing}; pass the audit table (hook, feature, predicted_shift)"
+        )
+    hooks = predicted["hook"].tolist() if "hook" in columns else [None] * len(predicted)
+    labels_col = predicted["label"].tolist() if "label" in columns else [None] * len(predicted)
+    out, labels = {}, {}
+    for i, (hook, feat, shift, label) in enumerate(
+        zip(hooks, predicted["feature"].tolist(), predicted["predicted_shift"].tolist(), labels_col)
+    ):
+        where = f"predicted row {i}"
+        ref = parse_concept(int(feat) if hook is None else (str(hook), int(feat)), widths, where)
+        if ref in out:
+            raise ValueError(f"{where}: concept {ref} appears twice; keep one row per (hook, feature)")
+        out[ref] = _finite(shift, where)
+        if isinstance(label, str) and label:
+            labels[ref] = label
+    return out, labels
+
+
+def _finite(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: predicted shift {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: predicted shift is {number}; drop rows without a prediction")
+    return number
+
+
+class ConceptDriftMonitor(Callback):
+    """Log the drift of SAE feature means on a fixed probe set, from step 0, while training.
+
+    Args:
+        lens_or_saes: a `ConceptLens` (rebuilt on the policy if it wraps another model) or
+            `{hook_name: SAE | directory | registry spec}`.
+        probe: the fixed probe set: a list of `TokenizedPair`, a collated batch dict (contract
+            keys), an object with `val_pairs` (a `PreferenceDataModule`), or `"val"` for the
+            trainer's datamodule's `val_pairs`. Teacher-forced on `responses`.
+        every_n_steps: evaluate at step 0 (fit start) and after every this many optimizer steps.
+        track: concepts with a scalar series (as for `ConceptAttribution`).
+        top_k: rows of the W&B table `concepts/drift_top` (largest |drift|).
+        predicted: `{(hook, feature): predicted shift}` or the audit DataFrame
+            (`hook`, `feature`, `predicted_shift`); enables `concepts/drift_r2` and the scatter.
+        rollouts: greedy-decode this many probe prompts (the first ones) at each evaluation and
+            measure drift on the generated tokens too (0: teacher-forced only).
+        rollout_max_new_tokens: length limit of each rollout (cut after the first eos).
+        labels: `{(hook, feature) | "hook:feature": label}` for the tables.
+        responses: which completions are teacher-forced: "chosen", "rejected" or "both".
+        batch_size: probe sequences per forward.
+        evaluate_on_train_end: one more evaluation at the end of training if the last step
+            was not an evaluation step.
+        allow_untested_strategy: run under strategies other than single-device/DDP anyway.
+
+    Logged at the number of optimizer steps taken: `concepts/drift/<name>` per tracked concept,
+    `concepts/drift_r2` (when `predicted` is set and R² is defined), with rollouts also
+    `concepts/drift_rollout/<name>` and `concepts/drift_rollout_r2`; W&B only:
+    `concepts/drift_hist` (all features' drift), and after step 0 `concepts/drift_top` and
+    `concepts/drift_scatter` (predicted vs observed). Runs on global rank zero only (no
+    collective calls, so other ranks never wait on it beyond the step it takes).
+    """
+
+    def __init__(
+        self,
+        lens_or_saes: Any,
+        probe: Any,
+        every_n_steps: int = 50,
+        track: Mapping[str, Any] | Sequence[Any] | None = None,
+        top_k: int = 20,
+        predicted: Any = None,
+        rollouts: int = 0,
+        rollout_max_new_tokens: int = 32,
+        labels: Mapping[Any, str] | None = None,
+        responses: str = "chosen",
+        batch_size: int = 8,
+        evaluate_on_train_end: bool = True,
+        allow_untested_strategy: bool = False,
+    ) -> None:
+        self._given_lens = lens_or_saes if hasattr(lens_or_saes, "encode") and hasattr(lens_or_saes, "model") else None
+        self.saes, self.widths = load_saes(lens_or_saes, "ConceptDriftMonitor")
+        self.every_n_steps = check_every(every_n_steps, "every_n_steps")
+        self.top_k = check_every(top_k, "top_k")
+        self.batch_size = check_every(batch_size, "batch_size")
+        self.rollout_max_new_tokens = check_every(rollout_max_new_tokens, "rollout_max_new_tokens")
+        if isinstance(rollouts, bool) or not isinstance(rollouts, int) or rollouts < 0:
+            raise ValueError(f"rollouts must be an integer >= 0 (number of probe prompts to roll out), got {rollouts!r}")
+        self.rollouts = rollouts
+        if responses not in RESPONSES:
+            raise ValueError(f"responses={responses!r} is not one of {RESPONSES}")
+        self.responses = responses
+        if not (probe == "val" if isinstance(probe, str) else
+                isinstance(probe, Mapping | list | tuple) or hasattr(probe, "val_pairs")):
+            raise ValueError(
+                "probe must be a list of TokenizedPair, a collated batch dict, a PreferenceDataModule "
+                f"(its val_pairs) or 'val'; got {type(probe).__name__}"
+            )
+        if isinstance(probe, list | tuple) and not probe:
+            raise ValueError("probe is empty: pass at least one TokenizedPair")
+        self.probe = probe
+        self.track = parse_track(track, self.widths)
+        self.predicted, predicted_labels = parse_predicted(predicted, self.widths)
+        self.labels = {**predicted_labels, **parse_labels(labels, self.widths)}
+        self.evaluate_on_train_end = bool(evaluate_on_train_end)
+        self.allow_untested_strategy = bool(allow_untested_strategy)
+
+        # State that survives a resume.
+        self.baseline: dict[str, Tensor] | None = None
+        self.baseline_rollout: dict[str, Tensor] | None = None
+        self.last_evaluated_step = -1
+        # Results of the latest evaluation (rank zero), for programmatic use.
+        self.last_means: dict[str, Tensor] = {}
+        self.last_drift: dict[str, Tensor] = {}
+        self.last_rollout_drift: dict[str, Tensor] = {}
+        self.last_r2: float | None = None
+
+        self._lens: Any = None
+        self._batches: list[ProbeBatch] | None = None
+        self._prompts: list[list[int]] | None = None
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            hooks=sorted(self.widths.items()), every_n_steps=self.every_n_steps, responses=self.responses,
+            rollouts=self.rollouts, rollout_max_new_tokens=self.rollout_max_new_tokens,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "widths": dict(self.widths),
+            "baseline": None if self.baseline is None else {h: t.clone() for h, t in self.baseline.items()},
+            "baseline_rollout": None if self.baseline_rollout is None
+            else {h: t.clone() for h, t in self.baseline_rollout.items()},
+            "last_evaluated_step": self.last_evaluated_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if dict(state_dict["widths"]) != self.widths:
+            raise ValueError(
+                f"ConceptDriftMonitor checkpoint was saved with SAE widths {state_dict['widths']}, this callback has "
+                f"{self.widths}; resume with the same SAEs"
+            )
+        self.baseline = _cpu(state_dict["baseline"])
+        self.baseline_rollout = _cpu(state_dict["baseline_rollout"])
+        self.last_evaluated_step = int(state_dict["last_evaluated_step"])
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, "ConceptDriftMonitor", self.allow_untested_strategy)
+        from lightning_anatomy.concepts.lens import ConceptLens
+
+        policy = find_causal_lm(pl_module)
+        lens = self._given_lens
+        if lens is not None and lens.model is policy:
+            self._lens = lens
+        else:
+            fidelity = getattr(lens, "min_fve", 0.5)
+            self._lens = ConceptLens(policy, self.saes, stop_at_deepest=getattr(lens, "stop_at_deepest", True),
+                                     fidelity_check=False if fidelity is None else fidelity)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for sae in self.saes.values():
+            sae.to(pl_module.device)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.baseline is None:
+            self._evaluate(trainer, trainer.global_step, first=True)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self.last_evaluated_step:
+            self._evaluate(trainer, step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evaluate_on_train_end and trainer.global_step != self.last_evaluated_step:
+            self._evaluate(trainer, trainer.global_step)
+
+    # ------------------------------------------------------------------ the probe
+    def _probe_pairs(self, trainer: Trainer) -> list[Any] | None:
+        probe = self.probe
+        if isinstance(probe, str):
+            probe = getattr(trainer, "datamodule", None)
+            if probe is None or not getattr(probe, "val_pairs", None):
+                raise ValueError("probe='val' needs a datamodule with val_pairs (a PreferenceDataModule with val_fraction > 0)")
+        if hasattr(probe, "val_pairs"):
+            if not probe.val_pairs:
+                raise ValueError("the probe datamodule has no val_pairs; set a validation split or pass pairs")
+            return list(probe.val_pairs)
+        return None if isinstance(probe, Mapping) else list(probe)
+
+    def _pad_id(self, trainer: Trainer) -> int:
+        for source in (getattr(trainer, "datamodule", None), getattr(self.probe, "tokenizer", None)):
+            pad = getattr(source, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        config = getattr(self._lens.model, "config", None)
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+    def _prepare(self, trainer: Trainer) -> None:
+        """Probe mini-batches (and rollout prompts) built once, on CPU."""
+        from lightning_anatomy.data import collate_pairs
+
+        pairs = self._probe_pairs(trainer)
+        if pairs is not None:
+            pad = self._pad_id(trainer)
+            collated = [collate_pairs(pairs[i:i + self.batch_size], pad) for i in range(0, len(pairs), self.batch_size)]
+            self._prompts = [list(p.prompt_ids) for p in pairs[: self.rollouts]]
+        else:
+            collated = [self.probe]
+            self._prompts = None
+        self._batches = []
+        for batch in collated:
+            missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in batch]
+            if missing or batch["input_ids"].shape[0] % 2:
+                raise ValueError(f"probe batch lacks {missing or 'an even number of rows'}: use collate_pairs output")
+            n = batch["input_ids"].shape[0] // 2
+            rows = {"chosen": slice(0, n), "rejected": slice(n, 2 * n), "both": slice(0, 2 * n)}[self.responses]
+            ids, attn, mask = (batch[k][rows].cpu() for k in ("input_ids", "attention_mask", "completion_mask"))
+            for i in range(0, ids.shape[0], self.batch_size):
+                self._batches.append((ids[i:i + self.batch_size], attn[i:i + self.batch_size],
+                                      mask[i:i + self.batch_size].bool()))
+        if self._prompts is None and self.rollouts:
+            batch = self.probe
+            if "prompt_mask" not in batch:
+                raise ValueError("rollouts from a batch-dict probe need its prompt_mask; pass TokenizedPairs instead")
+            n = batch["input_ids"].shape[0] // 2
+            self._prompts = [batch["input_ids"][r][batch["prompt_mask"][r].bool()].tolist()
+                             for r in range(min(n, self.rollouts))]
+        if sum(int(m.sum()) for _, _, m in self._batches) == 0:
+            raise ValueError("the probe has no completion tokens to measure (completion_mask is all False)")
+
+    # ------------------------------------------------------------------ measuring
+    def _feature_means(self, batches: list[ProbeBatch]) -> dict[str, Tensor]:
+        """Mean SAE activation per feature over the masked tokens of all `batches` (float64, CPU)."""
+        sums = {h: torch.zeros(w, dtype=torch.float64) for h, w in self.widths.items()}
+        count = 0
+        for ids, attn, mask in batches:
+            feats = self._lens.encode(ids, attn)
+            for hook, f in feats.items():
+                sums[hook] += f[mask.to(f.device)].double().sum(0).cpu()
+            count += int(mask.sum())
+        return {h: s / max(count, 1) for h, s in sums.items()}
+
+    def _rollout_batches(self) -> list[ProbeBatch]:
+        """Greedy continuations of the rollout prompts, as teacher-forcing batches over the new tokens."""
+        model = self._lens.model
+        device = next(model.parameters()).device
+        config = getattr(model, "config", None)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = getattr(config, "eos_token_id", None) if eos is None else eos
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        pad = next(iter(eos_ids), 0) if getattr(config, "pad_token_id", None) is None else config.pad_token_id
+        seqs: list[tuple[list[int], int]] = []
+        for prompt in self._prompts or []:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=self.rollout_max_new_tokens, pad_token_id=pad)
+            new = out[0, len(prompt):].tolist()
+            cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
+            seqs.append((list(prompt) + new[:cut], len(prompt)))
+        batches = []
+        for i in range(0, len(seqs), self.batch_size):
+            chunk = seqs[i:i + self.batch_size]
+            width = max(len(s) for s, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for row, (seq, start) in enumerate(chunk):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                attn[row, :len(seq)] = 1
+                mask[row, start:len(seq)] = True
+            batches.append((ids, attn, mask))
+        return batches
+
+    def _evaluate(self, trainer: Trainer, step: int, first: bool = False) -> None:
+        if not trainer.is_global_zero:
+            self.last_evaluated_step = step
+            return
+        if self._batches is None:
+            self._prepare(trainer)
+        model = self._lens.model
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                if first:
+                    ids, attn, _ = self._batches[0]
+                    self._lens.attach_check(ids, attn)
+                means = self._feature_means(self._batches)
+                rollout = self._feature_means(self._rollout_batches()) if self.rollouts else None
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        if self.baseline is None:
+            self.baseline, self.baseline_rollout = means, rollout
+        self.last_means = means
+        self.last_drift = {h: means[h] - self.baseline[h] for h in self.widths}
+        self.last_rollout_drift = {} if rollout is None or self.baseline_rollout is None else {
+            h: rollout[h] - self.baseline_rollout[h] for h in self.widths}
+        self.last_evaluated_step = step
+        self._log(trainer, step)
+
+    # ------------------------------------------------------------------ logging
+    def _r2(self, drift: Mapping[str, Tensor]) -> float | None:
+        if not self.predicted or not drift:
+            return None
+        refs = list(self.predicted)
+        return r_squared([self.predicted[r] for r in refs], [float(drift[h][f]) for h, f in refs])
+
+    def _log(self, trainer: Trainer, step: int) -> None:
+        scalars: dict[str, float] = {}
+        for name, (hook, feat) in self.track.items():
+            scalars[f"concepts/drift/{name}"] = float(self.last_drift[hook][feat])
+            if self.last_rollout_drift:
+                scalars[f"concepts/drift_rollout/{name}"] = float(self.last_rollout_drift[hook][feat])
+        self.last_r2 = self._r2(self.last_drift)
+        if self.last_r2 is not None:
+            scalars["concepts/drift_r2"] = self.last_r2
+        rollout_r2 = self._r2(self.last_rollout_drift)
+        if rollout_r2 is not None:
+            scalars["concepts/drift_rollout_r2"] = rollout_r2
+        log_scalars(trainer, scalars, step)
+        log_wandb(trainer, lambda wandb: self._wandb_payload(wandb, step), step)
+
+    def _wandb_payload(self, wandb: Any, step: int) -> dict[str, Any]:
+        all_drift = torch.cat([self.last_drift[h] for h in self.widths]).numpy()
+        payload: dict[str, Any] = {"concepts/drift_hist": wandb.Histogram(all_drift)}
+        if step == 0 or not np.any(all_drift):
+            return payload
+        payload["concepts/drift_top"] = wandb_table(wandb, TABLE_COLUMNS, self.top_rows())
+        if self.predicted:
+            rows = [[h, f, self.labels.get((h, f), ""), p, float(self.last_drift[h][f])]
+                    for (h, f), p in self.predicted.items()]
+            table = wandb_table(wandb, ("hook", "feature", "label", "predicted", "observed"), rows)
+            r2 = "n/a" if self.last_r2 is None else f"{self.last_r2:.3f}"
+            payload["concepts/drift_scatter"] = wandb.plot.scatter(
+                table, "predicted", "observed", title=f"predicted shift vs observed drift (R²={r2})")
+        return payload
+
+    def top_rows(self) -> list[list[Any]]:
+        """The top-k concepts by |drift| at the latest evaluation (rows of TABLE_COLUMNS)."""
+        hooks = list(self.widths)
+        drift = torch.cat([self.last_drift[h] for h in hooks])
+        offsets = [0]
+        for h in hooks:
+            offsets.append(offsets[-1] + self.widths[h])
+        top = torch.topk(drift.abs(), min(self.top_k, drift.numel())).indices.tolist()
+        rows = []
+        for rank, idx in enumerate(top, start=1):
+            which = max(i for i, off in enumerate(offsets[:-1]) if off <= idx)
+            hook, feat = hooks[which], idx - offsets[which]
+            assert self.baseline is not None
+            rows.append([rank, hook, feat, self.labels.get((hook, feat), ""), float(self.baseline[hook][feat]),
+                         float(self.last_means[hook][feat]), float(drift[idx]), self.predicted.get((hook, feat))])
+        return rows
+
+
+def _cpu(tensors: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if tensors is None else {h: t.detach().cpu().to(torch.float64).clone() for h, t in tensors.items()}
+
+
+__all__ = ["ConceptDriftMonitor", "r_squared", "parse_predicted", "TABLE_COLUMNS"]
