@@ -310,6 +310,8 @@ def test_fingerprint_mismatch_and_foreign_dir(lens, pairs, tmp_path):
         ({}, "vocab", r"pairs\[2\] \(row_id 986\) has chosen_ids outside the model vocabulary \[0, 260\)"),
         ({}, "long", r"pairs\[1\] \(row_id 993\) has 600 tokens, more than the model's 512 positions"),
         ({}, "empty", "pairs is empty"),
+        ({}, "dict", r"pairs\[1\] is a dict; extraction needs TokenizedPair"),
+        ({"pad_token_id": 3.0}, None, "pad_token_id must be an int"),
     ],
 )
 def test_bad_inputs_raise_before_work(lens, pairs, kwargs, pair_edit, match):
@@ -322,6 +324,8 @@ def test_bad_inputs_raise_before_work(lens, pairs, kwargs, pair_edit, match):
         sub[1] = TokenizedPair(row_id=sub[1].row_id, prompt_ids=[5] * 500, chosen_ids=[6] * 100, rejected_ids=[7])
     elif pair_edit == "empty":
         sub = []
+    elif pair_edit == "dict":
+        sub[1] = {"prompt": "a", "chosen": "b", "rejected": "c"}
     with pytest.raises(ExtractionError, match=match):
         extract_span_features(sub, lens, progress=False, **kwargs)
 

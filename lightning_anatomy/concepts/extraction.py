@@ -514,7 +514,7 @@ def load_span_features(out_dir: str | os.PathLike) -> SpanFeatures:
 
 def _validate(
     pairs: Sequence[TokenizedPair], lens: ConceptLens, batch_size: int, threshold: float, shard_size: int | None,
-    stats: Sequence[str], trainer: pl.Trainer | None, trainer_kwargs: dict | None,
+    stats: Sequence[str], trainer: pl.Trainer | None, trainer_kwargs: dict | None, pad_token_id: int,
 ) -> tuple[str, ...]:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ExtractionError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -537,7 +537,11 @@ def _validate(
     cfg = getattr(lens.model, "config", None)
     max_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     seen: dict[int, int] = {}
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise ExtractionError(f"pad_token_id must be an int (see data.tokenize.resolve_pad_token_id), got {pad_token_id!r}")
     for i, p in enumerate(pairs):
+        if not all(hasattr(p, f) for f in ("row_id", "prompt_ids", "chosen_ids", "rejected_ids")):
+            raise ExtractionError(f"pairs[{i}] is a {type(p).__name__}; extraction needs TokenizedPair (see tokenize_rows)")
         if p.row_id in seen:
             raise ExtractionError(f"pairs[{i}] repeats row_id {p.row_id} of pairs[{seen[p.row_id]}]; row ids must be unique")
         seen[p.row_id] = i
@@ -587,7 +591,7 @@ def extract_span_features(
     everything stays in memory (single process only). Multi-device: pass a `trainer` (or
     `trainer_kwargs`, e.g. `{"devices": 8, "strategy": "ddp"}`); every rank returns the full result.
     """
-    stats = _validate(pairs, lens, batch_size, threshold, shard_size, stats, trainer, trainer_kwargs)
+    stats = _validate(pairs, lens, batch_size, threshold, shard_size, stats, trainer, trainer_kwargs, pad_token_id)
     batches_per_shard = DEFAULT_BATCHES_PER_SHARD if shard_size is None else math.ceil(shard_size / batch_size)
     settings = _settings(pairs, lens, batch_size, batches_per_shard, threshold, stats)
     fingerprint = _fingerprint(settings)
