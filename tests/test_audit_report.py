@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from audit_synthetic import HOOK, make_span_features
 
 from lightning_anatomy.audit import (
@@ -93,8 +95,10 @@ def test_save_load_round_trip_is_atomic_and_complete(audited, tmp_path):
     pd.testing.assert_frame_equal(loaded.concepts, result.concepts)
     pd.testing.assert_frame_equal(loaded.local, result.local)
     assert loaded.clusters["features"].map(list).tolist() == result.clusters["features"].map(list).tolist()
-    pd.testing.assert_frame_equal(loaded.trace(HOOK, 42, k=2).drop(columns=["prompt", "chosen", "rejected"]),
-                                  result.trace(HOOK, 42, k=2).drop(columns=["prompt", "chosen", "rejected"]))
+    pd.testing.assert_frame_equal(loaded.trace(HOOK, 42, k=2), result.trace(HOOK, 42, k=2))  # texts kept
+    deeper = loaded.trace(HOOK, 42, k=6)  # beyond the stored traces: recomputed from the saved features
+    pd.testing.assert_frame_equal(deeper.drop(columns=["prompt", "chosen", "rejected"]),
+                                  result.trace(HOOK, 42, k=6).drop(columns=["prompt", "chosen", "rejected"]))
     assert json.loads((out / "concepts.json").read_text())[0]["feature"] == int(result.concepts["feature"].iloc[0])
     # saving again replaces the audit; a directory of other files is never replaced
     result.save(out)
@@ -110,6 +114,29 @@ def test_save_load_round_trip_is_atomic_and_complete(audited, tmp_path):
     assert len(slim.trace(HOOK, 7, k=2)) == 2
     with pytest.raises(ValueError, match="carries no span features"):
         filter_pairs([], slim, concepts=[(HOOK, 7)], drop_fraction=0.1)
+
+
+def test_concept_set_export_selects_passing_concepts(audited):
+    result, _ = audited
+    w_dec = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    saes = {HOOK: SimpleNamespace(W_dec=w_dec)}  # all from_sae_features reads of an SAE
+    chosen = result.to_concept_set(top=50, saes=saes, action="amplify")
+    passing = result.concepts[result.concepts["passes"]]
+    assert chosen.names == [f"{HOOK}:{f}" for f in passing["feature"].head(50)]
+    assert {f"{HOOK}:{f}" for f in MARKERS} <= set(chosen.names) and {c.action for c in chosen} == {"amplify"}
+    torch.testing.assert_close(chosen[f"{HOOK}:7"].vector, w_dec[7])
+    assert chosen[f"{HOOK}:7"].label.startswith("marker") and chosen[f"{HOOK}:7"].source["audit"]["passes"] is True
+    some = result.to_concept_set(features=[(HOOK, 3)], saes=saes)
+    assert some.names == [f"{HOOK}:3"]
+    with pytest.raises(ValueError, match="exactly one of top"):
+        result.to_concept_set(top=2, features=[(HOOK, 3)], saes=saes)
+    with pytest.raises(KeyError, match="no SAE for hook"):
+        result.to_concept_set(top=2, saes={"other.hook": saes[HOOK]})
+    null = audit_features(make_span_features(n_pairs=60, d_sae=40, seed=3, swap=True)[0], n_bootstrap=0,
+                          n_data_clusters=1)
+    assert not null.concepts["passes"].any()
+    with pytest.raises(ValueError, match="no concept passes"):
+        null.to_concept_set(top=3, saes={HOOK: SimpleNamespace(W_dec=torch.randn(40, 8))})
 
 
 @dataclass

@@ -261,3 +261,15 @@ def test_bad_inputs_are_named():
         audit_features(no_len)
     plain = audit_features(no_len, length_control=False, n_bootstrap=0)
     assert plain.concepts["delta_len_ctrl"].isna().all() and len(plain.concepts) > 0
+
+
+def test_two_hooks_share_one_bh_family_and_keep_their_own_clusters():
+    features, _ = make_span_features(n_pairs=200, planted=(7, 42), seed=1, hooks=("a.hook", "b.hook"))
+    result = audit_features(features, n_bootstrap=0, n_data_clusters=1)
+    concepts = result.concepts
+    assert set(map(tuple, concepts[["hook", "feature"]].head(4).to_numpy().tolist())) == {
+        ("a.hook", 7), ("a.hook", 42), ("b.hook", 7), ("b.hook", 42)}
+    np.testing.assert_allclose(concepts["q_value"], stats.false_discovery_control(concepts["p_value"]), rtol=1e-12)
+    marker_clusters = result.clusters[result.clusters["features"].map(sorted).map(tuple) == (7, 42)]
+    assert sorted(marker_clusters["hook"]) == ["a.hook", "b.hook"] and marker_clusters["passes"].all()
+    assert marker_clusters["cluster"].nunique() == 2

@@ -1,7 +1,7 @@
 """`AuditResult`: the tables of an audit, the evidence behind them, and their files.
 
 `save(dir)` writes everything a later step needs without the model: the tables (Parquet for
-programs, JSON for people and other tools), the audited chosen/rejected span matrices (so `trace`
+programs; JSON for people and other tools, where NaN and ±inf become null), the audited chosen/rejected span matrices (so `trace`
 and the data filters work on a loaded result), the HTML report and, when the SAEs are at hand, a
 ConceptSet export of the top concepts. The directory is written beside the target and renamed into
 place, so a crash never leaves a half-written audit.
@@ -76,10 +76,11 @@ class AuditResult:
     def trace(self, hook: str, feature: int, k: int = 5) -> pd.DataFrame:
         """The `k` pairs contributing most to (hook, feature)'s disparity, with text snippets."""
         self.concept(hook, feature)
-        if self.features is not None:
+        stored = self.traces[(self.traces["hook"] == hook) & (self.traces["feature"] == int(feature))]
+        # a loaded audit has no rows: its stored traces carry the texts, so prefer them when they suffice
+        if self.features is not None and (self.rows is not None or len(stored) < k):
             return trace_pairs(self.features, hook, [int(feature)], stat=self.stat, k=k, rows=self.rows,
                                snippet_chars=int(self.options.get("snippet_chars", 200)))
-        stored = self.traces[(self.traces["hook"] == hook) & (self.traces["feature"] == int(feature))]
         if stored.empty:
             raise KeyError(f"no stored trace for (hook={hook!r}, feature={feature}) and this result carries no "
                            "span features; re-run the audit or save it with its features to trace any concept")
@@ -111,6 +112,9 @@ class AuditResult:
         The SAEs come from the lens the audit ran with, or `saes={hook: sae}` for a loaded result.
         """
         picked = self.select(top=top, features=features, passing_only=passing_only)
+        if not picked:
+            raise ValueError(f"no concept passes (q < {self.options.get('alpha', 0.05)} and split-half agreement), so "
+                             "top=N selects nothing; pass passing_only=False or features=[(hook, feature), ...]")
         return concept_set_from(self, picked, action=action, saes=saes if saes is not None else self.saes)
 
     # ---- files -----------------------------------------------------------------------------------
