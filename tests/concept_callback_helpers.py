@@ -78,6 +78,8 @@ def reference_push(module: L.LightningModule, batch: dict, saes: dict, loss_scal
     handles = []
 
     def splice(hook: str, h: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # a reference forward (e.g. PEFT adapters off)
+            return h
         sae = saes[hook]
         a = sae.encode(h).detach().requires_grad_(True)
         feats[hook] = a

@@ -163,6 +163,27 @@ def test_skips_reference_passes_and_validation_and_unscheduled_steps():
     assert hook_count(module.policy) == 0
 
 
+def test_peft_policy_with_frozen_layers_below_the_hook():
+    # LoRA on block 1 only: block 0's output does not require grad, and the reference forward
+    # runs through the same modules with adapters off (inside reference_pass, without grad).
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "layers_to_transform": [1], "fan_in_fan_out": True}
+    module = make_module(reference="peft", peft_config=lora)
+    saes = {POST0: random_sae(seed=1)}
+    pairs = random_pairs(4, seed=12)
+    batch = batches(pairs, 4)[0]
+    expected = reference_push(module, batch, saes)
+    hidden = module.policy(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
+    assert not hidden[1].requires_grad and hidden[2].requires_grad
+    peft_hooks = hook_count(module.policy)  # PEFT's own
+    cb = ConceptAttribution(saes)
+    captures = count_captures(cb)
+    trainer([cb]).fit(module, loader(pairs, 4))
+    assert captures == [POST0]
+    assert expected[POST0].abs().max() > 1e-4
+    torch.testing.assert_close(cb.last_push[POST0], expected[POST0], rtol=1e-4, atol=1e-6)
+    assert hook_count(module.policy) == peft_hooks
+
+
 def test_hooks_removed_after_an_exception():
     saes = {POST0: random_sae(seed=1)}
 

@@ -31,15 +31,14 @@ TESTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 def log_scalars(trainer: Trainer, metrics: Mapping[str, float], step: int) -> None:
     """Log scalars to every logger of `trainer` at `step` (rank zero only).
 
-    Values also land in `trainer.callback_metrics`, so `ModelCheckpoint(monitor=...)` or
-    `EarlyStopping` can watch a concept metric.
+    They stay out of `trainer.callback_metrics`: a rank-zero-only value there would let a
+    `ModelCheckpoint(monitor=...)` on another rank fail alone and hang a DDP run.
     """
     if not metrics or not trainer.is_global_zero:
         return
     values = {k: float(v) for k, v in metrics.items()}
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
 
 
 def wandb_experiments(trainer: Trainer) -> list[Any]:
