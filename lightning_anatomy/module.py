@@ -91,6 +91,7 @@ class DPOModule(L.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
         warmup_steps: int = 0,
         scheduler: str = "cosine",
         gradient_checkpointing: bool = False,
@@ -243,8 +244,8 @@ class DPOModule(L.LightningModule):
         values = {f"{prefix}/{name}": metrics[_key(name)].compute() for name in METRIC_NAMES}
         for m in metrics.values():
             m.reset()
-        self.log_dict(values, on_step=prefix == "train", on_epoch=False, sync_dist=False,
-                      prog_bar=False, rank_zero_only=True)
+        train = prefix == "train"
+        self.log_dict(values, on_step=train, on_epoch=not train, sync_dist=False, rank_zero_only=True)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
@@ -253,7 +254,8 @@ class DPOModule(L.LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas),
+                                      eps=hp.adam_eps)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
         schedule = _lr_lambda(hp.scheduler, hp.warmup_steps, total)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -270,8 +272,7 @@ class DPOModule(L.LightningModule):
                 "reference='precomputed' needs a datamodule with train_pairs/val_pairs (PreferenceDataModule), "
                 "or call DPOModule.precompute_reference(pairs) before fit"
             )
-        pad = getattr(getattr(dm, "tokenizer", None), "pad_token_id", None) or 0
-        self.precompute_reference(pairs, pad_token_id=pad)
+        self.precompute_reference(pairs, pad_token_id=getattr(dm, "pad_token_id", 0))
 
     @torch.no_grad()
     def precompute_reference(self, pairs: list[TokenizedPair], *, pad_token_id: int = 0, batch_size: int = 8) -> None:

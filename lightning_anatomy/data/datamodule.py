@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_anatomy.data.rows import LAYOUTS, BadRow, PreferenceRow, check_on_bad_rows, read_preferences
 from lightning_anatomy.data.tokenize import (
@@ -141,11 +141,20 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------------- loaders
     def _loader(self, pairs: Sequence[TokenizedPair], batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # Under DDP the sampler is ours, not Lightning's default (which always shuffles training
+        # data): `shuffle` and `seed` then mean the same on 1 or N processes, and rank r sees
+        # positions r, r+N, ... of the order a single process would see.
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(pairs, num_replicas=world, rank=self.trainer.global_rank,
+                                         shuffle=shuffle, seed=self.seed)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle and sampler is None else None
         return DataLoader(
-            pairs,  # a plain list is a map-style dataset, so Lightning can add a DistributedSampler
+            pairs,  # a plain list is a map-style dataset
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             generator=generator,
             collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
             num_workers=self.num_workers,
