@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -44,6 +45,31 @@ class TinyLM(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class MemoryLogger(Logger):
+    """Keeps every `log_metrics` call: `(step, {key: value})`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def series(self, key: str) -> list[tuple[int | None, float]]:
+        return [(step, row[key]) for step, row in self.rows if key in row]
 
 
 def token_loader(n: int = 8, length: int = 12, batch_size: int = 4, seed: int = 0) -> DataLoader:

@@ -27,7 +27,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_anatomy.callbacks._logging import check_strategy, log_scalars
+from lightning_anatomy.callbacks._logging import check_strategy as _check_tested_strategy
+from lightning_anatomy.callbacks._logging import log_scalars
 from lightning_anatomy.concepts.hooks import (
     HookPoint,
     find_blocks,
@@ -41,8 +42,8 @@ from lightning_anatomy.interventions.projection import GradientAmplification, Gr
 MODES = ("gradient", "ablate", "both")
 LAYER_MODES = ("own", "all_later")
 ACTIONS = ("suppress", "amplify")
-# Two bases describe the same subspace when their projectors differ by less than this (max entry):
-# far above float noise between machines, far below any real change of a concept.
+# Two bases describe the same subspace when their projectors differ by less than this (spectral
+# norm): far above float noise between machines, far below any real change of a concept.
 SUBSPACE_TOL = 1e-4
 
 
@@ -117,13 +118,19 @@ class ConceptProjection(Callback):
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the hooks, actions and rounded projectors of the concept set."""
+        """A short hash of the hooks, actions and subspaces of the concept set (for messages and logs).
+
+        Each subspace enters as its projector applied to a fixed random probe, rounded: the same
+        for any orthonormal basis of the same span, and O(d·k) even for wide models.
+        """
         import hashlib
 
         digest = hashlib.sha256()
         for (hook, action), q in sorted(self.sources.items()):
+            probe = torch.randn(q.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            projected = q.double() @ (q.double().T @ probe)
             digest.update(f"{hook}|{action}|{q.shape[1]}".encode())
-            digest.update((q.double() @ q.double().T).mul(1e3).round().to(torch.int64).numpy().tobytes())
+            digest.update(projected.mul(1e3).round().to(torch.int64).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
@@ -137,12 +144,7 @@ class ConceptProjection(Callback):
         """Refuse to resume a run that projected a different concept set (or with other settings)."""
         saved = {tuple(k.split("|", 1)): q for k, q in state_dict.get("bases", {}).items()}
         mine = self.sources
-        differs = set(saved) != set(mine) or any(
-            saved[key].shape != mine[key].shape
-            or (saved[key].double() @ saved[key].double().T - mine[key].double() @ mine[key].double().T).abs().max()
-            > SUBSPACE_TOL
-            for key in mine
-        )
+        differs = set(saved) != set(mine) or any(not _same_subspace(saved[key], mine[key]) for key in mine)
         if differs:
             raise ValueError(
                 f"ConceptProjection: the checkpoint was trained with a different concept set (fingerprint "
@@ -302,6 +304,34 @@ class ConceptProjection(Callback):
             return None if out is hidden else out
 
         return edit
+
+
+def check_strategy(trainer: Trainer, owner: str, allow_untested: bool) -> None:
+    """Refuse strategies other than single-device and DDP (unless allowed), naming the strategy.
+
+    DeepSpeedStrategy subclasses DDPStrategy in Lightning, so it is refused by name on top of the
+    shared type check: ZeRO shards the weights these hooks and bases assume are whole.
+    """
+    _check_tested_strategy(trainer, owner, allow_untested)
+    strategy = trainer.strategy
+    if not allow_untested and any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
+        raise ValueError(
+            f"{owner} is tested with single-device and DDP strategies only, not {type(strategy).__name__} "
+            "(sharded weights: FSDP/DeepSpeed); use strategy='ddp', or pass allow_untested_strategy=True "
+            "to run it anyway"
+        )
+
+
+def _same_subspace(a: Tensor, b: Tensor) -> bool:
+    """Whether two orthonormal bases span the same subspace: ‖P_a − P_b‖₂ = sin(largest principal
+    angle) = sqrt(1 − σ_min(aᵀb)²) below `SUBSPACE_TOL` (only k×k work, never d×d)."""
+    if a.shape != b.shape:
+        return False
+    # re-orthonormalised in float64 first: an fp32 basis is orthonormal only to ~1e-7, which the
+    # square root would inflate to ~3e-4
+    a64, b64 = torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]
+    sigma = torch.linalg.svdvals(a64.T @ b64)
+    return float(torch.sqrt(torch.clamp(1 - sigma.min() ** 2, min=0))) <= SUBSPACE_TOL
 
 
 def _grad_counter(target: _Target, q: Tensor):

@@ -26,9 +26,14 @@ def _check_basis(x: Tensor, Q: Tensor, what: str) -> None:
 
 
 def _component(g32: Tensor, Q: Tensor) -> Tensor:
-    """(g·Q)·Qᵀ in fp32 on g's device: the part of g inside span(Q)."""
+    """(g·Q)·Qᵀ in fp32 on g's device: the part of g inside span(Q).
+
+    Autocast is switched off here: under AMP it would quietly run these matmuls in bf16/fp16 and
+    leave ~1e-3 of the removed component behind.
+    """
     Q32 = Q.to(device=g32.device, dtype=torch.float32)
-    return (g32 @ Q32) @ Q32.T
+    with torch.autocast(device_type=g32.device.type, enabled=False):
+        return (g32 @ Q32) @ Q32.T
 
 
 class GradientProjection(torch.autograd.Function):
@@ -93,4 +98,5 @@ def project_out(x: Tensor, Q: Tensor) -> Tensor:
 def component_along(x: Tensor, Q: Tensor) -> Tensor:
     """x·Q in fp32: the coordinates of x in the basis (`[..., k]`)."""
     _check_basis(x, Q, "component_along")
-    return x.float() @ Q.to(device=x.device, dtype=torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return x.float() @ Q.to(device=x.device, dtype=torch.float32)
