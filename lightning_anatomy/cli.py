@@ -76,8 +76,7 @@ def build_fit(cfg: DictConfig):
     policy = load_model(cfg.model.policy)
     module = DPOModule(policy, **OmegaConf.to_container(cfg.module, resolve=True))
     datamodule = PreferenceDataModule(source, tokenizer, seed=cfg.seed, **data)
-    callbacks = build_callbacks(OmegaConf.to_container(cfg.callbacks, resolve=True), model=policy,
-                                tokenizer=tokenizer)
+    callbacks = build_callbacks(OmegaConf.to_container(cfg.callbacks, resolve=True))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(logger=build_logger(cfg.logger), callbacks=callbacks, **trainer_kwargs)
     return trainer, module, datamodule

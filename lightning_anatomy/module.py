@@ -113,7 +113,9 @@ class DPOModule(L.LightningModule):
                 "reference='peft' needs a PEFT policy: pass a peft.PeftModel or peft_config={...}, "
                 "or use reference='copy' / 'precomputed'"
             )
-        self.policy = model
+        # HF models load in eval mode and Lightning keeps submodule modes as they are: without
+        # this, dropout and gradient checkpointing would silently stay off while training.
+        self.policy = model.train()
         if gradient_checkpointing:
             self.policy.config.use_cache = False
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

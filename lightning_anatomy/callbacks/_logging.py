@@ -159,9 +159,14 @@ def load_saes(saes: Mapping[str, Any] | Any, owner: str) -> tuple[dict[str, Any]
 
 
 def check_strategy(trainer: Trainer, owner: str, allow_untested: bool) -> None:
-    """Refuse strategies the callback was not tested under, before any work starts."""
+    """Refuse strategies the callback was not tested under, before any work starts.
+
+    DeepSpeedStrategy subclasses DDPStrategy in Lightning, so it is refused by name on top of the
+    type check: ZeRO shards the weights that hooks and concept bases assume are whole.
+    """
     strategy = trainer.strategy
-    if allow_untested or isinstance(strategy, TESTED_STRATEGIES):
+    deepspeed = any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
+    if allow_untested or (isinstance(strategy, TESTED_STRATEGIES) and not deepspeed):
         return
     raise ValueError(
         f"{owner} is tested with single-device and DDP strategies only, not {type(strategy).__name__} "

@@ -1,8 +1,8 @@
 """Build Lightning callbacks from plain config dicts (the `callbacks:` list of a fit config).
 
 Each entry is `{"class": <name>, **kwargs}`. String values of `concepts` are ConceptSet
-directories; `saes` maps hook names to SAE specs (a directory or `release/sae_id`), attached to
-the policy with a ConceptLens so the callbacks read the same features as the audit.
+directories; `saes` maps hook names to SAE specs (a directory or `release/sae_id`), which the
+callbacks attach to the policy they find in the LightningModule.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CALLBACKS = {
 }
 
 
-def build_callbacks(entries: list[dict[str, Any]] | None, **context: Any) -> list[Callback]:
+def build_callbacks(entries: list[dict[str, Any]] | None) -> list[Callback]:
     callbacks = []
     for i, entry in enumerate(entries or []):
         entry = dict(entry)
@@ -35,6 +35,8 @@ def build_callbacks(entries: list[dict[str, Any]] | None, **context: Any) -> lis
             from lightning_anatomy.concepts import ConceptSet
 
             entry["concepts"] = ConceptSet.load(entry["concepts"])
+        if name == "ConceptDriftMonitor" and "saes" in entry:
+            entry["lens_or_saes"] = entry.pop("saes")
         cls = getattr(importlib.import_module(CALLBACKS[name]), name)
         try:
             callbacks.append(cls(**entry))

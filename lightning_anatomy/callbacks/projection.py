@@ -27,8 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_anatomy.callbacks._logging import check_strategy as _check_tested_strategy
-from lightning_anatomy.callbacks._logging import log_scalars
+from lightning_anatomy.callbacks._logging import check_strategy, log_scalars
 from lightning_anatomy.concepts.hooks import (
     HookPoint,
     find_blocks,
@@ -304,22 +303,6 @@ class ConceptProjection(Callback):
             return None if out is hidden else out
 
         return edit
-
-
-def check_strategy(trainer: Trainer, owner: str, allow_untested: bool) -> None:
-    """Refuse strategies other than single-device and DDP (unless allowed), naming the strategy.
-
-    DeepSpeedStrategy subclasses DDPStrategy in Lightning, so it is refused by name on top of the
-    shared type check: ZeRO shards the weights these hooks and bases assume are whole.
-    """
-    _check_tested_strategy(trainer, owner, allow_untested)
-    strategy = trainer.strategy
-    if not allow_untested and any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
-        raise ValueError(
-            f"{owner} is tested with single-device and DDP strategies only, not {type(strategy).__name__} "
-            "(sharded weights: FSDP/DeepSpeed); use strategy='ddp', or pass allow_untested_strategy=True "
-            "to run it anyway"
-        )
 
 
 def _same_subspace(a: Tensor, b: Tensor) -> bool:

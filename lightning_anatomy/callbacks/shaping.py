@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_anatomy.callbacks.projection import check_strategy
+from lightning_anatomy.callbacks._logging import check_strategy
 from lightning_anatomy.concepts.hooks import find_causal_lm, hidden_size_at, resolve_hook
 from lightning_anatomy.interventions.ablation import register_activation_edit
 from lightning_anatomy.interventions.reward_shaping import load_scores, validate_scores
