@@ -6,8 +6,9 @@ DDP workers import it before they know which parts they need).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_anatomy._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,20 +27,23 @@ _EXPORTS: dict[str, str] = {
     "audit_dataset": "lightning_anatomy.audit",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ConceptAttribution",
+    "ConceptDriftMonitor",
+    "ConceptLens",
+    "ConceptProjection",
+    "ConceptSet",
+    "DPOModule",
+    "GradientProjection",
+    "PreferenceDataError",
+    "PreferenceDataModule",
+    "audit_dataset",
+    "preference_loss",
+    "read_preferences",
+]  # literal so linters see the re-exports
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_anatomy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -6,8 +6,9 @@ package, and the CLI's factory only needs the ones a config names.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_anatomy._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "ConceptProjection": "lightning_anatomy.callbacks.projection",
@@ -26,17 +27,7 @@ __all__ = [
 ]  # literal so linters see the re-exports
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_anatomy.callbacks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
