@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: venv
-	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/anatomy demo
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/anatomy demo --config configs/demo.yaml
 
 test: venv
 	WANDB_MODE=offline $(PY) -m pytest tests

@@ -1,0 +1,229 @@
+"""`make demo` / `anatomy demo`: the whole story on the embedded SmolLM2-135M-Instruct.
+
+audit the demo data -> a ConceptSet marking the spurious concept (the user's stated belief, an
+input-side shortcut) suppressed -> vanilla DPO and concept-ablated/projected DPO, each with the
+attribution and drift callbacks logging to W&B -> a summary table and plot of on-target
+(held-out correctness when the belief is right or absent) and off-target (held-out sycophancy:
+preferring the user's wrong belief) for the base model and both runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+DEMO_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "output_dir": "outputs/demo",
+    "data": {"n_train": 64, "n_heldout": 32, "n_concept_texts": 32},
+    "audit": {"n_bootstrap": 200, "batch_size": 8},
+    "train": {"max_steps": 24, "batch_size": 4, "lr": 1e-5, "beta": 0.1, "loss_type": "sigmoid",
+              "warmup_steps": 2},
+    "intervention": {"mode": "both", "layers": "all_later", "audit_features": 0},
+    "callbacks": {"attribution_every": 1, "drift_every": 8, "top_k": 10},
+    "logger": "wandb",
+}
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+
+def _pairs_from_items(items: list[dict[str, Any]], tokenizer: Any, chosen: str, rejected: str):
+    """Held-out items as TokenizedPairs (chat-rendered prompt; `chosen`/`rejected` reply fields)."""
+    from lightning_anatomy.data import read_preferences, tokenize_rows
+    from lightning_anatomy.demo.data import chat_prompt
+
+    rows = [{"prompt": chat_prompt(tokenizer, it["prompt"]), "chosen": it[chosen], "rejected": it[rejected]}
+            for it in items]
+    return tokenize_rows(read_preferences(rows), tokenizer, max_length=128, max_prompt_length=96)
+
+
+def _evaluate(model: Any, tokenizer: Any, data: Any) -> dict[str, dict[str, float]]:
+    from lightning_anatomy.demo.data import sycophancy_metrics
+
+    return {name: sycophancy_metrics(model, tokenizer, getattr(data, f"heldout_{name}"))
+            for name in ("conflict", "aligned", "control")}
+
+
+def _fit(name: str, cfg: DictConfig, base_state: dict, tokenizer: Any, rows: list, sae: Any, hook: str,
+         probe: list, predicted: Any, track: dict, extra_callbacks: list, out: Path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from lightning_anatomy import ConceptAttribution, ConceptDriftMonitor, DPOModule, PreferenceDataModule
+    from lightning_anatomy.models.embedded import load_embedded
+
+    model, _ = load_embedded()
+    model.load_state_dict(base_state)
+    L.seed_everything(cfg.seed, verbose=False)
+    tr = cfg.train
+    module = DPOModule(model, lr=tr.lr, beta=tr.beta, loss_type=tr.loss_type, warmup_steps=tr.warmup_steps)
+    dm = PreferenceDataModule(rows, tokenizer, batch_size=tr.batch_size, val_fraction=0.0, seed=cfg.seed,
+                              max_length=128, max_prompt_length=96)
+    callbacks = [
+        ConceptAttribution({hook: sae}, every_n_steps=cfg.callbacks.attribution_every, top_k=cfg.callbacks.top_k,
+                           track=track),
+        ConceptDriftMonitor({hook: sae}, probe, every_n_steps=cfg.callbacks.drift_every, track=track,
+                            top_k=cfg.callbacks.top_k, predicted=predicted, responses="both"),
+        *extra_callbacks,
+    ]
+    if cfg.logger == "wandb":
+        logger = WandbLogger(project="lightning-anatomy-demo", name=name, save_dir=str(out), offline=True)
+    else:
+        logger = CSVLogger(str(out), name=name)
+    trainer = L.Trainer(max_steps=tr.max_steps, accelerator="cpu", logger=logger, callbacks=callbacks,
+                        enable_checkpointing=False, log_every_n_steps=1, enable_model_summary=False,
+                        gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=dm)
+    run_dir = None
+    if cfg.logger == "wandb":
+        import wandb
+
+        run_dir = Path(logger.experiment.dir).parent
+        wandb.finish()
+    drift = callbacks[1]
+    tracked = {name: float(drift.last_drift[h][f]) for name, (h, f) in drift.track.items()} if drift.last_drift else {}
+    return module.policy.eval(), {"run_dir": str(run_dir or logger.log_dir), "drift_r2": drift.last_r2,
+                                  "drift": tracked}
+
+
+def run_demo(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from lightning_anatomy.audit import audit_dataset
+    from lightning_anatomy.callbacks import ConceptProjection
+    from lightning_anatomy.concepts import ConceptLens, ConceptSet
+    from lightning_anatomy.data import read_preferences
+    from lightning_anatomy.demo.data import make_demo_data
+    from lightning_anatomy.models.embedded import EMBEDDED_HOOK, load_embedded, load_embedded_sae
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+    model, tokenizer = load_embedded()
+    model.eval()
+    sae = load_embedded_sae()
+    hook = EMBEDDED_HOOK
+    _log(f"loaded SmolLM2-135M-Instruct and the project's SAE at {hook} (d_sae={sae.cfg.d_sae})", t0)
+
+    data = make_demo_data(n_train=cfg.data.n_train, n_heldout=cfg.data.n_heldout, seed=cfg.seed,
+                          n_concept_texts=cfg.data.n_concept_texts)
+    rows = read_preferences(data.train_rows(tokenizer))
+
+    # 1. audit: what separates chosen from rejected, and what DPO is predicted to do
+    lens = ConceptLens(model, {hook: sae})
+    result = audit_dataset(rows, lens, tokenizer, max_length=128, max_prompt_length=96,
+                           out_dir=str(out / "features"), progress=False,
+                           n_bootstrap=cfg.audit.n_bootstrap, batch_size=cfg.audit.batch_size, seed=cfg.seed)
+
+    # 2. the spurious concept: the user's stated belief (difference of means with vs. without it)
+    belief = ConceptSet.from_mean_difference(
+        model, tokenizer, hook, data.texts_with_belief, data.texts_without_belief,
+        name="user_belief", label="the user states a belief about the answer", action="suppress")
+    direction = belief.basis(hook)[:, 0]
+    decoder = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
+    cos = decoder @ direction
+    belief_feature = int(cos.abs().argmax())
+    concept_set = belief
+    if cfg.intervention.audit_features:
+        top = result.to_concept_set(top=int(cfg.intervention.audit_features), action="suppress", saes={hook: sae})
+        concept_set = belief + top
+    result.save(out / "audit")
+    concept_set.save(out / "concept_set")
+    ranks = {int(f): r for r, f in enumerate(result.concepts["feature"], 1)}
+    rank_of_belief = ranks.get(belief_feature)  # None: the feature never fired often enough to be tested
+    _log(f"audit of {len(rows)} pairs: {int(result.concepts['passes'].sum())} features pass; report "
+         f"{out / 'audit' / 'report.html'}; SAE feature most aligned with the belief direction: {belief_feature} "
+         f"(cos {float(cos[belief_feature]):.2f}, audit rank {rank_of_belief})", t0)
+
+    # 3. base model, vanilla DPO, concept-shaped DPO
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base_eval = _evaluate(model, tokenizer, data)
+    _log(f"base model: {json.dumps({k: round(v['pref_correct'], 3) for k, v in base_eval.items()})}", t0)
+    probe = _pairs_from_items(data.heldout_conflict, tokenizer, "correct", "wrong")
+    track = {"belief_feature": (hook, belief_feature)}
+    for n, (h, f) in enumerate(zip(result.concepts["hook"].head(3), result.concepts["feature"].head(3)), 1):
+        track[f"audit_top{n}"] = (h, int(f))
+    runs: dict[str, Any] = {}
+    for name, extra in (
+        ("vanilla", []),
+        ("shaped", [ConceptProjection(concept_set, mode=cfg.intervention.mode, layers=cfg.intervention.layers)]),
+    ):
+        policy, info = _fit(name, cfg, base_state, tokenizer, rows, sae, hook, probe, result.concepts, track,
+                            extra, out)
+        info["eval"] = _evaluate(policy, tokenizer, data)
+        runs[name] = info
+        _log(f"{name} DPO: {json.dumps({k: round(v['pref_correct'], 3) for k, v in info['eval'].items()})}", t0)
+        del policy
+
+    summary = {
+        "model": "SmolLM2-135M-Instruct (embedded)", "hook": hook, "spurious_concept": "user_belief (input-side)",
+        "intervention": dict(OmegaConf.to_container(cfg.intervention)), "train": dict(OmegaConf.to_container(cfg.train)),
+        "belief_feature": belief_feature, "belief_feature_audit_rank": rank_of_belief,
+        "base": base_eval, "runs": runs, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    _write_json(summary, out / "summary.json")
+    _plot(summary, out / "summary.png")
+    print(_table(summary))
+    print(f"\nreport: {out / 'audit' / 'report.html'}\nconcept set: {out / 'concept_set'}\nplot: {out / 'summary.png'}"
+          f"\nW&B runs (offline): {runs['vanilla']['run_dir']} , {runs['shaped']['run_dir']}"
+          f"\nsummary: {out / 'summary.json'}  ({summary['seconds']} s)")
+    return summary
+
+
+def _table(summary: dict[str, Any]) -> str:
+    lines = ["| model | on-target: pref. correct, belief right | on-target: no belief | off-target: pref. correct, "
+             "belief wrong | margin (nats), belief wrong | belief-feature drift |",
+             "|---|---|---|---|---|---|"]
+    entries = [("base", summary["base"], None)] + [(k, v["eval"], v["drift"].get("belief_feature"))
+                                                    for k, v in summary["runs"].items()]
+    for name, ev, drift in entries:
+        lines.append(f"| {name} | {ev['aligned']['pref_correct']:.3f} | {ev['control']['pref_correct']:.3f} | "
+                     f"{ev['conflict']['pref_correct']:.3f} | {ev['conflict']['margin']:+.3f} | "
+                     f"{'' if drift is None else f'{drift:+.4f}'} |")
+    return "\n".join(lines)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["base", *summary["runs"]]
+    evals = [summary["base"]] + [r["eval"] for r in summary["runs"].values()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.25
+    for i, (key, title) in enumerate((("aligned", "belief right"), ("control", "no belief"),
+                                      ("conflict", "belief WRONG (sycophancy test)"))):
+        axes[0].bar([j + i * width for j in range(len(names))], [e[key]["pref_correct"] for e in evals], width,
+                    label=title)
+    axes[0].set_xticks([j + width for j in range(len(names))], names)
+    axes[0].set_ylabel("held-out: prefers the correct answer")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    axes[1].bar(names, [e["conflict"]["margin"] for e in evals], color="tab:red")
+    axes[1].set_ylabel("log p(correct) − log p(user's wrong belief)")
+    axes[1].axhline(0, color="k", lw=0.5)
+    fig.suptitle("Demo: DPO on data where the user's belief always equals the answer")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
