@@ -109,7 +109,9 @@ def _module_digest(module: nn.Module) -> str:
         flat = t.detach().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            # integer spacing: a float32 linspace rounds past the end for tensors above 2**24 entries
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
             h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
