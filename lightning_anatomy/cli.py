@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 FIT_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -36,10 +37,19 @@ def load_config(path: str | None, overrides: list[str], defaults: dict[str, Any]
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-        base = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        for override in overrides:
+            key, value = override.split("=", 1)
+            try:  # update (not merge) so list items can be addressed: callbacks.0.concepts=...
+                OmegaConf.update(base, key, yaml.safe_load(value), merge=True)
+            except Exception as err:  # omegaconf raises several types; name the override either way
+                raise ValueError(f"config override {override!r} does not fit the config: {err}") from err
     unknown = set(base.keys()) - set(defaults)
     if unknown:
         raise ValueError(f"unknown top-level config keys {sorted(unknown)}; valid: {sorted(defaults)}")
+    for key, default in defaults.items():
+        kind = {dict: DictConfig, list: ListConfig}.get(type(default))
+        if kind is not None and not isinstance(base[key], kind):
+            raise ValueError(f"config key {key!r} must be a {type(default).__name__}, got {base[key]!r}")
     return base
 
 
