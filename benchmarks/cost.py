@@ -1,0 +1,558 @@
+"""Benchmark (d): what a DPO step costs with the concept callbacks, and against TRL's DPOTrainer.
+
+Two groups per model, each measured side by side in one process with the conditions interleaved
+round by round (ABC…, …CBA, …), every block a fresh `Trainer.fit` of a few steps on the same
+`DPOModule`. Step time is the wall time between consecutive `on_train_batch_end` calls (data,
+forward, backward, optimizer and every callback hook), the first step of a block is dropped.
+
+1. callbacks: vanilla DPO vs. `ConceptProjection` (gradient, own layer / all later layers),
+   `ConceptAttribution` every step, `ConceptDriftMonitor` (every 50 steps: the steps in between
+   are timed as they are, and the probe cost is measured by a run that probes after every step;
+   amortised = (49 · t_between + t_probing) / 50) and all three together.
+2. TRL: `DPOModule` vs. TRL's `DPOTrainer` on identical token batches (same pairs per step,
+   frozen reference copy, fp32, AdamW, no gradient checkpointing, no eval, no logging, no
+   precomputed reference); steps/s ratio and step-memory ratio.
+
+Memory: peak RSS inside each block (freed heap returned to the OS before each block, so a block
+never inherits another's garbage) and the rise above the RSS resident at block start (gradients,
+optimizer state, activations: what training adds to the loaded models). On CUDA also peak
+allocated bytes, which is then the basis of the memory ratios.
+
+    python benchmarks/cost.py            # full settings (~6 min on 2 CPU cores)
+    python benchmarks/cost.py --quick    # tiny sizes, for the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+
+FORMAT = "lightning-anatomy/bench-cost"
+VERSION = 1
+DRIFT_EVERY = 50
+# The issue's targets, stated for a GPU; CPU ratios are reported against them as measured.
+TARGETS = {"projection_own": 1.01, "projection_all_later": 1.01, "attribution": 1.03, "drift_amortised": 1.02,
+           "memory": 1.05, "trl_steps_per_s": 1.0}
+MEMORY_METHOD = ("peak RSS (VmHWM, reset per block via /proc/self/clear_refs after gc + malloc_trim); "
+                 "step memory = that peak minus the RSS at block start")
+CALLBACK_CONDITIONS = ("vanilla", "projection_own", "projection_all_later", "attribution", "drift_between",
+                       "drift_probing", "all")
+
+
+@dataclass(frozen=True)
+class ModelSetting:
+    """One model and the batch it is trained on."""
+
+    name: str
+    source: str  # "tiny:<family>" or "embedded"
+    pairs_per_step: int
+    prompt_tokens: int
+    completion_tokens: int  # per response, eos included
+    layers: int = 2
+    width: int = 64
+    vocab: int = 260
+    hook_layer: int = 0  # tiny models: the SAE's block (embedded: read from the SAE)
+    d_sae: int = 256  # tiny models: random SAE width (16× the model width by default)
+    n_concepts: int = 8  # suppressed SAE features in the projection's concept set
+    probe_pairs: int = 8  # drift monitor probe (chosen responses, teacher-forced)
+    steps_per_block: int = 3  # timed steps per block (one more runs first, untimed)
+    repeats: int = 3
+    warmup: int = 1
+    trl: bool = True
+    conditions: tuple[str, ...] = CALLBACK_CONDITIONS
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.conditions) - set(CALLBACK_CONDITIONS))
+        if unknown or "vanilla" not in self.conditions:
+            raise ValueError(f"ModelSetting {self.name!r}: conditions must include 'vanilla' and come from "
+                             f"{CALLBACK_CONDITIONS}; got unknown {unknown}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+FULL = (
+    ModelSetting("gpt2-4x256-byte", "tiny:gpt2", pairs_per_step=4, prompt_tokens=64, completion_tokens=64,
+                 layers=4, width=256, vocab=260, hook_layer=1, d_sae=4096, probe_pairs=32,
+                 steps_per_block=3, repeats=3),
+    # ~6 s a step on a busy 2-core CPU: the conditions whose ratios the issue targets, fewer repeats.
+    ModelSetting("smollm2-135m", "embedded", pairs_per_step=2, prompt_tokens=32, completion_tokens=32,
+                 probe_pairs=8, steps_per_block=2, repeats=2, warmup=0,
+                 conditions=("vanilla", "projection_own", "attribution", "drift_probing")),
+)
+QUICK = (
+    ModelSetting("gpt2-2x64-byte", "tiny:gpt2", pairs_per_step=2, prompt_tokens=16, completion_tokens=16,
+                 layers=2, width=64, vocab=260, hook_layer=0, d_sae=256, probe_pairs=4,
+                 steps_per_block=2, repeats=1, warmup=0),
+)
+
+
+# ----------------------------------------------------------------------------------- inputs
+def random_pairs(n: int, setting: ModelSetting, vocab: int, eos: int, seed: int) -> list[Any]:
+    """Pairs of random tokens with exactly the setting's lengths: every batch is [2B, T], no padding.
+
+    Step cost does not depend on which tokens are seen, and equal lengths make the DPOModule and
+    TRL batches identical tensors.
+    """
+    from lightning_anatomy.data import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+    low = 4 if vocab > 8 else 0  # the tiny tokenizer's specials are ids 0..3
+
+    def ids(n_tokens: int) -> list[int]:
+        return torch.randint(low, vocab, (n_tokens,), generator=g).tolist()
+
+    c = setting.completion_tokens - 1
+    return [TokenizedPair(i, ids(setting.prompt_tokens), ids(c) + [eos], ids(c) + [eos]) for i in range(n)]
+
+
+def build_model(setting: ModelSetting) -> tuple[Any, Any, str]:
+    """(model, tokenizer, provenance) for a setting; the tokenizer is only needed by TRL."""
+    if setting.source.startswith("tiny:"):
+        from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+        model = build_tiny_model(setting.source.split(":", 1)[1], vocab_size=setting.vocab,
+                                 hidden_size=setting.width, num_layers=setting.layers,
+                                 num_heads=max(1, setting.width // 64), max_positions=max(512, setting.seq_len))
+        return model, build_tiny_tokenizer(), f"random {setting.source}"
+    if setting.source == "embedded":
+        from lightning_anatomy.models.embedded import load_embedded
+
+        model, tokenizer = load_embedded()
+        return model, tokenizer, "SmolLM2-135M-Instruct (embedded, fp32)"
+    raise ValueError(f"unknown model source {setting.source!r}; use 'tiny:<family>' or 'embedded'")
+
+
+def build_sae(setting: ModelSetting, model: Any) -> tuple[Any, str, str]:
+    """(sae, hook name, provenance): the committed SAE for the embedded model, else a random one."""
+    if setting.source == "embedded":
+        try:
+            from lightning_anatomy.models.embedded import load_embedded_sae
+
+            sae = load_embedded_sae()
+            return sae, sae.cfg.metadata.hook_name, "embedded SAE (load_embedded_sae)"
+        except Exception as err:  # the asset may not be installed: the cost depends only on the shape
+            from sae_lens import TopKSAE, TopKSAEConfig
+
+            from lightning_anatomy.models.embedded import EMBEDDED_HOOK
+
+            common.log(f"  embedded SAE unavailable ({err}); using a random TopK SAE of its shape")
+            torch.manual_seed(0)
+            sae = TopKSAE(TopKSAEConfig(d_in=model.config.hidden_size, d_sae=2304, k=32))
+            return sae, EMBEDDED_HOOK, "random TopK SAE, d_sae=2304, k=32 (embedded SAE not found)"
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=setting.width, d_sae=setting.d_sae))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0.0, 0.05)
+    return sae, f"blocks.{setting.hook_layer}.hook_resid_post", f"random StandardSAE d_sae={setting.d_sae}"
+
+
+# ----------------------------------------------------------------------------------- timing
+@dataclass
+class Block:
+    """What one block measured: per-step wall and process-CPU seconds, and its peak memory."""
+
+    wall: list[float]
+    cpu: list[float]
+    memory: common.PeakMemory
+
+
+class _Clock:
+    """Step boundaries: wall clock (GPU work synchronised) and this process's CPU time."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.marks: list[tuple[float, float]] = []
+
+    def mark(self) -> None:
+        common.sync(self.device)
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def steps(self, expected: int) -> tuple[list[float], list[float]]:
+        wall = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])]
+        cpu = [b[1] - a[1] for a, b in zip(self.marks, self.marks[1:])]
+        if len(wall) != expected:
+            raise RuntimeError(f"expected {expected} timed steps, got {len(wall)}")
+        return wall, cpu
+
+
+class StepTimer(Callback):
+    """Marks the end of every training batch (put it last, after the callbacks it times)."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.clock.mark()
+
+
+def _lightning_block(module: Any, pairs: list[Any], callbacks: list[Any], setting: ModelSetting, device: str,
+                     pad_id: int) -> Block:
+    """One fresh `Trainer.fit` of steps_per_block + 1 steps on `module` (the first step untimed)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_anatomy.data import collate_pairs
+
+    clock = _Clock(device)
+    steps = setting.steps_per_block + 1
+    loader = DataLoader(pairs[: steps * setting.pairs_per_step], batch_size=setting.pairs_per_step, shuffle=False,
+                        collate_fn=partial(collate_pairs, pad_token_id=pad_id))
+    trainer = L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, precision="32-true", callbacks=[*callbacks, StepTimer(clock)],
+    )
+    with common.PeakMemory(device) as peak:
+        trainer.fit(module, train_dataloaders=loader)
+    module.trainer = None  # the module would keep this trainer (and its optimizer state) alive
+    del trainer
+    gc.collect()
+    return Block(*clock.steps(setting.steps_per_block), peak)
+
+
+def _trl_block(policy: Any, reference: Any, tokenizer: Any, pairs: list[Any], setting: ModelSetting, device: str,
+               out_dir: str) -> Block:
+    """The same steps through TRL's DPOTrainer on the same token ids (its text dataset is swapped out)."""
+    from datasets import Dataset
+
+    with contextlib.redirect_stdout(sys.stderr):  # transformers prints a W&B-offline notice on import
+        from transformers import TrainerCallback
+        from transformers.trainer_callback import PrinterCallback
+        from trl import DPOConfig, DPOTrainer
+
+    clock = _Clock(device)
+
+    class TRLStepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.mark()
+
+    steps = setting.steps_per_block + 1
+    config = DPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=setting.pairs_per_step, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch", beta=0.1, loss_type="sigmoid", max_length=setting.seq_len,
+        precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=False, fp16=False,
+        use_cpu=not device.startswith("cuda"), logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0,
+    )
+    text = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=text,
+                             processing_class=tokenizer, callbacks=[TRLStepTimer()])
+    trainer.remove_callback(PrinterCallback)  # it prints the train summary to stdout
+    n = steps * setting.pairs_per_step
+    trainer.train_dataset = Dataset.from_list([
+        {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs[:n]])
+    with common.PeakMemory(device) as peak, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        trainer.train()
+    del trainer
+    for model in (policy, reference):  # undo TRL's fused-LM-head patch, so every block starts alike
+        model.__dict__.pop("forward", None)
+    gc.collect()
+    return Block(*clock.steps(setting.steps_per_block), peak)
+
+
+def measure(blocks: dict[str, Callable[[], Block]], setting: ModelSetting) -> dict[str, dict[str, Any]]:
+    """Interleave the blocks (warm-up rounds dropped); per condition: wall/CPU step summaries and memory."""
+    kept: dict[str, list[Block]] = {name: [] for name in blocks}
+    rounds = {"n": 0}
+
+    def run(name: str) -> list[float]:
+        block = blocks[name]()
+        if rounds["n"] // len(blocks) >= setting.warmup:
+            kept[name].append(block)
+        rounds["n"] += 1
+        return block.wall
+
+    common.interleaved({name: partial(run, name) for name in blocks}, repeats=setting.repeats,
+                       warmup=setting.warmup)
+    out = {}
+    for name, done in kept.items():
+        out[name] = {
+            "wall_s": common.summarize([t for b in done for t in b.wall]),
+            "cpu_s": common.summarize([t for b in done for t in b.cpu]),
+            "memory": _memory_summary([b.memory for b in done]),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------- conditions
+def _callbacks(setting: ModelSetting, sae: Any, hook: str, probe: list[Any]) -> dict[str, Callable[[], list[Any]]]:
+    """Factories of each condition's callbacks (instances are built once and reused across blocks)."""
+    from lightning_anatomy.callbacks import ConceptAttribution, ConceptDriftMonitor, ConceptProjection
+    from lightning_anatomy.concepts import ConceptSet
+
+    concepts = ConceptSet.from_sae_features(sae, hook, list(range(setting.n_concepts)))
+
+    def drift(every: int) -> Any:
+        return ConceptDriftMonitor({hook: sae}, probe, every_n_steps=every, track=[(hook, 0)],
+                                   evaluate_on_train_end=False, batch_size=setting.pairs_per_step * 2)
+
+    def attribution() -> Any:
+        return ConceptAttribution({hook: sae}, every_n_steps=1, track=[(hook, 0)])
+
+    factories: dict[str, Callable[[], list[Any]]] = {
+        "vanilla": list,
+        "projection_own": lambda: [ConceptProjection(concepts, mode="gradient", layers="own")],
+        "projection_all_later": lambda: [ConceptProjection(concepts, mode="gradient", layers="all_later")],
+        "attribution": lambda: [attribution()],
+        "drift_between": lambda: [drift(DRIFT_EVERY)],
+        "drift_probing": lambda: [drift(1)],
+        "all": lambda: [ConceptProjection(concepts, mode="gradient", layers="own"), attribution(), drift(DRIFT_EVERY)],
+    }
+    return {name: factories[name] for name in setting.conditions}
+
+
+def _memory_summary(blocks: list[common.PeakMemory]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "peak_rss_mb": statistics.median(b.rss_peak for b in blocks) / 2**20,
+        "step_rss_increase_mb": statistics.median(b.rss_increase for b in blocks) / 2**20,
+    }
+    if blocks and blocks[0].cuda_peak is not None:
+        out["peak_cuda_mb"] = statistics.median(b.cuda_peak for b in blocks) / 2**20
+    return out
+
+
+def run_model(setting: ModelSetting, device: str, with_trl: bool) -> dict[str, Any]:
+    from lightning_anatomy.module import DPOModule
+
+    common.log(f"== {setting.name}: {setting.pairs_per_step} pairs x {setting.seq_len} tokens per step on {device}")
+    model, tokenizer, provenance = build_model(setting)
+    sae, hook, sae_provenance = build_sae(setting, model)
+    sae = sae.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id, eos_id, vocab = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id), int(model.config.vocab_size)
+    pairs = random_pairs((setting.steps_per_block + 1) * setting.pairs_per_step, setting, vocab, eos_id, seed=0)
+    probe = random_pairs(setting.probe_pairs, setting, vocab, eos_id, seed=1)
+
+    module = DPOModule(model.to(device), reference="copy", lr=1e-6, scheduler="constant", reference_cache_dir=None)
+    callbacks = {name: make() for name, make in _callbacks(setting, sae, hook, probe).items()}
+    with warnings.catch_warnings():  # one untimed fit first: lazy initialisation stays out of every block
+        warnings.simplefilter("ignore")
+        _lightning_block(module, pairs, [], replace(setting, steps_per_block=1), device, pad_id)
+    common.log("  group 1: concept callbacks")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = measure({name: partial(_lightning_block, module, pairs, cbs, setting, device, pad_id)
+                            for name, cbs in callbacks.items()}, setting)
+    result: dict[str, Any] = {
+        "setting": asdict(setting), "model": provenance,
+        "parameters": sum(p.numel() for p in module.policy.parameters()), "sae": sae_provenance, "hook": hook,
+        "d_sae": int(sae.W_dec.shape[0]), "tokens_per_step": 2 * setting.pairs_per_step * setting.seq_len,
+        "callbacks": {"conditions": measured, "ratios": _callback_ratios(measured, device)},
+    }
+    if with_trl and setting.trl:
+        result["trl"] = _run_trl(setting, module, pairs, tokenizer, device, pad_id)
+    return result
+
+
+def _run_trl(setting: ModelSetting, module: Any, pairs: list[Any], tokenizer: Any, device: str,
+             pad_id: int) -> dict[str, Any]:
+    common.log("  group 2: DPOModule vs TRL DPOTrainer")
+    trl_policy = copy.deepcopy(module.policy).train()  # same architecture and (near-)initial weights
+    trl_reference = copy.deepcopy(module.reference).eval()
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = measure({
+            "dpomodule": partial(_lightning_block, module, pairs, [], setting, device, pad_id),
+            "trl": partial(_trl_block, trl_policy, trl_reference, tokenizer, pairs, setting, device, tmp),
+        }, setting)
+    basis = _time_basis(device)
+    dpo, trl = measured["dpomodule"], measured["trl"]
+    out = {
+        "conditions": measured, "time_basis": basis,
+        "steps_per_s_ratio": common.ratio(trl[basis]["median"], dpo[basis]["median"]),
+        "steps_per_s_ratio_wall": common.ratio(trl["wall_s"]["median"], dpo["wall_s"]["median"]),
+        "step_memory_ratio": common.ratio(dpo["memory"]["step_rss_increase_mb"], trl["memory"]["step_rss_increase_mb"])
+        if trl["memory"]["step_rss_increase_mb"] > 0 else None,
+        "settings": {
+            "pairs_per_step": setting.pairs_per_step, "max_length": setting.seq_len, "precision": "fp32",
+            "reference": "frozen copy of the policy (both)", "trl_precompute_ref_log_probs": False,
+            "gradient_checkpointing": False, "optimizer": "torch AdamW (TRL optim=adamw_torch), lr 1e-6 constant",
+            "loss": "sigmoid, beta 0.1", "eval": "none", "logging": "off (Lightning logger=False; TRL "
+            "logging_strategy=no, report_to=none)", "data": "identical token ids, no padding (swapped into TRL's "
+            "train_dataset as prompt_ids/chosen_ids/rejected_ids)", "trl_dropout": "disable_dropout=True (models have "
+            "no active dropout)",
+        },
+    }
+    if "peak_cuda_mb" in trl["memory"]:
+        out["peak_cuda_ratio"] = common.ratio(dpo["memory"]["peak_cuda_mb"], trl["memory"]["peak_cuda_mb"])
+    return out
+
+
+def _time_basis(device: str) -> str:
+    """Ratios use process CPU time on a CPU (robust to other jobs on a shared machine), wall time on a GPU."""
+    return "wall_s" if device.startswith("cuda") else "cpu_s"
+
+
+def _callback_ratios(measured: dict[str, dict[str, Any]], device: str) -> dict[str, Any]:
+    """Step-time and memory ratios against vanilla; the drift monitor amortised over DRIFT_EVERY steps.
+
+    Between probes the monitor only checks the step number, so where `drift_between` was not
+    measured the vanilla step stands in for it.
+    """
+    basis = _time_basis(device)
+    out: dict[str, Any] = {"time_basis": basis, "drift_every_n_steps": DRIFT_EVERY}
+    for key in ("cpu_s", "wall_s"):
+        t = {name: m[key]["median"] for name, m in measured.items()}
+        base = t["vanilla"]
+        between = t.get("drift_between", base)
+        ratios = {name: common.ratio(t[name], base) for name in t if name != "vanilla"}
+        if "drift_probing" in t:
+            probe = t["drift_probing"] - between
+            out[f"probe_cost_{key}"] = probe
+            ratios["drift_amortised"] = common.ratio(between + probe / DRIFT_EVERY, base)
+            if "all" in t:
+                ratios["all_amortised"] = common.ratio(t["all"] + probe / DRIFT_EVERY, base)
+        out["step_time" if key == basis else "step_time_wall" if key == "wall_s" else "step_time_cpu"] = ratios
+    mem = {name: m["memory"] for name, m in measured.items()}
+    peak_key = "peak_cuda_mb" if "peak_cuda_mb" in mem["vanilla"] else "peak_rss_mb"
+    out["peak_memory_basis"] = peak_key
+    out["peak_memory"] = {name: common.ratio(m[peak_key], mem["vanilla"][peak_key]) for name, m in mem.items()
+                          if name != "vanilla"}
+    base_increase = mem["vanilla"]["step_rss_increase_mb"]
+    out["step_memory"] = {name: common.ratio(m["step_rss_increase_mb"], base_increase) if base_increase > 0 else None
+                          for name, m in mem.items() if name != "vanilla"}
+    return out
+
+
+# ----------------------------------------------------------------------------------- report
+ROWS = (  # (ratio key, memory condition, label, GPU target)
+    ("projection_own", "projection_own", "ConceptProjection (gradient, own layer)", "≤ 1.01"),
+    ("projection_all_later", "projection_all_later", "ConceptProjection (gradient, all later layers)", "≤ 1.01"),
+    ("attribution", "attribution", "ConceptAttribution (every step)", "≤ 1.03"),
+    ("drift_amortised", "drift_probing", f"ConceptDriftMonitor (every {DRIFT_EVERY} steps, amortised)", "≤ 1.02"),
+    ("drift_probing", "drift_probing", "ConceptDriftMonitor probing every step", "–"),
+    ("all_amortised", "all", "all three (drift amortised)", "–"),
+)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def tables(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    rows = []
+    for name, r in results["models"].items():
+        ratios = r["callbacks"]["ratios"]
+        vanilla = r["callbacks"]["conditions"]["vanilla"]
+        basis = ratios["time_basis"]
+        rows.append([name, "vanilla DPOModule", f"{vanilla[basis]['median']:.3f} s ({vanilla['wall_s']['median']:.3f} s)",
+                     "1.000", "1.000", "1.000", "1.000", ""])
+        for key, mem_key, label, target in ROWS:
+            if key not in ratios["step_time"]:
+                continue
+            rows.append([name, label, "", _fmt(ratios["step_time"][key]), _fmt(ratios.get("step_time_wall", {}).get(key)),
+                         _fmt(ratios["peak_memory"].get(mem_key)), _fmt(ratios["step_memory"].get(mem_key)), target])
+    basis_words = "process CPU time" if results["time_basis"] == "cpu_s" else "wall time"
+    out = [f"Concept callbacks: step cost relative to vanilla DPOModule on {machine['device']} ({machine['cpu']}, "
+           f"{machine['torch_threads']} threads). Medians of interleaved blocks; time × uses {basis_words} (step column: "
+           "that, then wall), wall × alongside. Targets are the issue's GPU targets (memory: ≤ 1.05).", "",
+           common.markdown_table(["model", "condition", "step", "time ×", "wall ×", "peak mem ×", "step mem ×",
+                                  "target (GPU)"], rows)]
+    trl_rows = []
+    for name, r in results["models"].items():
+        t = r.get("trl")
+        if not t:
+            continue
+        dpo, trl = t["conditions"]["dpomodule"], t["conditions"]["trl"]
+        basis = t["time_basis"]
+        trl_rows.append([name, f"{dpo[basis]['median']:.3f}", f"{trl[basis]['median']:.3f}",
+                         _fmt(t["steps_per_s_ratio"]), _fmt(t["steps_per_s_ratio_wall"]),
+                         f"{dpo['memory']['step_rss_increase_mb']:.0f}", f"{trl['memory']['step_rss_increase_mb']:.0f}",
+                         _fmt(t["step_memory_ratio"])])
+    if trl_rows:
+        out += ["", f"DPOModule vs TRL 1.16 DPOTrainer on identical batches ({basis_words} per step; steps/s ratio ≥ 1.0 "
+                "means DPOModule is at least as fast; step memory = peak RSS above the loaded models).", "",
+                common.markdown_table(["model", "DPOModule s/step", "TRL s/step", "steps/s ratio", "wall ratio",
+                                       "DPOModule step MB", "TRL step MB", "memory ratio"], trl_rows)]
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    with common.matplotlib_agg() as plt:
+        models = list(results["models"])
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        width = 0.8 / max(len(models), 1)
+        for i, name in enumerate(models):
+            ratios = results["models"][name]["callbacks"]["ratios"]
+            for ax, values in ((axes[0], [ratios["step_time"].get(k) for k, _, _, _ in ROWS]),
+                               (axes[1], [ratios["peak_memory"].get(m) if k in ratios["step_time"] else None
+                                          for k, m, _, _ in ROWS])):
+                xs = [j + i * width for j, v in enumerate(values) if v is not None]
+                ax.bar(xs, [v for v in values if v is not None], width, label=name)
+        basis = "CPU time" if results["time_basis"] == "cpu_s" else "wall time"
+        for ax, title in zip(axes, (f"step {basis} / vanilla", "peak memory / vanilla")):
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(ROWS))])
+            ax.set_xticklabels([label.replace(" (", "\n(") for _, _, label, _ in ROWS], fontsize=6.5)
+            ax.set_title(f"{title} ({results['machine']['device']})")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        common.atomic_save_figure(fig, path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 40 s)")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="directory for cost.json / cost.png")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="*", help="only these model settings (by name)")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, cores))")
+    args = parser.parse_args(argv)
+
+    common.setup_offline(args.threads)
+    common.quiet_libraries()
+    settings = QUICK if args.quick else FULL
+    if args.models:
+        unknown = sorted(set(args.models) - {s.name for s in settings})
+        if unknown:
+            raise SystemExit(f"--models: unknown setting(s) {unknown}; choose from {[s.name for s in settings]}")
+        settings = tuple(s for s in settings if s.name in args.models)
+    started = time.time()
+    results: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "quick": args.quick, "machine": common.machine_info(args.device),
+        "packages": common.package_versions(["torch", "lightning", "transformers", "trl", "sae-lens"]),
+        "memory_method": MEMORY_METHOD, "time_basis": _time_basis(args.device), "targets_gpu": TARGETS,
+        "models": {},
+    }
+    for setting in settings:
+        results["models"][setting.name] = run_model(setting, args.device, with_trl=not args.no_trl)
+    results["wall_s"] = time.time() - started
+    name = "cost.quick" if args.quick else "cost"
+    common.atomic_write_json(args.out / f"{name}.json", results)
+    plot(results, args.out / f"{name}.png")
+    print(tables(results))
+    common.log(f"wrote {args.out / (name + '.json')} and {name}.png in {results['wall_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
