@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
+from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import (
     ConceptRef,
     check_every,
@@ -70,7 +70,7 @@ def feature_attribution(sae: Any, h: Tensor, grad: Tensor, completion_mask: Tens
     return out
 
 
-class ConceptAttribution(Callback):
+class ConceptAttribution(HookedCallback):
     """Attribute each attributed step's preference loss to SAE features, split chosen/rejected.
 
     Args:
@@ -111,6 +111,7 @@ class ConceptAttribution(Callback):
         log_table_every: int | None = None,
         allow_untested_strategy: bool = False,
     ) -> None:
+        super().__init__()
         self.saes, self.widths = load_saes(saes, "ConceptAttribution")
         self.every_n_steps = check_every(every_n_steps, "every_n_steps")
         self.top_k = check_every(top_k, "top_k")
@@ -135,7 +136,6 @@ class ConceptAttribution(Callback):
 
         # Run-time only.
         self._points: dict[str, HookPoint] = {}
-        self._handles: list[RemovableHandle] = []
         self._armed_step: int | None = None
         self._mask: Tensor | None = None
         self._seen: set[str] = set()
@@ -186,19 +186,9 @@ class ConceptAttribution(Callback):
         for sae in self.saes.values():
             sae.to(pl_module.device)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._disarm()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._disarm()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._disarm()
-
-    def _disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def remove_hooks(self) -> None:
+        """Drop the hooks and whatever the current step had captured."""
+        super().remove_hooks()
         self._armed_step = None
         self._mask = None
         self._captures = {}
@@ -209,7 +199,7 @@ class ConceptAttribution(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self._armed_step is not None and self._armed_step != step:
-            self._disarm()  # a step that never reached the optimizer (skipped): drop it
+            self.remove_hooks()  # a step that never reached the optimizer (skipped): drop it
         if step % self.every_n_steps:
             return
         mask = batch.get("completion_mask") if isinstance(batch, Mapping) else None
@@ -305,7 +295,7 @@ class ConceptAttribution(Callback):
         if self._armed_step is None or not self._step_sum:
             return
         step, sums, captured = self._armed_step, self._step_sum, self._captured_any
-        self._disarm()
+        self.remove_hooks()
         hooks = list(self.widths)
         flag = torch.tensor([float(captured)], device=sums[hooks[0]].device)
         flat = torch.cat([sums[h].flatten() for h in hooks] + [flag])

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
+from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import check_strategy, log_scalars
 from lightning_anatomy.concepts.hooks import (
     HookPoint,
@@ -65,7 +65,7 @@ class _Target:
         return q
 
 
-class ConceptProjection(Callback):
+class ConceptProjection(HookedCallback):
     """Project (or ablate) suppressed concepts and amplify amplified ones, on any HF causal LM.
 
     Args:
@@ -90,6 +90,7 @@ class ConceptProjection(Callback):
         amplify_factor: float = 2.0,
         allow_untested_strategy: bool = False,
     ) -> None:
+        super().__init__()
         if isinstance(concepts, str | os.PathLike):
             from lightning_anatomy.concepts import ConceptSet
 
@@ -107,7 +108,6 @@ class ConceptProjection(Callback):
         self.concepts = concepts
         self.sources = _source_bases(concepts)
         self._targets: dict[str, _Target] = {}
-        self._handles: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ identity and resume
     @property
@@ -196,19 +196,6 @@ class ConceptProjection(Callback):
         if metrics:
             log_scalars(trainer, metrics, step=trainer.global_step)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.remove_hooks()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.remove_hooks()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.remove_hooks()
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     @property
     def hooked(self) -> list[str]:

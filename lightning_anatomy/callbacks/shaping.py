@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.hooks import RemovableHandle
 
+from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import check_strategy
 from lightning_anatomy.concepts.hooks import find_causal_lm, hidden_size_at, resolve_hook
 from lightning_anatomy.interventions.ablation import register_activation_edit
@@ -82,7 +82,7 @@ class RewardShaping(Callback):
         batch["margin_offset"] = offset if existing is None else existing.to(offset.dtype) + offset
 
 
-class ConceptSteering(Callback):
+class ConceptSteering(HookedCallback):
     """Add α·v at each concept's hook while training (persona-vector preventative steering).
 
     Args:
@@ -99,6 +99,7 @@ class ConceptSteering(Callback):
     """
 
     def __init__(self, concepts: Any, alpha: float, sides: str = "both", allow_untested_strategy: bool = False) -> None:
+        super().__init__()
         if isinstance(concepts, str | os.PathLike):
             from lightning_anatomy.concepts import ConceptSet
 
@@ -121,7 +122,6 @@ class ConceptSteering(Callback):
         self.alpha = float(alpha)
         self.sides = sides
         self.allow_untested_strategy = bool(allow_untested_strategy)
-        self._handles: list[RemovableHandle] = []
 
     @property
     def state_key(self) -> str:
@@ -148,19 +148,6 @@ class ConceptSteering(Callback):
             edit = steering_edit(vector, self.alpha, self.sides, active=lambda: trainer.training)
             self._handles.append(register_activation_edit(resolve_hook(model, hook), edit))
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.remove_hooks()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.remove_hooks()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.remove_hooks()
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 __all__ = ["ConceptSteering", "RewardShaping"]
