@@ -294,6 +294,19 @@ def test_embedded_loads_smollm2_and_cached_load_is_identical(embedded_pair, one_
     assert embedded.load_embedded_tokenizer(cache_dir=cache)(text)["input_ids"] == tok(text)["input_ids"]
 
 
+@pytest.mark.slow
+@needs_embedded
+def test_demo_prompts_are_short_for_smollm2(embedded_pair):
+    """DPO steps on CPU stay cheap: every demo prompt, system turn included, fits in 64 tokens."""
+    _, (_, tok), _ = embedded_pair
+    data = make_demo_data()
+    users = [r["prompt"][0]["content"] for r in data.train] + [i["prompt"] for i in data.heldout_conflict]
+    lengths = [len(tok(chat_prompt(tok, u), add_special_tokens=False)["input_ids"]) for u in users]
+    assert max(lengths) <= 64
+    rows = data.train_rows(tok)
+    assert rows[0]["prompt"].startswith("<|im_start|>system\n") and rows[0]["prompt"].endswith("<|im_start|>assistant\n")
+
+
 def test_committed_sae_loads_with_its_metadata():
     sae = embedded.load_embedded_sae()
     report = json.loads((embedded.EMBEDDED_SAE_DIR / "training_report.json").read_text())
