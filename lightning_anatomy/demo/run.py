@@ -22,10 +22,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/demo",
     "data": {"n_train": 64, "n_heldout": 32, "n_concept_texts": 32},
     "audit": {"n_bootstrap": 200, "batch_size": 8},
-    "train": {"max_steps": 24, "batch_size": 4, "lr": 1e-5, "beta": 0.1, "loss_type": "sigmoid",
+    "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-5, "beta": 0.1, "loss_type": "sigmoid",
               "warmup_steps": 2},
     "intervention": {"mode": "both", "layers": "all_later", "audit_features": 0},
-    "callbacks": {"attribution_every": 1, "drift_every": 8, "top_k": 10},
+    "callbacks": {"attribution_every": 1, "drift_every": 4, "top_k": 10},
     "logger": "wandb",
 }
 
@@ -133,7 +133,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     direction = belief.basis(hook)[:, 0]
     decoder = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
     cos = decoder @ direction
-    belief_feature = int(cos.abs().argmax())
+    belief_feature = int(cos.argmax())  # the feature that fires WITH the belief direction
     concept_set = belief
     if cfg.intervention.audit_features:
         top = result.to_concept_set(top=int(cfg.intervention.audit_features), action="suppress", saes={hook: sae})
