@@ -52,7 +52,7 @@ TARGETS = {"projection_own": 1.01, "projection_all_later": 1.01, "attribution": 
            "memory": 1.05, "trl_steps_per_s": 1.0}
 MEMORY_METHOD = ("peak RSS (VmHWM, reset per block via /proc/self/clear_refs after gc + malloc_trim); "
                  "step memory = that peak minus the RSS at block start")
-CALLBACK_CONDITIONS = ("vanilla", "projection_own", "projection_all_later", "attribution", "drift_between",
+CALLBACK_CONDITIONS = ("vanilla", "vanilla_aa", "projection_own", "projection_all_later", "attribution", "drift_between",
                        "drift_probing", "all")
 
 
@@ -93,10 +93,10 @@ FULL = (
     ModelSetting("gpt2-4x256-byte", "tiny:gpt2", pairs_per_step=4, prompt_tokens=64, completion_tokens=64,
                  layers=4, width=256, vocab=260, hook_layer=1, d_sae=4096, probe_pairs=32,
                  steps_per_block=3, repeats=3),
-    # ~6 s a step on a busy 2-core CPU: the conditions whose ratios the issue targets, fewer repeats.
-    ModelSetting("smollm2-135m", "embedded", pairs_per_step=2, prompt_tokens=32, completion_tokens=32,
+    # 5-7 s a step on a busy 2-core CPU: the conditions the issue targets, a short sequence, fewer repeats.
+    ModelSetting("smollm2-135m", "embedded", pairs_per_step=2, prompt_tokens=24, completion_tokens=24,
                  probe_pairs=8, steps_per_block=2, repeats=2, warmup=0,
-                 conditions=("vanilla", "projection_own", "attribution", "drift_probing")),
+                 conditions=("vanilla", "vanilla_aa", "projection_own", "attribution", "drift_probing")),
 )
 QUICK = (
     ModelSetting("gpt2-2x64-byte", "tiny:gpt2", pairs_per_step=2, prompt_tokens=16, completion_tokens=16,
@@ -317,6 +317,7 @@ def _callbacks(setting: ModelSetting, sae: Any, hook: str, probe: list[Any]) -> 
 
     factories: dict[str, Callable[[], list[Any]]] = {
         "vanilla": list,
+        "vanilla_aa": list,  # vanilla again: its ratio to vanilla is the noise floor of every other ratio
         "projection_own": lambda: [ConceptProjection(concepts, mode="gradient", layers="own")],
         "projection_all_later": lambda: [ConceptProjection(concepts, mode="gradient", layers="all_later")],
         "attribution": lambda: [attribution()],
@@ -443,10 +444,12 @@ def _callback_ratios(measured: dict[str, dict[str, Any]], device: str) -> dict[s
 
 # ----------------------------------------------------------------------------------- report
 ROWS = (  # (ratio key, memory condition, label, GPU target)
+    ("vanilla_aa", "vanilla_aa", "vanilla again (A/A: the noise floor)", "–"),
     ("projection_own", "projection_own", "ConceptProjection (gradient, own layer)", "≤ 1.01"),
     ("projection_all_later", "projection_all_later", "ConceptProjection (gradient, all later layers)", "≤ 1.01"),
     ("attribution", "attribution", "ConceptAttribution (every step)", "≤ 1.03"),
     ("drift_amortised", "drift_probing", f"ConceptDriftMonitor (every {DRIFT_EVERY} steps, amortised)", "≤ 1.02"),
+    ("drift_between", "drift_between", "ConceptDriftMonitor, a step between probes", "–"),
     ("drift_probing", "drift_probing", "ConceptDriftMonitor probing every step", "–"),
     ("all_amortised", "all", "all three (drift amortised)", "–"),
 )
@@ -495,27 +498,61 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+SHORT = {"vanilla_aa": "vanilla again (A/A)", "projection_own": "projection, own layer",
+         "projection_all_later": "projection, all later", "attribution": "attribution, every step",
+         "drift_amortised": f"drift, every {DRIFT_EVERY} (amortised)", "drift_between": "drift, between probes",
+         "drift_probing": "drift, probing every step", "all_amortised": "all three (amortised)"}
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Horizontal bars per condition: step-time ratio (whiskers: the condition's quartiles over the
+    vanilla median) and peak-memory ratio, one colour per model."""
     with common.matplotlib_agg() as plt:
         models = list(results["models"])
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        width = 0.8 / max(len(models), 1)
+        keys = [k for k, _, _, _ in ROWS]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(keys) + 1.8), sharey=True)
+        height = 0.8 / max(len(models), 1)
+        basis = results["time_basis"]
         for i, name in enumerate(models):
-            ratios = results["models"][name]["callbacks"]["ratios"]
-            for ax, values in ((axes[0], [ratios["step_time"].get(k) for k, _, _, _ in ROWS]),
-                               (axes[1], [ratios["peak_memory"].get(m) if k in ratios["step_time"] else None
-                                          for k, m, _, _ in ROWS])):
-                xs = [j + i * width for j, v in enumerate(values) if v is not None]
-                ax.bar(xs, [v for v in values if v is not None], width, label=name)
-        basis = "CPU time" if results["time_basis"] == "cpu_s" else "wall time"
-        for ax, title in zip(axes, (f"step {basis} / vanilla", "peak memory / vanilla")):
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(ROWS))])
-            ax.set_xticklabels([label.replace(" (", "\n(") for _, _, label, _ in ROWS], fontsize=6.5)
-            ax.set_title(f"{title} ({results['machine']['device']})")
-            ax.legend(fontsize=8)
+            r = results["models"][name]["callbacks"]
+            ratios, cond = r["ratios"], r["conditions"]
+            base = cond["vanilla"][basis]["median"]
+            ys, xs, err = [], [], [[], []]
+            for j, (key, _, _, _) in enumerate(ROWS):
+                value = ratios["step_time"].get(key)
+                if value is None:
+                    continue
+                ys.append(j + i * height)
+                xs.append(value)
+                spread = cond.get(key, {}).get(basis)  # derived rows (amortised) have no samples of their own
+                err[0].append(max(value - spread["q1"] / base, 0) if spread else 0)
+                err[1].append(max(spread["q3"] / base - value, 0) if spread else 0)
+            axes[0].barh(ys, xs, height, xerr=err, label=name, capsize=2)
+            mem = [(j + i * height, ratios["peak_memory"].get(m)) for j, (k, m, _, _) in enumerate(ROWS)
+                   if k in ratios["step_time"] and ratios["peak_memory"].get(m) is not None]
+            axes[1].barh([y for y, _ in mem], [v for _, v in mem], height, label=name)
+        device = results["machine"]["device"]
+        words = "CPU time" if basis == "cpu_s" else "wall time"
+        for ax, title in zip(axes, (f"step {words} / vanilla ({device})", f"peak memory / vanilla ({device})")):
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8, loc="lower right")
+        axes[0].set_yticks([j + height * (len(models) - 1) / 2 for j in range(len(keys))])
+        axes[0].set_yticklabels([SHORT[k] for k in keys], fontsize=8)
+        axes[0].invert_yaxis()
         fig.tight_layout()
         common.atomic_save_figure(fig, path, dpi=110)
+
+
+def _report_only(path: Path) -> dict[str, Any]:
+    import json
+
+    results = json.loads(path.read_text())
+    if results.get("format") != FORMAT:
+        raise SystemExit(f"--report: {path} is not a cost result (format {results.get('format')!r}, expected {FORMAT!r})")
+    plot(results, path.with_suffix(".png"))
+    print(tables(results))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -526,7 +563,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="*", help="only these model settings (by name)")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, cores))")
+    parser.add_argument("--report", type=Path, help="only re-print the tables (and redraw the plot) of a saved cost.json")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        return _report_only(args.report)
 
     common.setup_offline(args.threads)
     common.quiet_libraries()

@@ -8,7 +8,9 @@ Per model, three conditions interleaved round by round in one process, on the sa
   floor any SAE extraction pays;
 - `extract`: `extract_span_features` (Trainer.predict, SAE encode, span statistics, sparse
   results), in memory;
-- `audit`: `audit_dataset` end to end (tokenize, extract, statistics, clusters, tracing, labels).
+- `audit`: `audit_dataset` end to end (tokenize, extract, statistics, clusters, tracing, labels);
+- `audit_no_labels`: the same with `label_concepts=False` (no second pass over the traced pairs
+  for labels and contexts, a fixed cost that dominates small audits).
 
 Reported: pairs/s and tokens/s of each, extraction throughput as a fraction of the plain forward
 (GPU goal ≥ 0.9), and a FLOP-count projection of a 260k-pair audit of Llama-3.1-8B on one
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 
 FORMAT = "lightning-anatomy/bench-throughput"
 VERSION = 1
-CONDITIONS = ("forward", "extract", "audit")
+CONDITIONS = ("forward", "extract", "audit", "audit_no_labels")
 QUICK_HH_ROWS = 100  # --quick: token statistics of the first rows only (the full sample takes ~10 s)
 
 
@@ -61,7 +63,9 @@ class ModelSetting:
 FULL = (
     ModelSetting("gpt2-4x256-byte", "tiny:gpt2", n_pairs=64, max_length=256, layers=4, width=256, hook_layer=1,
                  d_sae=4096, repeats=3),
-    ModelSetting("smollm2-135m", "embedded", n_pairs=24, max_length=256, repeats=2),
+    # ~15 s per extraction pass and ~65 s per labelled audit on a busy 2-core CPU: no warm-up round
+    # (an untimed forward primes the model), two interleaved rounds.
+    ModelSetting("smollm2-135m", "embedded", n_pairs=24, max_length=256, repeats=2, warmup=0),
 )
 QUICK = (
     ModelSetting("gpt2-2x64-byte", "tiny:gpt2", n_pairs=12, max_length=64, batch_size=4, hook_layer=0, d_sae=256,
@@ -215,11 +219,14 @@ def run_model(setting: ModelSetting) -> dict[str, Any]:
     def extract() -> None:
         extract_span_features(pairs, lens, batch_size=setting.batch_size, progress=False, pad_token_id=pad)
 
-    def audit() -> None:
+    def audit(label_concepts: bool) -> None:
         audit_dataset(rows, lens, tokenizer, max_length=setting.max_length, batch_size=setting.batch_size,
-                      progress=False)
+                      progress=False, label_concepts=label_concepts)
 
-    jobs: dict[str, Callable[[], None]] = {"forward": forward, "extract": extract, "audit": audit}
+    jobs: dict[str, Callable[[], None]] = {"forward": forward, "extract": extract, "audit": partial(audit, True),
+                                           "audit_no_labels": partial(audit, False)}
+    first = collated[0]  # an untimed forward first: one-off kernel and allocator set-up stays out
+    capture_activations(model, [point], first["input_ids"], first["attention_mask"], stop_at_deepest=True)
     cpu: dict[str, list[float]] = {name: [] for name in jobs}
     calls = {"n": 0}
 
@@ -257,6 +264,8 @@ def run_model(setting: ModelSetting) -> dict[str, Any]:
                                                 conditions["extract"]["wall_s"]["median"]),
         "audit_vs_extract": common.ratio(conditions["extract"]["cpu_s"]["median"],
                                          conditions["audit"]["cpu_s"]["median"]),
+        "audit_no_labels_vs_extract": common.ratio(conditions["extract"]["cpu_s"]["median"],
+                                                   conditions["audit_no_labels"]["cpu_s"]["median"]),
     }
 
 
@@ -334,12 +343,14 @@ def tables(results: dict[str, Any]) -> str:
         c = r["conditions"]
         rows.append([name, r["data"].split(" (")[0], f"{r['tokens']['real_tokens_per_pair']:.0f}",
                      f"{c['forward']['pairs_per_s']:.2f}", f"{c['extract']['pairs_per_s']:.2f}",
-                     f"{c['audit']['pairs_per_s']:.2f}", f"{c['extract']['tokens_per_s']:.0f}",
+                     f"{c['audit']['pairs_per_s']:.2f}", f"{c['audit_no_labels']['pairs_per_s']:.2f}",
+                     f"{c['extract']['tokens_per_s']:.0f}",
                      f"{r['extract_vs_forward']:.3f}", f"{r['extract_vs_forward_wall']:.3f}"])
     out = [f"Extraction and audit throughput on {machine['device']} ({machine['cpu']}, {machine['torch_threads']} "
            "threads), per process-CPU second (wall ratio alongside); medians of interleaved runs.", "",
            common.markdown_table(["model", "data", "tokens/pair", "forward pairs/s", "extract pairs/s",
-                                  "audit pairs/s", "extract tokens/s", "extract / forward", "(wall)"], rows)]
+                                  "audit pairs/s", "audit w/o labels pairs/s", "extract tokens/s",
+                                  "extract / forward", "(wall)"], rows)]
     p = results["projection"]
     a = p["assumptions"]
     proj_rows = [["extraction at 0.9 × forward (GPU goal)", f"{p['at_goal_efficiency_0.9']['gpu_hours']:.2f}"]]
@@ -364,7 +375,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="directory for throughput.json")
     parser.add_argument("--models", nargs="*", help="only these model settings (by name)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, cores))")
+    parser.add_argument("--report", type=Path, help="only re-print the tables of a saved throughput.json")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        import json
+
+        results = json.loads(args.report.read_text())
+        if results.get("format") != FORMAT:
+            raise SystemExit(f"--report: {args.report} is not a throughput result (format {results.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        print(tables(results))
+        return results
 
     common.setup_offline(args.threads)
     import lightning  # noqa: F401  (loaded before quieting its loggers)

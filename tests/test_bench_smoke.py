@@ -91,6 +91,11 @@ def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
     assert out.startswith("Concept callbacks:")  # stdout carries only the tables
     assert "| gpt2-2x64-byte | ConceptAttribution (every step) |" in out
     assert "DPOModule vs TRL 1.16 DPOTrainer" in out
+    assert cost.main(["--report", str(tmp_path / "cost.quick.json")]) == on_disk  # re-print without measuring
+    assert capsys.readouterr().out.strip() == out.strip()
+    (tmp_path / "other.json").write_text(json.dumps({"format": "lightning-anatomy/bench-throughput"}))
+    with pytest.raises(SystemExit, match="not a cost result"):
+        cost.main(["--report", str(tmp_path / "other.json")])
 
 
 def test_cost_rejects_bad_settings():
@@ -155,6 +160,8 @@ def test_throughput_quick_counts_tokens_and_projects_exactly(tmp_path, capsys):
         assert a["token_source"] == "hh-rlhf"
     out = capsys.readouterr().out
     assert "| model | data | tokens/pair |" in out and "GPU-hours" in out
+    assert tp.main(["--report", str(tmp_path / "throughput.quick.json")]) == on_disk
+    assert capsys.readouterr().out.strip() == out.strip()
 
 
 def test_throughput_token_counts_and_sorted_batches():
