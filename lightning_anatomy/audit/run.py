@@ -281,8 +281,9 @@ def audit_dataset(
 
 def _annotate(result: AuditResult, lens: Any, tokenizer: Any, given: Mapping, *, batch_size: int,
               max_length: int) -> None:
-    """Heuristic labels and marked top contexts for the traced concepts, from their traced pairs."""
-    from lightning_anatomy.concepts.labels import label_features, top_activating_contexts
+    """Heuristic labels and marked top contexts for the traced concepts, from the pairs traced at
+    each hook (one encode pass per hook for every traced feature)."""
+    from lightning_anatomy.concepts.labels import feature_contexts, label_features
 
     rows = result.rows or {}
     n_ctx = int(result.options.get("trace_pairs", 5))
@@ -291,13 +292,13 @@ def _annotate(result: AuditResult, lens: Any, tokenizer: Any, given: Mapping, *,
         texts = [rows[int(r)] for r in dict.fromkeys(part["row_id"]) if int(r) in rows]
         if not texts:
             continue
-        auto = label_features(lens, tokenizer, texts, hook, feature_ids, batch_size=batch_size, max_length=max_length)
+        contexts = feature_contexts(lens, tokenizer, texts, hook, feature_ids, k=max(n_ctx, 10), window=8,
+                                    batch_size=batch_size, max_length=max_length, mark_fraction=0.5)
+        auto = label_features(lens, tokenizer, texts, hook, feature_ids, contexts=contexts)
         for f in feature_ids:
             if (hook, f) not in given and f"{hook}:{f}" not in given:
                 hit = (result.concepts["hook"] == hook) & (result.concepts["feature"] == f)
                 result.concepts.loc[hit, "label"] = auto.get(f, "")
-            mine = [rows[int(r)] for r in part.loc[part["feature"] == f, "row_id"] if int(r) in rows]
-            for c in top_activating_contexts(lens, tokenizer, mine, hook, f, k=n_ctx, batch_size=batch_size,
-                                             max_length=max_length):
+            for c in contexts[f][:n_ctx]:
                 result.contexts.append({"hook": hook, "feature": f, "source": c.source, "token": c.token,
                                         "activation": float(c.activation), "text": c.text})

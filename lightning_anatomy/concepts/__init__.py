@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Labeller": "lightning_anatomy.concepts.labels",
     "HeuristicLabeller": "lightning_anatomy.concepts.labels",
     "top_activating_contexts": "lightning_anatomy.concepts.labels",
+    "feature_contexts": "lightning_anatomy.concepts.labels",
     "logit_lens_tokens": "lightning_anatomy.concepts.labels",
     "label_features": "lightning_anatomy.concepts.labels",
 }
@@ -66,6 +67,7 @@ __all__ = [
     "resolve_hook",
     "span_stats",
     "top_activating_contexts",
+    "feature_contexts",
 ]  # literal so linters see the re-exports
 
 
@@ -89,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Context,
         HeuristicLabeller,
         Labeller,
+        feature_contexts,
         label_features,
         logit_lens_tokens,
         top_activating_contexts,

@@ -8,7 +8,7 @@ the texts where the feature fires hardest, and the tokens its direction promotes
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,7 +98,7 @@ def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def _contexts_for(
+def feature_contexts(
     lens: Any,
     tokenizer: Any,
     texts_or_pairs: Sequence[Any],
@@ -111,7 +111,8 @@ def _contexts_for(
     max_length: int,
     mark_fraction: float,
 ) -> dict[int, list[Context]]:
-    """Top-`k` contexts for each feature, from one encode per batch."""
+    """Top-`k` contexts for each of `features`, from ONE encode pass over the texts (use this, not
+    a loop of `top_activating_contexts`, when many features are read from the same texts)."""
     d_sae = lens.d_sae(hook)
     feats_idx = [int(f) for f in features]
     for f in feats_idx:
@@ -172,7 +173,7 @@ def top_activating_contexts(
 ) -> list[Context]:
     """The `k` sequences where `feature` at `hook` fires hardest (one context per sequence, best
     first; sequences where it never fires are left out), with `window` tokens either side."""
-    return _contexts_for(
+    return feature_contexts(
         lens, tokenizer, texts_or_pairs, hook, [feature], k=k, window=window,
         batch_size=batch_size, max_length=max_length, mark_fraction=mark_fraction,
     )[int(feature)]
@@ -214,14 +215,17 @@ def label_features(
     n_logit_tokens: int = 10,
     batch_size: int = 8,
     max_length: int = 256,
+    contexts: Mapping[int, list[Context]] | None = None,
 ) -> dict[int, str]:
     """`{feature: label}` from each feature's contexts and logit-lens tokens (one encode pass for
-    all features); `labeller` defaults to `HeuristicLabeller()`."""
+    all features, or none when `contexts` from `feature_contexts` are given); `labeller` defaults
+    to `HeuristicLabeller()`."""
     labeller = labeller or HeuristicLabeller()
-    contexts = _contexts_for(
-        lens, tokenizer, texts_or_pairs, hook, features, k=k, window=window,
-        batch_size=batch_size, max_length=max_length, mark_fraction=0.5,
-    )
+    if contexts is None:
+        contexts = feature_contexts(
+            lens, tokenizer, texts_or_pairs, hook, features, k=k, window=window,
+            batch_size=batch_size, max_length=max_length, mark_fraction=0.5,
+        )
     sae = lens.saes[hook]
     return {
         f: str(labeller(contexts[f], logit_lens_tokens(lens.model, tokenizer, (sae, f), k=n_logit_tokens)))
