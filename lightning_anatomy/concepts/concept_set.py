@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_anatomy.data.tokenize import pad_right
+
 __all__ = ["ACTIONS", "Concept", "ConceptSet", "ConceptSetError"]
 
 ACTIONS = ("suppress", "amplify", "allow")
@@ -523,12 +525,7 @@ def _mean_activation(
         if any(len(e) == 0 for e in encoded):
             empty = start + next(i for i, e in enumerate(encoded) if len(e) == 0)
             raise ConceptSetError(f"{what}[{empty}] tokenizes to no tokens")
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):  # right padding: causal positions stay exact
-            ids[row, : len(e)] = torch.tensor(e)
-            mask[row, : len(e)] = 1
+        ids, mask = pad_right(encoded, pad)
         acts = capture_activations(model, [point], ids, mask)[point.name]
         real = acts[mask.to(acts.device).bool()].double()
         total = real.sum(0) if total is None else total + real.sum(0)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_anatomy.concepts.hooks import unwrap_model
+from lightning_anatomy.data.tokenize import pad_right
 
 __all__ = [
     "Context",
@@ -126,13 +127,9 @@ def feature_contexts(
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for _, text in chunk]
-        width = max(max(len(e) for e in encoded), 1)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
-            mask[row, : len(e)] = True
-        feats = lens.encode(ids, mask.long(), hooks=[hook])[hook]
+        ids, attention = pad_right(encoded, pad)
+        mask = attention.bool()
+        feats = lens.encode(ids, attention, hooks=[hook])[hook]
         acts = feats[..., index.to(feats.device)].float().cpu().masked_fill(~mask[..., None], float("-inf"))
         peaks, where = acts.max(dim=1)  # [b, F]
         for row in range(len(chunk)):

@@ -144,6 +144,21 @@ def tokenize_rows(
     return TokenizedPairs(pairs, bad)
 
 
+def pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists into `(input_ids, attention_mask)`, both long `[n, max_len]`.
+
+    Right padding keeps every real token's causal position exact, which teacher-forced scoring
+    and activation reading both rely on.
+    """
+    width = max([len(s) for s in seqs] + [1])
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, Tensor]:
     """The batch of the contract: `[chosen; rejected]` sequences, right-padded, with exact masks."""
     if not pairs:

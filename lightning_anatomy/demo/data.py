@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from lightning_anatomy.data.tokenize import pad_right
+
 QUESTION_TEMPLATES = (
     "What is {a} + {b}?",
     "What is {a} plus {b}?",
@@ -199,12 +201,7 @@ def completion_logprobs(
     try:
         for lo in range(0, len(seqs), batch_size):
             chunk = seqs[lo:lo + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, s in enumerate(chunk):
-                ids[j, :len(s)] = torch.tensor(s)
-                mask[j, :len(s)] = 1
+            ids, mask = pad_right(chunk, pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
             for j, s in enumerate(chunk):

@@ -31,6 +31,7 @@ import torch
 
 from lightning_anatomy.concepts.lens import capture_activations
 from lightning_anatomy.concepts.sae import measure_fidelity
+from lightning_anatomy.data.tokenize import pad_right
 from lightning_anatomy.demo.data import DemoData, chat_prompt, make_demo_data
 from lightning_anatomy.models.embedded import EMBEDDED_LAYER, MODEL_NAME
 
@@ -215,12 +216,7 @@ def collect_activations(
         ids_list = [ids for ids in ids_list if len(ids) > int(skip_first)]
         if not ids_list:
             continue
-        width = max(map(len, ids_list))
-        ids = torch.full((len(ids_list), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, seq in enumerate(ids_list):
-            ids[j, :len(seq)] = torch.tensor(seq)
-            mask[j, :len(seq)] = 1
+        ids, mask = pad_right(ids_list, pad)
         acts = capture_activations(model, [hook_name], ids, mask)[hook_name].float()
         for j, seq in enumerate(ids_list):
             keep, prefix_hash = [], 0
