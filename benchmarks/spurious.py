@@ -34,8 +34,8 @@ variant, and the knobs of shaping, steering and filtering, are picked on a separ
 activation from step 0 on held-out probe pairs (teacher-forced, and on greedy rollouts); R² is
 taken against the audit's `predicted_shift` per feature and per co-firing feature cluster.
 
-    python benchmarks/spurious.py                # full run (5 test seeds, ~20 min on 2 CPU cores)
-    python benchmarks/spurious.py --quick        # small sizes, 2 seeds (~2 min)
+    python benchmarks/spurious.py                # full run (5 test seeds + a tuning seed, ~16 min on 2 shared CPU cores)
+    python benchmarks/spurious.py --quick        # small sizes, 2 seeds, no tuning (~1.5 min)
 
 Writes `<out>/spurious.json` and `<out>/spurious.png` and prints a markdown table; the pretrained
 base and the SAE are cached under `--cache` (reruns skip pretraining).
@@ -601,7 +601,8 @@ def random_set(like: Any, hook: str, seed: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- DPO
-def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any] = ()) -> tuple[Any, float]:
+def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any] = (), *,
+            pad_token_id: int) -> tuple[Any, float]:
     """Vanilla DPO (plus `callbacks`) from a copy of the base; returns (trained policy, fit seconds)."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -613,9 +614,8 @@ def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: 
     policy = copy.deepcopy(base)
     module = DPOModule(policy, reference="copy", beta=cfg.beta, lr=cfg.dpo_lr, scheduler="constant",
                        warmup_steps=max(1, cfg.dpo_steps // 10), reference_cache_dir=None)
-    pad = 3
     loader = DataLoader(list(pairs), batch_size=cfg.dpo_batch, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed), collate_fn=lambda b: collate_pairs(b, pad))
+                        generator=torch.Generator().manual_seed(seed), collate_fn=lambda b: collate_pairs(b, pad_token_id))
     trainer = L.Trainer(max_steps=cfg.dpo_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=list(callbacks))
@@ -785,7 +785,7 @@ def run_conditions(ctx: SeedContext, names: Sequence[str], choice: Choice, cfg: 
             prep_s = time.perf_counter() - prep_start
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model, fit_s = run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks)
+                model, fit_s = run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, pad_token_id=ctx.tok.pad_token_id)
             after = behaviour(model, ctx.tok, ctx.scenario, ctx.ev)
             before = ctx.base_metrics
             record = {
@@ -908,7 +908,13 @@ def summarize_prediction(vanilla: list[dict[str, Any]], n_boot: int) -> dict[str
 
 
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
-    """The pre-registered goal, checked as measured (corr1.0 variant)."""
+    """The pre-registered goal, checked as measured (corr1.0 variant).
+
+    A condition meets it when its mean rise is at most a tenth of vanilla's (or ≤ 0) and its mean
+    on-target change is within 2 points of vanilla's. The random control "matches vanilla" when its
+    mean rise is within 10% of vanilla's (equivalence margin); whether the paired CI of the
+    difference holds 0 is reported beside it (with tight CIs a 0.3-point difference excludes 0).
+    """
     conds = summary["conditions"]
     van = conds["vanilla"]
     out: dict[str, Any] = {"vanilla_raises_spurious": van["d_spurious"]["ci"][0] > 0}
@@ -920,13 +926,23 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
         cut = ratio.get("mean")
         eliminated = cut is None and ratio.get("note", "").startswith("condition")
         checks[name] = {
+            "cut": cut,
             "cut_at_least_10x": bool(eliminated or (cut is not None and cut >= 10)),
             "ontarget_within_2_points": abs(c["d_ontarget_vs_vanilla"]["mean"]) <= 0.02,
         }
+        checks[name]["meets_goal"] = checks[name]["cut_at_least_10x"] and checks[name]["ontarget_within_2_points"]
     out["conditions"] = checks
+    out["any_meets_goal"] = any(c["meets_goal"] for c in checks.values())
+    eligible = {n: c["cut"] for n, c in checks.items() if c["ontarget_within_2_points"] and c["cut"] is not None
+                and n not in ("random_control", "intended_control")}
+    if eligible:
+        best = max(eligible, key=lambda n: eligible[n])
+        out["best_cut_within_2_points"] = {"condition": best, "cut": eligible[best]}
     if "random_control" in conds:
-        diff = conds["random_control"]["d_spurious_vs_vanilla"]["ci"]
-        out["random_matches_vanilla"] = diff[0] <= 0 <= diff[1]
+        rand = conds["random_control"]
+        diff = rand["d_spurious_vs_vanilla"]
+        out["random_matches_vanilla"] = abs(diff["mean"]) <= 0.1 * abs(van["d_spurious"]["mean"])
+        out["random_vs_vanilla_ci_contains_0"] = diff["ci"][0] <= 0 <= diff["ci"][1]
     return out
 
 
@@ -1155,7 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      cfg.steering_alphas[0], cfg.filter_fractions[0])
     doc: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "quick": bool(args.quick),
-        "command": "python benchmarks/spurious.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": dataclasses.asdict(cfg), "machine": common.machine_info(),
         "versions": common.package_versions(["torch", "lightning", "transformers", "sae-lens"]),
         "base": base_report, "sae": sae_report, "scenarios": {}, "tuning": {}, "notes": NOTES,

@@ -78,7 +78,13 @@ def test_quick_run_writes_schema_and_finite_numbers(bench, tmp_path, capsys):
     assert set(variant["prediction"]) >= {"features_teacher", "features_rollout", "clusters_teacher"}
     for pred in variant["prediction"].values():
         assert pred["r2"] is None or 0 <= pred["r2"]["mean"] <= 1
-    assert set(variant["goals"]) >= {"vanilla_raises_spurious", "conditions", "random_matches_vanilla"}
+    goals = variant["goals"]
+    assert set(goals) >= {"vanilla_raises_spurious", "conditions", "any_meets_goal", "random_matches_vanilla",
+                          "random_vs_vanilla_ci_contains_0"}
+    for name, check in goals["conditions"].items():
+        assert check["meets_goal"] == (check["cut_at_least_10x"] and check["ontarget_within_2_points"]), name
+        d_on = variant["conditions"][name]["d_ontarget_vs_vanilla"]["mean"]
+        assert check["ontarget_within_2_points"] == (abs(d_on) <= 0.02)
     assert written["sae"]["d_sae"] == 256 and 0 < written["sae"]["heldout"]["fve"] <= 1
     for where, value in _floats(written):
         assert math.isfinite(value), where
