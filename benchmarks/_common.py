@@ -318,3 +318,13 @@ def time_call_cpu(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
     sync(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
+
+
+def select_settings(settings: tuple, names: list[str] | None) -> tuple:
+    """The settings named by a script's `--models` (all when None); unknown names exit with the choices."""
+    if not names:
+        return settings
+    unknown = sorted(set(names) - {s.name for s in settings})
+    if unknown:
+        raise SystemExit(f"--models: unknown setting(s) {unknown}; choose from {[s.name for s in settings]}")
+    return tuple(s for s in settings if s.name in names)

@@ -570,12 +570,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     common.setup_offline(args.threads)
     common.quiet_libraries()
-    settings = QUICK if args.quick else FULL
-    if args.models:
-        unknown = sorted(set(args.models) - {s.name for s in settings})
-        if unknown:
-            raise SystemExit(f"--models: unknown setting(s) {unknown}; choose from {[s.name for s in settings]}")
-        settings = tuple(s for s in settings if s.name in args.models)
+    settings = common.select_settings(QUICK if args.quick else FULL, args.models)
     started = time.time()
     results: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "quick": args.quick, "machine": common.machine_info(args.device),

@@ -175,6 +175,16 @@ def check_strategy(trainer: Trainer, owner: str, allow_untested: bool) -> None:
     )
 
 
+def check_resumed_widths(saved: Mapping[str, int], widths: Mapping[str, int], owner: str) -> None:
+    """A checkpoint's per-hook SAE widths must match this callback's: state from other SAEs
+    (totals, drift baselines) would be silently misread."""
+    if dict(saved) != dict(widths):
+        raise ValueError(
+            f"{owner} checkpoint was saved with SAE widths {dict(saved)}, this callback has {dict(widths)}; "
+            "resume with the same SAEs"
+        )
+
+
 def check_every(value: Any, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{option} must be an integer >= 1, got {value!r}")

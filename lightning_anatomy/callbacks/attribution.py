@@ -25,6 +25,7 @@ from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import (
     ConceptRef,
     check_every,
+    check_resumed_widths,
     check_strategy,
     load_saes,
     log_scalars,
@@ -162,11 +163,7 @@ class ConceptAttribution(HookedCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if dict(state_dict["widths"]) != self.widths:
-            raise ValueError(
-                f"ConceptAttribution checkpoint was saved with SAE widths {state_dict['widths']}, this callback has "
-                f"{self.widths}; resume with the same SAEs"
-            )
+        check_resumed_widths(state_dict["widths"], self.widths, "ConceptAttribution")
         self.attributed_steps = int(state_dict["attributed_steps"])
         self.last_step = int(state_dict["last_step"])
         self.total_push = {h: t.detach().float().cpu().clone() for h, t in state_dict["total_push"].items()}

@@ -28,6 +28,7 @@ from torch import Tensor
 from lightning_anatomy.callbacks._logging import (
     ConceptRef,
     check_every,
+    check_resumed_widths,
     check_strategy,
     load_saes,
     log_scalars,
@@ -219,11 +220,7 @@ class ConceptDriftMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if dict(state_dict["widths"]) != self.widths:
-            raise ValueError(
-                f"ConceptDriftMonitor checkpoint was saved with SAE widths {state_dict['widths']}, this callback has "
-                f"{self.widths}; resume with the same SAEs"
-            )
+        check_resumed_widths(state_dict["widths"], self.widths, "ConceptDriftMonitor")
         self.baseline = _cpu(state_dict["baseline"])
         self.baseline_rollout = _cpu(state_dict["baseline_rollout"])
         self.last_evaluated_step = int(state_dict["last_evaluated_step"])
