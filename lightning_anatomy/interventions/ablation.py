@@ -78,14 +78,23 @@ def ablation_edit(Q: Tensor, active: Callable[[], bool] | None = None) -> Activa
     hooked module's `.training`. Otherwise (validation, generation, inference) the activation is
     left untouched, which is what makes CAFT a training-time intervention only.
     """
-    cache: dict[torch.device, Tensor] = {}
+    return training_only_edit(Q, project_out, active)
+
+
+def training_only_edit(
+    constant: Tensor, apply: Callable[[Tensor, Tensor], Tensor], active: Callable[[], bool] | None = None
+) -> ActivationEdit:
+    """An activation edit `apply(hidden, constant)` that acts only while training (`active()` when
+    given, else the hooked module's `.training`), with `constant` moved to each activation's
+    device once, in fp32 — what ablation and steering share."""
+    on_device: dict[torch.device, Tensor] = {}
 
     def edit(hidden: Tensor, module: torch.nn.Module) -> Tensor | None:
         if not (active() if active is not None else module.training):
             return None
-        q = cache.get(hidden.device)
-        if q is None:
-            q = cache[hidden.device] = Q.to(device=hidden.device, dtype=torch.float32)
-        return project_out(hidden, q)
+        c = on_device.get(hidden.device)
+        if c is None:
+            c = on_device[hidden.device] = constant.to(device=hidden.device, dtype=torch.float32)
+        return apply(hidden, c)
 
     return edit

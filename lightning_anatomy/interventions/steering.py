@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_anatomy.interventions.ablation import ActivationEdit
+from lightning_anatomy.interventions.ablation import ActivationEdit, training_only_edit
 
 SIDES = ("both", "chosen", "rejected")
 ACTION_SIGN = {"suppress": 1.0, "amplify": -1.0}
@@ -77,14 +77,4 @@ def steering_edit(
     if sides not in SIDES:
         raise ValueError(f"sides={sides!r} is not one of {SIDES}")
 
-    on_device: dict[torch.device, Tensor] = {}
-
-    def edit(hidden: Tensor, module: torch.nn.Module) -> Tensor | None:
-        if not (active() if active is not None else module.training):
-            return None
-        v = on_device.get(hidden.device)
-        if v is None:
-            v = on_device[hidden.device] = vector.to(device=hidden.device, dtype=torch.float32)
-        return steer(hidden, v, alpha, sides)
-
-    return edit
+    return training_only_edit(vector, lambda hidden, v: steer(hidden, v, alpha, sides), active)
