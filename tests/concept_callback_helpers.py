@@ -39,6 +39,18 @@ def random_sae(d_in: int = 64, d_sae: int = 128, seed: int = 0) -> StandardSAE:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return sae
 
+def perfect_sae(d: int):
+    """A ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: decode(encode(x)) == x exactly."""
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
 
 def loader(pairs: list[TokenizedPair], batch_size: int) -> DataLoader:
     return DataLoader(pairs, batch_size=batch_size, shuffle=False, collate_fn=partial(collate_pairs, pad_token_id=PAD))

@@ -7,6 +7,7 @@ from functools import cache
 
 import pytest
 import torch
+from concept_callback_helpers import perfect_sae
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
 from lightning_anatomy.concepts.lens import ConceptLens, capture_activations, span_stats
@@ -29,16 +30,6 @@ def random_sae(d_in: int = WIDTH, d_sae: int = 64, seed: int = 0, topk: int | No
         sae.b_dec.normal_(0, 0.1)
     return sae
 
-
-def perfect_sae(d: int):
-    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 def ids(b=2, s=6, seed=0):

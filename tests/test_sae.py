@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from concept_callback_helpers import perfect_sae
 from sae_lens import (
     AbsTopKSAE,
     AbsTopKSAEConfig,
@@ -48,17 +49,6 @@ ARCHITECTURES = {
     "gated": lambda: GatedSAE(GatedSAEConfig(d_in=D_IN, d_sae=D_SAE)),
 }
 
-
-def perfect_sae(d: int):
-    """A ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: decode(encode(x)) == x exactly."""
-    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
