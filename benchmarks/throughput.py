@@ -117,7 +117,7 @@ def load_rows(n: int, tokenizer: Any) -> tuple[list[Any], str]:
     from lightning_anatomy.data import read_preferences
 
     if common.HH_RLHF.is_file():
-        return list(read_preferences(common.HH_RLHF))[:n], f"hh-rlhf ({common.HH_RLHF.name}, first {n} rows)"
+        return list(read_preferences(common.HH_RLHF, on_bad_rows="skip"))[:n], f"hh-rlhf ({common.HH_RLHF.name}, first {n} rows)"
     from lightning_anatomy.demo.data import make_demo_data
 
     common.log(f"  {common.HH_RLHF} is absent: using the demo data instead")
@@ -282,7 +282,7 @@ def hh_token_stats(projection: Projection, max_rows: int | None = None) -> dict[
     except EmbeddedModelError as err:
         common.log(f"  no embedded tokenizer for the HH token statistics ({err})")
         return None
-    rows = list(read_preferences(common.HH_RLHF))[:max_rows]
+    rows = list(read_preferences(common.HH_RLHF, on_bad_rows="skip"))[:max_rows]
     out: dict[str, Any] = {"rows": len(rows), "tokenizer": "SmolLM2 (49k BPE), standing in for Llama-3's"}
     for label, max_length, max_prompt in (("audit_default_max_length_512", 512, 256),
                                           ("untruncated", 8192, None)):

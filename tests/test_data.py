@@ -376,16 +376,16 @@ def test_implicit_prompt_and_its_bad_rows():
     ]
     with pytest.raises(PreferenceDataError) as err:
         read_preferences(rows)
-    assert [(r, f) for r, f, _ in err.value.bad_rows] == [(1, "prompt"), (4, "chosen")]
+    assert [(r, f) for r, f, _ in err.value.bad_rows] == [(1, "prompt"), (2, "chosen"), (4, "chosen")]
     assert "assistant_marker=" in err.value.bad_rows[0][2]
+    assert "empty response after the last assistant-turn marker" in err.value.bad_rows[1][2]
     good = read_preferences(rows, on_bad_rows="skip")
     assert good.layout == "implicit"
     assert good[0].prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
     assert (good[0].chosen, good[0].rejected) == (" Bye now", " Bye, loser")
-    # An empty reply after the marker is a real turn (the assistant said nothing): kept, scored by its eos.
-    assert (good[1].prompt, good[1].chosen, good[1].rejected) == ("\n\nHuman: hi\n\nAssistant:", "", " hey")
-    assert (good[2].prompt, good[2].chosen, good[2].rejected) == ("[INST] hi [/INST]", " yo", " go")
-    assert [r.row_id for r in good] == [0, 2, 3]
+    assert (good[1].prompt, good[1].chosen, good[1].rejected) == ("[INST] hi [/INST]", " yo", " go")
+    assert [r.row_id for r in good] == [0, 3]
+    assert [(r, f) for r, f, _ in good.dropped] == [(1, "prompt"), (2, "chosen"), (4, "chosen")]
     custom = read_preferences(rows[1:2], assistant_marker="here,")
     assert (custom[0].prompt, custom[0].chosen) == ("no marker here,", " yes")
     with pytest.raises(PreferenceDataError) as err:  # forcing a layout reports what it misses
@@ -549,10 +549,12 @@ def test_datamodule_state_keeps_the_split_across_a_resume(tok, tmp_path):
 # ------------------------------------------------------------------------------------------ real data
 def test_hh_rlhf_reads_with_implicit_prompts(hh_rlhf_path):
     """Skipped (by the conftest fixture) where ../shared/data is absent."""
-    rows = read_preferences(hh_rlhf_path)
-    assert rows.layout == "implicit" and len(rows) == 1156 and rows.dropped == []
-    assert [r.row_id for r in rows] == list(range(1156))
-    assert rows[136].chosen == " "  # a real reply in which the assistant said nothing: kept
+    with pytest.raises(PreferenceDataError) as err:  # row 136's chosen reply is a single space
+        read_preferences(hh_rlhf_path)
+    assert [(r, f) for r, f, _ in err.value.bad_rows] == [(136, "chosen")]
+    rows = read_preferences(hh_rlhf_path, on_bad_rows="skip")
+    assert rows.layout == "implicit" and len(rows) == 1155 and [r for r, _, _ in rows.dropped] == [136]
+    assert [r.row_id for r in rows] == [i for i in range(1156) if i != 136]
     assert all(r.prompt.endswith("\n\nAssistant:") for r in rows)
     assert all(r.chosen.startswith(" ") and r.rejected.startswith(" ") for r in rows)
     chosen, rejected = statistics.median(len(r.chosen) for r in rows), statistics.median(len(r.rejected) for r in rows)

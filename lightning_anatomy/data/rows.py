@@ -330,9 +330,15 @@ def _implicit(rec: Mapping, row_id: int, problems: list[tuple[str, str]], *, mar
         problems.append(("prompt", f"chosen and rejected share no prefix ending in an assistant-turn marker (tried "
                                    f"{', '.join(map(repr, markers))}); pass assistant_marker= or give a 'prompt' field"))
         return None
-    # A blank reply after the marker is kept: a transcript records an assistant turn in which the
-    # assistant said nothing (HH-RLHF has such chosen replies), and eos still gives it a token.
+    # A blank reply after the marker is a bad row, as in the other layouts (HH-RLHF's harmless test
+    # split has one): it would teach "say nothing", and a filtered copy written in the explicit
+    # layout (`audit.write_rows`) must read back the same rows.
     prompt, chosen_reply, rejected_reply = parts
+    for name, reply in (("chosen", chosen_reply), ("rejected", rejected_reply)):
+        if not reply.strip():
+            problems.append((name, "empty response after the last assistant-turn marker (blank or whitespace only)"))
+    if problems:
+        return None
     return PreferenceRow(prompt, chosen_reply, rejected_reply, row_id, weight)
 
 
