@@ -590,16 +590,6 @@ def concept_sets(concept: str, base: Any, tok: Any, sae: Any, audit: Any, cfg: C
     return sets, info
 
 
-def random_set(like: Any, hook: str, seed: int) -> Any:
-    """Random directions of the same rank as `like` (seeded), the control for any projection."""
-    from lightning_anatomy.concepts import ConceptSet
-
-    k = like.basis(hook).shape[1]
-    d = like[0].dim
-    vectors = torch.randn(k, d, generator=torch.Generator().manual_seed(10_000 + seed))
-    return ConceptSet.from_vectors(vectors, hook, names=[f"random{i}" for i in range(k)])
-
-
 # ---------------------------------------------------------------------------------------- DPO
 def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any] = (), *,
             pad_token_id: int) -> tuple[Any, float]:
@@ -755,7 +745,7 @@ def condition_specs(ctx: SeedContext, choice: Choice, cfg: Config) -> dict[str, 
     specs["filtering"] = specs.get(f"filtering@{choice.filter_fraction:g}") or (
         f"filtering:{choice.filter_fraction:g}", filtering(choice.filter_fraction))
     specs["random_control"] = (f"random:{choice.source}:{choice.mode}:{choice.layers}",
-                               projection(random_set(primary, hook, ctx.seed), choice.mode, choice.layers))
+                               projection(common.random_set(primary, hook, ctx.seed), choice.mode, choice.layers))
     specs["intended_control"] = (f"intended:{choice.source}:{choice.mode}:{choice.layers}",
                                  projection(ctx.intended[choice.source], choice.mode, choice.layers))
     return specs
@@ -846,52 +836,18 @@ def _fit_summary(pred: np.ndarray, obs: np.ndarray, r_squared: Callable[..., flo
 
 
 # ---------------------------------------------------------------------------------------- statistics
-def bootstrap_mean(values: Sequence[float], n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """Mean and percentile-bootstrap 95% CI over seeds."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 1:
-        return {"mean": float(x[0]), "ci": [float(x[0]), float(x[0])], "n": 1}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(x.mean()), "ci": [float(lo), float(hi)], "n": int(len(x))}
-
-
-def bootstrap_ratio(num: Sequence[float], den: Sequence[float], n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """mean(num)/mean(den) with a paired bootstrap CI over seeds.
-
-    null where unbounded: a resample (or the point estimate) whose condition rise is ≤ 0 counts
-    as an infinite cut; the ratio itself is null when vanilla's rise is ≤ 0 (nothing to cut).
-    """
-    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    if a.mean() <= 0:
-        return {"mean": None, "ci": [None, None], "note": "vanilla did not raise the spurious rate"}
-    point = float(a.mean() / b.mean()) if b.mean() > 0 else None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    na, nb = a[idx].mean(1), b[idx].mean(1)
-    ratios = np.where(nb > 0, na / np.where(nb > 0, nb, 1.0), np.inf)
-    ratios.sort()
-    lo, hi = ratios[int(0.025 * (n_boot - 1))], ratios[int(math.ceil(0.975 * (n_boot - 1)))]
-    fin = lambda v: float(v) if math.isfinite(v) else None  # noqa: E731
-    out = {"mean": point, "ci": [fin(lo), fin(hi)]}
-    if point is None:
-        out["note"] = "condition's mean rise <= 0: the rise was eliminated"
-    return out
-
-
 def summarize_condition(records: list[dict[str, Any]], vanilla: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
     d_spur = [r["d_spurious"] for r in records]
     d_on = [r["d_ontarget"] for r in records]
     v_spur = [r["d_spurious"] for r in vanilla]
     v_on = [r["d_ontarget"] for r in vanilla]
     return {
-        "d_spurious": bootstrap_mean(d_spur, n_boot),
-        "d_ontarget": bootstrap_mean(d_on, n_boot),
-        "d_spurious_vs_vanilla": bootstrap_mean([c - v for c, v in zip(d_spur, v_spur)], n_boot),
-        "d_ontarget_vs_vanilla": bootstrap_mean([c - v for c, v in zip(d_on, v_on)], n_boot),
-        "ratio_vanilla_over_condition": bootstrap_ratio(v_spur, d_spur, n_boot),
-        "wall_s": bootstrap_mean([r["wall_s"] for r in records], n_boot),
+        "d_spurious": common.bootstrap_mean(d_spur, n_boot),
+        "d_ontarget": common.bootstrap_mean(d_on, n_boot),
+        "d_spurious_vs_vanilla": common.bootstrap_mean([c - v for c, v in zip(d_spur, v_spur)], n_boot),
+        "d_ontarget_vs_vanilla": common.bootstrap_mean([c - v for c, v in zip(d_on, v_on)], n_boot),
+        "ratio_vanilla_over_condition": common.bootstrap_ratio(v_spur, d_spur, n_boot),
+        "wall_s": common.bootstrap_mean([r["wall_s"] for r in records], n_boot),
         "per_seed": records,
     }
 
@@ -902,7 +858,7 @@ def summarize_prediction(vanilla: list[dict[str, Any]], n_boot: int) -> dict[str
     for key in keys:
         r2s = [r["prediction"][key]["r2"] for r in vanilla if r["prediction"].get(key, {}).get("r2") is not None]
         rs = [r["prediction"][key]["r"] for r in vanilla if r["prediction"].get(key, {}).get("r") is not None]
-        out[key] = {"r2": bootstrap_mean(r2s, n_boot) if r2s else None, "r": bootstrap_mean(rs, n_boot) if rs else None,
+        out[key] = {"r2": common.bootstrap_mean(r2s, n_boot) if r2s else None, "r": common.bootstrap_mean(rs, n_boot) if rs else None,
                     "n_items": [r["prediction"][key]["n"] for r in vanilla if key in r["prediction"]]}
     return out
 

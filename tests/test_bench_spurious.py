@@ -148,14 +148,14 @@ def test_preference_rows_correlation(bench):
 
 
 def test_bootstrap_statistics(bench):
-    stat = bench.bootstrap_mean([0.1, 0.3], 2000)
+    stat = bench.common.bootstrap_mean([0.1, 0.3], 2000)
     assert stat["mean"] == pytest.approx(0.2) and 0.1 <= stat["ci"][0] <= stat["ci"][1] <= 0.3
-    assert bench.bootstrap_mean([0.5], 100) == {"mean": 0.5, "ci": [0.5, 0.5], "n": 1}
-    ratio = bench.bootstrap_ratio([0.4, 0.6], [0.04, 0.06], 1000)
+    assert bench.common.bootstrap_mean([0.5], 100) == {"mean": 0.5, "ci": [0.5, 0.5], "n": 1}
+    ratio = bench.common.bootstrap_ratio([0.4, 0.6], [0.04, 0.06], 1000)
     assert ratio["mean"] == pytest.approx(10.0) and ratio["ci"][0] <= 10.0 <= ratio["ci"][1]
-    eliminated = bench.bootstrap_ratio([0.4, 0.6], [-0.01, -0.02], 1000)
+    eliminated = bench.common.bootstrap_ratio([0.4, 0.6], [-0.01, -0.02], 1000)
     assert eliminated["mean"] is None and eliminated["ci"] == [None, None] and "eliminated" in eliminated["note"]
-    assert bench.bootstrap_ratio([-0.1, 0.0], [0.1, 0.2], 1000)["mean"] is None
+    assert bench.common.bootstrap_ratio([-0.1, 0.0], [0.1, 0.2], 1000)["mean"] is None
 
 
 def test_pretraining_mixture_rates(bench):
