@@ -17,9 +17,11 @@ Two datasets:
   `base margin - run margin` (nats, margin = log p(correct) - log p(user's wrong belief)) and the
   change in the share of items preferring the wrong belief. On-target: the margin gain and
   preference accuracy with the belief right and with no belief.
-- `hh` (`../shared/data/hh-rlhf-harmless-test-a.jsonl`, skipped when absent). Each seed draws a
-  training and a held-out split; `audit_dataset` on the training split ranks the concepts and the
-  passing ones (at most `hh_top_k`) are suppressed with `gradient` projection at every later layer.
+- `hh` (`../shared/data/hh-rlhf-harmless-test-a.jsonl`, skipped when absent; row 136, a blank
+  reply, is dropped). Each seed draws a held-out split and an audit split; `audit_dataset` on the
+  audit split ranks the concepts and the passing ones (at most `hh_top_k`) are suppressed with
+  `gradient` projection at every later layer. DPO trains on the first `hh_n_train` pairs of the
+  audit split (a CPU budget: the audit needs more pairs for power than the CPU can train on).
   Off-target: the change of the suppressed features' activation (max over each held-out
   completion, the audit's statistic) in the direction the audit predicted, per held-out pair
   (chosen and rejected completions averaged, features averaged), so > 0 means DPO did what the
@@ -78,6 +80,7 @@ class Setting:
     demo_mode: str
     demo_layers: str
     hh_seeds: tuple[int, ...]
+    hh_n_audit: int
     hh_n_train: int
     hh_n_heldout: int
     hh_steps: int
@@ -95,11 +98,11 @@ class Setting:
 
 
 FULL = Setting(model="embedded", demo_seeds=(0, 1, 2), demo_n_train=64, demo_n_heldout=32, demo_steps=8, demo_batch=8,
-               demo_mode="both", demo_layers="all_later", hh_seeds=(0, 1), hh_n_train=96, hh_n_heldout=64, hh_steps=12,
+               demo_mode="both", demo_layers="all_later", hh_seeds=(0, 1), hh_n_audit=384, hh_n_train=96, hh_n_heldout=64, hh_steps=12,
                hh_batch=8, hh_max_length=128, hh_max_prompt_length=64, hh_top_k=8, hh_spill_k=10, hh_mode="gradient",
                hh_layers="all_later")
 QUICK = Setting(model="tiny:llama", demo_seeds=(0, 1), demo_n_train=8, demo_n_heldout=4, demo_steps=2, demo_batch=4,
-                demo_mode="both", demo_layers="all_later", hh_seeds=(0,), hh_n_train=16, hh_n_heldout=8, hh_steps=2,
+                demo_mode="both", demo_layers="all_later", hh_seeds=(0,), hh_n_audit=24, hh_n_train=16, hh_n_heldout=8, hh_steps=2,
                 hh_batch=4, hh_max_length=64, hh_max_prompt_length=32, hh_top_k=4, hh_spill_k=4, hh_mode="gradient",
                 hh_layers="all_later", lr=1e-3, audit_bootstrap=20)
 
@@ -247,12 +250,13 @@ def _side(margins: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- HH-RLHF
-def split_rows(rows: Sequence[Any], n_train: int, n_heldout: int, seed: int) -> tuple[list[Any], list[Any]]:
+def split_rows(rows: Sequence[Any], n_audit: int, n_heldout: int, seed: int) -> tuple[list[Any], list[Any]]:
+    """(audit split, held-out split): disjoint, drawn by a seeded shuffle."""
     order = list(range(len(rows)))
     random.Random(f"hh-split-{seed}").shuffle(order)
-    if n_train + n_heldout > len(rows):
-        raise SystemExit(f"HH-RLHF has {len(rows)} rows, fewer than n_train + n_heldout = {n_train + n_heldout}")
-    return [rows[i] for i in order[:n_train]], [rows[i] for i in order[n_train:n_train + n_heldout]]
+    if n_audit + n_heldout > len(rows):
+        raise SystemExit(f"HH-RLHF has {len(rows)} rows, fewer than n_audit + n_heldout = {n_audit + n_heldout}")
+    return [rows[i] for i in order[:n_audit]], [rows[i] for i in order[n_audit:n_audit + n_heldout]]
 
 
 @torch.no_grad()
@@ -304,10 +308,11 @@ def run_hh_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting
     from lightning_anatomy.data import tokenize_rows
     from lightning_anatomy.data.tokenize import resolve_pad_token_id
 
-    train, heldout = split_rows(rows, setting.hh_n_train, setting.hh_n_heldout, seed)
+    audited, heldout = split_rows(rows, setting.hh_n_audit, setting.hh_n_heldout, seed)
+    train = audited[: setting.hh_n_train]
     lengths = {"max_length": setting.hh_max_length, "max_prompt_length": setting.hh_max_prompt_length}
     start = time.perf_counter()
-    result = audit_dataset(train, ConceptLens(base, {hook: sae}, fidelity_check=False), tokenizer, **lengths,
+    result = audit_dataset(audited, ConceptLens(base, {hook: sae}, fidelity_check=False), tokenizer, **lengths,
                            out_dir=str(work / f"hh_features_seed{seed}"), progress=False, seed=seed,
                            n_bootstrap=setting.audit_bootstrap, label_concepts=False)
     audit_s = time.perf_counter() - start
@@ -321,7 +326,7 @@ def run_hh_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting
     ranked = [int(f) for f in table["feature"]]
     spill = [f for f in ranked if f not in suppressed][: setting.hh_spill_k]
     predicted = dict(zip(ranked, table["predicted_shift"].astype(float)))
-    common.log(f"  hh seed {seed}: audit of {len(train)} pairs in {audit_s:.0f} s, {n_pass} pass; suppressing "
+    common.log(f"  hh seed {seed}: audit of {len(audited)} pairs in {audit_s:.0f} s, {n_pass} pass; suppressing "
                f"{suppressed}")
 
     pad_id = resolve_pad_token_id(tokenizer)

@@ -117,5 +117,5 @@ def test_split_rows_is_seeded_disjoint_and_checks_sizes(bench):
     assert (train, held) == bench.split_rows(rows, 20, 10, seed=3)
     assert train != bench.split_rows(rows, 20, 10, seed=4)[0]
     assert not set(train) & set(held) and len(train) == 20 and len(held) == 10
-    with pytest.raises(SystemExit, match="fewer than n_train"):
+    with pytest.raises(SystemExit, match="fewer than n_audit"):
         bench.split_rows(rows, 45, 10, seed=0)
