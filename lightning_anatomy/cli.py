@@ -1,4 +1,4 @@
-"""The `anatomy` command: `fit`, `audit`, `demo`, `bench`, driven by omegaconf YAML configs.
+"""The `anatomy` command: `fit`, `audit`, `demo`, driven by omegaconf YAML configs.
 
 Every option of a config can be overridden on the command line as `key.sub=value`
 (omegaconf dotlist). Configs are validated before any model is loaded.
