@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_anatomy.data.tokenize import pad_right
-
 __all__ = ["ACTIONS", "Concept", "ConceptSet", "ConceptSetError"]
 
 ACTIONS = ("suppress", "amplify", "allow")
@@ -295,8 +293,10 @@ class ConceptSet:
         Activations are [n, d] or [b, s, d] (with an optional [b, s] mask of real tokens). The
         raw difference is kept (its norm is meaningful for steering); bases normalise anyway.
         """
-        a, n_a = _masked_tokens(acts_with, mask_with, "acts_with")
-        b, n_b = _masked_tokens(acts_without, mask_without, "acts_without")
+        from lightning_anatomy.concepts.directions import masked_tokens
+
+        a, n_a = masked_tokens(acts_with, mask_with, "acts_with")
+        b, n_b = masked_tokens(acts_without, mask_without, "acts_without")
         if a.shape[-1] != b.shape[-1]:
             raise ConceptSetError(f"acts_with has width {a.shape[-1]} but acts_without has {b.shape[-1]}")
         direction = a.double().mean(0) - b.double().mean(0)
@@ -320,10 +320,11 @@ class ConceptSet:
     ) -> ConceptSet:
         """Persona-vector style from texts: mean token activation at `hook_name` over every real
         token of `texts_with`, minus that of `texts_without` (one early-stopped forward per batch)."""
-        mean_a, n_a = _mean_activation(model, tokenizer, hook_name, texts_with, batch_size, max_length, "texts_with")
-        mean_b, n_b = _mean_activation(
-            model, tokenizer, hook_name, texts_without, batch_size, max_length, "texts_without"
-        )
+        from lightning_anatomy.concepts.directions import mean_activation
+
+        mean_a, n_a = mean_activation(model, tokenizer, hook_name, texts_with, batch_size, max_length, "texts_with")
+        mean_b, n_b = mean_activation(model, tokenizer, hook_name, texts_without, batch_size, max_length,
+                                      "texts_without")
         direction = mean_a - mean_b
         source = {
             "kind": "mean_difference",
@@ -355,34 +356,16 @@ class ConceptSet:
         mask), e.g. two models on the same tokens. Classic (centred) PCA by default; each
         component is oriented so the mean difference projects non-negatively onto it.
         """
-        if acts_a.shape != acts_b.shape:
-            raise ConceptSetError(
-                f"from_pca needs paired activations of one shape, got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}"
-            )
-        diffs, n = _masked_tokens(acts_a.double() - acts_b.double(), mask, "acts_a - acts_b")
-        d = diffs.shape[-1]
-        if not 1 <= k <= min(n, d):
-            raise ConceptSetError(f"k={k} must be between 1 and min(tokens={n}, width={d})")
-        mean = diffs.mean(0)
-        centred = diffs - mean if center else diffs
-        cov = centred.T @ centred
-        evals, evecs = torch.linalg.eigh(cov)  # ascending
-        order = torch.argsort(evals, descending=True)[:k]
-        total = float(evals.clamp_min(0).sum())
-        comps = evecs[:, order].T.clone()  # [k, d]
-        for i in range(k):
-            proj = float(comps[i] @ mean)
-            flip = proj < 0 if abs(proj) > 1e-9 * float(mean.norm() + 1e-30) else comps[i][comps[i].abs().argmax()] < 0
-            if flip:
-                comps[i] = -comps[i]
+        from lightning_anatomy.concepts.directions import pca_directions
+
+        comps, ratios, n = pca_directions(acts_a, acts_b, k, mask=mask, center=center)
         names = list(names) if names is not None else [f"{hook_name}:pc{i}" for i in range(k)]
         if len(names) != k:
             raise ConceptSetError(f"{len(names)} names for k={k} components")
         labels_of = _labels(labels, list(range(k)))
         concepts = []
         for i in range(k):
-            ratio = float(evals[order[i]]) / total if total > 0 else 0.0
-            source = {"kind": "pca", "component": i, "explained_variance_ratio": ratio, "n": n, "center": center}
+            source = {"kind": "pca", "component": i, "explained_variance_ratio": ratios[i], "n": n, "center": center}
             concepts.append(Concept(names[i], hook_name, comps[i].float(), labels_of[i], action, source))
         return cls(concepts)
 
@@ -483,54 +466,6 @@ def _labels(labels: Sequence[str] | Mapping[int, str] | None, keys: list[int]) -
     if len(labels) != len(keys):
         raise ConceptSetError(f"{len(labels)} labels for {len(keys)} concepts")
     return [str(x) for x in labels]
-
-
-def _masked_tokens(acts: torch.Tensor, mask: torch.Tensor | None, what: str) -> tuple[torch.Tensor, int]:
-    """[n, d] rows of `acts` ([n, d], or [b, s, d] with an optional [b, s] mask)."""
-    if acts.dim() == 3:
-        if mask is not None:
-            if tuple(mask.shape) != tuple(acts.shape[:2]):
-                raise ConceptSetError(f"{what}: mask shape {tuple(mask.shape)} does not match {tuple(acts.shape[:2])}")
-            acts = acts[mask.to(acts.device).bool()]
-        else:
-            acts = acts.reshape(-1, acts.shape[-1])
-    elif acts.dim() != 2 or mask is not None:
-        raise ConceptSetError(f"{what}: expected [n, d], or [b, s, d] with a [b, s] mask; got {tuple(acts.shape)}")
-    if acts.shape[0] == 0:
-        raise ConceptSetError(f"{what}: no activation vectors (empty input or all-False mask)")
-    return acts, int(acts.shape[0])
-
-
-def _mean_activation(
-    model: nn.Module,
-    tokenizer: Any,
-    hook_name: str,
-    texts: Sequence[str],
-    batch_size: int,
-    max_length: int,
-    what: str,
-) -> tuple[torch.Tensor, int]:
-    from lightning_anatomy.concepts.hooks import resolve_hook
-    from lightning_anatomy.concepts.lens import capture_activations
-
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts:
-        raise ConceptSetError(f"{what} is empty; pass at least one text")
-    point = resolve_hook(model, hook_name)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = None, 0
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
-        if any(len(e) == 0 for e in encoded):
-            empty = start + next(i for i, e in enumerate(encoded) if len(e) == 0)
-            raise ConceptSetError(f"{what}[{empty}] tokenizes to no tokens")
-        ids, mask = pad_right(encoded, pad)
-        acts = capture_activations(model, [point], ids, mask)[point.name]
-        real = acts[mask.to(acts.device).bool()].double()
-        total = real.sum(0) if total is None else total + real.sum(0)
-        count += real.shape[0]
-    return (total / count).cpu(), count
 
 
 def _concept_from_yaml(item: Any, i: int, tensors: dict[str, torch.Tensor], yaml_path: Path) -> Concept:
