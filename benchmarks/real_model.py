@@ -30,12 +30,14 @@ Two datasets:
   change of the plain log-prob preference accuracy.
 
 Ratios are `vanilla off-target change / condition off-target change` with a paired percentile
-bootstrap over held-out items (all seeds pooled); null when vanilla did not move the concept.
+bootstrap over held-out items (all seeds pooled); null where vanilla's change is not distinguishable
+from 0 (its 95% CI includes 0): there is nothing to cut.
 Step time is the wall time of each fit over its steps (conditions run one after another in one
 process: a coarse cost reading; `cost.py` measures overheads interleaved).
 
     python benchmarks/real_model.py                 # SmolLM2, demo (3 seeds) + HH-RLHF (2 seeds): ~45 min on 2 CPU cores
     python benchmarks/real_model.py --parts demo    # one dataset only
+    python benchmarks/real_model.py --hh-lr 1e-5 --name real_model.hh-lr1e-5   # the HH runs at the demo's rate
     python benchmarks/real_model.py --quick         # a random tiny Llama + random SAE: a smoke run of every path (~30 s)
 
 Writes `<out>/real_model.json` and `<out>/real_model.png` (`real_model.quick.*` with --quick) and
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import random
 import shutil
@@ -91,7 +94,8 @@ class Setting:
     hh_spill_k: int
     hh_mode: str
     hh_layers: str
-    lr: float = 1e-5
+    lr: float = 1e-5  # the demo's
+    hh_lr: float = 5e-5  # at 1e-5, 12 steps moved nothing measurable on HH-RLHF (README)
     beta: float = 0.1
     warmup_steps: int = 2
     audit_bootstrap: int = 200
@@ -104,7 +108,7 @@ FULL = Setting(model="embedded", demo_seeds=(0, 1, 2), demo_n_train=64, demo_n_h
 QUICK = Setting(model="tiny:llama", demo_seeds=(0, 1), demo_n_train=8, demo_n_heldout=4, demo_steps=2, demo_batch=4,
                 demo_mode="both", demo_layers="all_later", hh_seeds=(0,), hh_n_audit=24, hh_n_train=16, hh_n_heldout=8, hh_steps=2,
                 hh_batch=4, hh_max_length=64, hh_max_prompt_length=32, hh_top_k=4, hh_spill_k=4, hh_mode="gradient",
-                hh_layers="all_later", lr=1e-3, audit_bootstrap=20)
+                hh_layers="all_later", lr=1e-3, hh_lr=1e-3, audit_bootstrap=20)
 
 
 # ----------------------------------------------------------------------------------- model, training
@@ -145,13 +149,13 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def fit(base: Any, rows: Sequence[Any], tokenizer: Any, setting: Setting, *, steps: int, batch: int, seed: int,
-        callbacks: Sequence[Any], max_length: int, max_prompt_length: int) -> tuple[Any, float]:
+def fit(base: Any, rows: Sequence[Any], tokenizer: Any, setting: Setting, *, lr: float, steps: int, batch: int,
+        seed: int, callbacks: Sequence[Any], max_length: int, max_prompt_length: int) -> tuple[Any, float]:
     """DPO from a copy of `base`; returns (trained policy in eval mode, median seconds per step)."""
     from lightning_anatomy import DPOModule, PreferenceDataModule
 
     L.seed_everything(seed, verbose=False)
-    module = DPOModule(copy.deepcopy(base).train(), lr=setting.lr, beta=setting.beta, loss_type="sigmoid",
+    module = DPOModule(copy.deepcopy(base).train(), lr=lr, beta=setting.beta, loss_type="sigmoid",
                        warmup_steps=setting.warmup_steps)
     dm = PreferenceDataModule(list(rows), tokenizer, batch_size=batch, val_fraction=0.0, seed=seed,
                               max_length=max_length, max_prompt_length=max_prompt_length)
@@ -202,7 +206,7 @@ def run_demo_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setti
                                              name="user_belief", action="suppress")
     record: dict[str, Any] = {"seed": seed, "base": demo_eval(base, tokenizer, data), "runs": {}}
     for name, make in projections(belief, hook, seed, setting.demo_mode, setting.demo_layers).items():
-        policy, step_s = fit(base, rows, tokenizer, setting, steps=setting.demo_steps, batch=setting.demo_batch,
+        policy, step_s = fit(base, rows, tokenizer, setting, lr=setting.lr, steps=setting.demo_steps, batch=setting.demo_batch,
                              seed=seed, callbacks=make(), max_length=128, max_prompt_length=96)
         record["runs"][name] = {"eval": demo_eval(policy, tokenizer, data), "step_s": step_s}
         common.log(f"  demo seed {seed} {name}: conflict prefers correct "
@@ -237,12 +241,22 @@ def summarize_demo(records: list[dict[str, Any]]) -> dict[str, Any]:
                 pooled(lambda b, e: e["control"] - b["control"], cond), N_BOOT),
             "eval": {k: _side(np.concatenate([r["runs"][cond]["eval"][k] for r in records])) for k in
                      ("conflict", "aligned", "control")},
-            "ratio_vanilla_over_condition": common.bootstrap_ratio(vanilla_drop, drop, N_BOOT),
+            "ratio_vanilla_over_condition": cut_ratio(vanilla_drop, drop),
             "step_s": common.bootstrap_mean([r["runs"][cond]["step_s"] for r in records], N_BOOT),
         }
     for cond in CONDITIONS:
         out[cond]["step_time_ratio_vs_vanilla"] = out[cond]["step_s"]["mean"] / out["vanilla"]["step_s"]["mean"]
     return out
+
+
+def cut_ratio(vanilla: np.ndarray, condition: np.ndarray) -> dict[str, Any]:
+    """vanilla change / condition change (paired bootstrap over items), only where vanilla's change
+    is distinguishable from 0: a ratio of noise to noise says nothing about the intervention."""
+    lo, _ = common.bootstrap_mean(vanilla, N_BOOT)["ci"]
+    if lo <= 0:
+        return {"mean": None, "ci": [None, None],
+                "note": "vanilla's change is not distinguishable from 0 (95% CI includes 0): nothing to cut"}
+    return common.bootstrap_ratio(vanilla, condition, N_BOOT)
 
 
 def _side(margins: np.ndarray) -> dict[str, float]:
@@ -338,7 +352,7 @@ def run_hh_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting
         "base": hh_eval(base, sae, hook, pairs, features, pad_id), "runs": {},
     }
     for name, make in projections(concepts, hook, seed, setting.hh_mode, setting.hh_layers).items():
-        policy, step_s = fit(base, train, tokenizer, setting, steps=setting.hh_steps, batch=setting.hh_batch,
+        policy, step_s = fit(base, train, tokenizer, setting, lr=setting.hh_lr, steps=setting.hh_steps, batch=setting.hh_batch,
                              seed=seed, callbacks=make(), **lengths)
         record["runs"][name] = {"eval": hh_eval(policy, sae, hook, pairs, features, pad_id), "step_s": step_s}
         del policy
@@ -378,7 +392,7 @@ def summarize_hh(records: list[dict[str, Any]], beta: float) -> dict[str, Any]:
             "ontarget_reward_accuracy": common.bootstrap_mean((margin > 0).astype(float), N_BOOT),
             "ontarget_reward_margin": common.bootstrap_mean(margin, N_BOOT),
             "logp_pref_accuracy_change": common.bootstrap_mean(pref - base_pref, N_BOOT),
-            "ratio_vanilla_over_condition": common.bootstrap_ratio(vanilla, off, N_BOOT),
+            "ratio_vanilla_over_condition": cut_ratio(vanilla, off),
             "step_s": common.bootstrap_mean([r["runs"][cond]["step_s"] for r in records], N_BOOT),
         }
     for cond in CONDITIONS:
@@ -396,7 +410,8 @@ def _ci(stat: dict[str, Any], fmt: str = "{:+.2f}") -> str:
 
 def _ratio(stat: dict[str, Any]) -> str:
     if stat.get("mean") is None:
-        return stat.get("note", "n/a")
+        note = stat.get("note", "")
+        return "n/a: vanilla's change ≈ 0" if "not distinguishable" in note else (note or "n/a")
     lo, hi = stat["ci"]
     return f"{stat['mean']:.2f}× [{'∞' if lo is None else f'{lo:.2f}'}, {'∞' if hi is None else f'{hi:.2f}'}]"
 
@@ -483,12 +498,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parts", nargs="*", choices=("demo", "hh"), default=["demo", "hh"])
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="directory for real_model.json / .png")
     parser.add_argument("--hh", type=Path, default=common.HH_RLHF, help="the HH-RLHF JSONL sample")
+    parser.add_argument("--hh-lr", type=float, default=None, help="learning rate of the HH-RLHF runs (default: the setting's)")
+    parser.add_argument("--name", default=None, help="output file stem (default real_model, or real_model.quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, cores))")
     args = parser.parse_args(argv)
 
     common.setup_offline(args.threads)
     common.quiet_libraries()
     setting = QUICK if args.quick else FULL
+    if args.hh_lr is not None:
+        setting = dataclasses.replace(setting, hh_lr=args.hh_lr)
     started = time.time()
     base, tokenizer, sae, hook, description = build(setting.model)
     results: dict[str, Any] = {
@@ -496,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setting": asdict(setting), "machine": common.machine_info("cpu"),
         "packages": common.package_versions(["torch", "lightning", "transformers", "sae-lens"]), "parts": {},
     }
-    name = "real_model.quick" if args.quick else "real_model"
+    name = args.name or ("real_model.quick" if args.quick else "real_model")
     work = Path(tempfile.mkdtemp(prefix="anatomy-real-model-"))  # the audits' feature shards
     if "demo" in args.parts:
         records = [run_demo_seed(base, tokenizer, sae, hook, setting, s) for s in setting.demo_seeds]

@@ -111,6 +111,16 @@ def test_summarize_hh_signs_and_ratio_exactly(bench):
     assert s["vanilla"]["ontarget_reward_accuracy"]["mean"] == 1.0
 
 
+def test_cut_ratio_needs_a_vanilla_change_distinguishable_from_zero(bench):
+    noise = np.array([0.3, -0.2, 0.1, -0.25, 0.05])
+    assert bench.cut_ratio(noise, noise / 2)["mean"] is None
+    assert "not distinguishable from 0" in bench.cut_ratio(noise, noise / 2)["note"]
+    moved = np.array([2.0, 2.2, 1.8, 2.1, 1.9])
+    ratio = bench.cut_ratio(moved, moved / 4)
+    assert ratio["mean"] == pytest.approx(4.0) and ratio["ci"] == [pytest.approx(4.0), pytest.approx(4.0)]
+    assert bench._ratio(bench.cut_ratio(noise, noise)) == "n/a: vanilla's change ≈ 0"
+
+
 def test_split_rows_is_seeded_disjoint_and_checks_sizes(bench):
     rows = list(range(50))
     train, held = bench.split_rows(rows, 20, 10, seed=3)
