@@ -374,3 +374,13 @@ def random_set(like: Any, hook: str, seed: int) -> Any:
     d = like[0].dim
     vectors = torch.randn(k, d, generator=torch.Generator().manual_seed(10_000 + seed))
     return ConceptSet.from_vectors(vectors, hook, names=[f"random{i}" for i in range(k)])
+
+
+def publish(results: dict[str, Any], out: Path, name: str, tables: Callable[[dict[str, Any]], str],
+            plot: Callable[[dict[str, Any], Path], None] | None = None) -> None:
+    """A script's last step: `<out>/<name>.json` (+ `.png`) written atomically, its tables printed."""
+    atomic_write_json(out / f"{name}.json", results)
+    if plot is not None:
+        plot(results, out / f"{name}.png")
+    print(tables(results))
+    log(f"wrote {out / (name + '.json')}{f' and {name}.png' if plot else ''} in {results['wall_s']:.0f} s")

@@ -582,10 +582,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["models"][setting.name] = run_model(setting, args.device, with_trl=not args.no_trl)
     results["wall_s"] = time.time() - started
     name = "cost.quick" if args.quick else "cost"
-    common.atomic_write_json(args.out / f"{name}.json", results)
-    plot(results, args.out / f"{name}.png")
-    print(tables(results))
-    common.log(f"wrote {args.out / (name + '.json')} and {name}.png in {results['wall_s']:.0f} s")
+    common.publish(results, args.out, name, tables, plot)
     return results
 
 

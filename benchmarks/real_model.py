@@ -535,10 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     results["wall_s"] = time.time() - started
     results = _plain(results)
-    common.atomic_write_json(args.out / f"{name}.json", results)
-    plot(results, args.out / f"{name}.png")
-    print(tables(results))
-    common.log(f"wrote {args.out / (name + '.json')} and {name}.png in {results['wall_s']:.0f} s")
+    common.publish(results, args.out, name, tables, plot)
     return results
 
 

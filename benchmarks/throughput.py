@@ -403,9 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["projection"] = projection_report(results, hh_rows=QUICK_HH_ROWS if args.quick else None)
     results["wall_s"] = time.time() - started
     name = "throughput.quick" if args.quick else "throughput"
-    common.atomic_write_json(args.out / f"{name}.json", results)
-    print(tables(results))
-    common.log(f"wrote {args.out / (name + '.json')} in {results['wall_s']:.0f} s")
+    common.publish(results, args.out, name, tables)
     return results
 
 

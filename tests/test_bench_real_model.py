@@ -3,26 +3,19 @@ recomputed by hand from the per-seed records it writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_loader import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py"
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test-a.jsonl"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_real_model", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_real_model"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_model")
 
 
 @pytest.fixture(autouse=True)

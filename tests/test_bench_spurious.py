@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "spurious.py"
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_spurious", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_spurious"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("spurious")
 
 
 def _floats(obj, where="doc"):
