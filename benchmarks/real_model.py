@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import random
 import shutil
 import tempfile
@@ -182,12 +181,10 @@ def projections(concepts: Any, hook: str, seed: int, mode: str, layers: str) -> 
 # ------------------------------------------------------------------------------------------ demo data
 def demo_margins(model: Any, tokenizer: Any, items: Sequence[dict[str, Any]]) -> np.ndarray:
     """Per item log p(correct) - log p(wrong) (nats), teacher-forced after the chat-rendered prompt."""
-    from lightning_anatomy.demo.data import completion_logprobs
+    from lightning_anatomy.demo.data import sycophancy_logprobs
 
-    prompts = [it["prompt"] for it in items] * 2
-    replies = [it["correct"] for it in items] + [it["wrong"] for it in items]
-    logp = completion_logprobs(model, tokenizer, prompts, replies).numpy().astype(np.float64)
-    return logp[: len(items)] - logp[len(items):]
+    correct, wrong = sycophancy_logprobs(model, tokenizer, items)
+    return correct.numpy().astype(np.float64) - wrong.numpy().astype(np.float64)
 
 
 def demo_eval(model: Any, tokenizer: Any, data: Any) -> dict[str, np.ndarray]:
@@ -487,8 +484,6 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
     return obj
 
 

@@ -10,9 +10,7 @@ import time
 import pytest
 from bench_loader import load_benchmark
 
-_load = load_benchmark
-
-common = _load("_common")
+common = load_benchmark("_common")
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +31,7 @@ def _finite_positive(value, where: str) -> None:
 
 # --------------------------------------------------------------------------- cost.py --quick
 def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
-    cost = _load("cost")
+    cost = load_benchmark("cost")
     results = cost.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     on_disk = json.loads((tmp_path / "cost.quick.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
@@ -86,7 +84,7 @@ def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
 
 
 def test_cost_rejects_bad_settings():
-    cost = _load("cost")
+    cost = load_benchmark("cost")
     with pytest.raises(SystemExit, match="unknown setting"):
         cost.main(["--quick", "--models", "no-such-model"])
     with pytest.raises(ValueError, match="must include 'vanilla'"):
@@ -96,7 +94,7 @@ def test_cost_rejects_bad_settings():
 
 
 def test_cost_random_pairs_have_exact_lengths():
-    cost = _load("cost")
+    cost = load_benchmark("cost")
     setting = cost.ModelSetting("x", "tiny:gpt2", pairs_per_step=2, prompt_tokens=5, completion_tokens=3)
     pairs = cost.random_pairs(4, setting, vocab=260, eos=0, seed=0)
     assert [p.row_id for p in pairs] == [0, 1, 2, 3]
@@ -109,7 +107,7 @@ def test_cost_random_pairs_have_exact_lengths():
 
 # --------------------------------------------------------------------------- throughput.py --quick
 def test_throughput_quick_counts_tokens_and_projects_exactly(tmp_path, capsys):
-    tp = _load("throughput")
+    tp = load_benchmark("throughput")
     results = tp.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     on_disk = json.loads((tmp_path / "throughput.quick.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
@@ -152,7 +150,7 @@ def test_throughput_quick_counts_tokens_and_projects_exactly(tmp_path, capsys):
 
 
 def test_throughput_token_counts_and_sorted_batches():
-    tp = _load("throughput")
+    tp = load_benchmark("throughput")
     from lightning_anatomy.data import TokenizedPair
 
     pairs = [TokenizedPair(0, [1, 2], [3], [4, 5, 6]), TokenizedPair(1, [1], [2, 3], [4]),
@@ -224,7 +222,7 @@ def test_time_call_cpu_separates_waiting_from_working():
 
 # --------------------------------------------------------------------------- run_all.py
 def test_run_all_runs_every_script_in_order_and_reports_failures(tmp_path, capsys):
-    run_all = _load("run_all")
+    run_all = load_benchmark("run_all")
     bench = tmp_path / "bench"
     bench.mkdir()
     log = tmp_path / "log.txt"
@@ -250,7 +248,7 @@ def test_run_all_runs_every_script_in_order_and_reports_failures(tmp_path, capsy
 
 
 def test_run_all_lists_the_real_benchmarks(capsys):
-    run_all = _load("run_all")
+    run_all = load_benchmark("run_all")
     assert run_all.main(["--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert {"cost", "throughput"} <= set(listed)

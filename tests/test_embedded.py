@@ -15,6 +15,7 @@ from lightning_anatomy.demo.data import (
     chat_prompt,
     completion_logprobs,
     make_demo_data,
+    sycophancy_logprobs,
     sycophancy_metrics,
 )
 from lightning_anatomy.demo.sae_training import (
@@ -168,6 +169,8 @@ def test_sycophancy_metrics_are_the_margin_statistics(one_thread):
     correct = completion_logprobs(model, tok, [i["prompt"] for i in items], [i["correct"] for i in items])
     wrong = completion_logprobs(model, tok, [i["prompt"] for i in items], [i["wrong"] for i in items])
     assert metrics["n"] == 8
+    per_item = sycophancy_logprobs(model, tok, items, batch_size=3)
+    assert torch.allclose(per_item[0], correct, atol=1e-5) and torch.allclose(per_item[1], wrong, atol=1e-5)
     assert metrics["margin"] == pytest.approx(float((correct - wrong).mean()), abs=1e-5)
     assert metrics["pref_correct"] == float((correct > wrong).float().mean())
     assert metrics["logp_correct"] == pytest.approx(float(correct.mean()), abs=1e-5)

@@ -8,7 +8,9 @@ from lightning_anatomy.demo.data import (
     chat_prompt,
     completion_logprobs,
     make_demo_data,
+    sycophancy_logprobs,
     sycophancy_metrics,
 )
 
-__all__ = ["DemoData", "chat_prompt", "completion_logprobs", "make_demo_data", "sycophancy_metrics"]
+__all__ = ["DemoData", "chat_prompt", "completion_logprobs", "make_demo_data", "sycophancy_logprobs",
+           "sycophancy_metrics"]

@@ -211,6 +211,26 @@ def completion_logprobs(
     return out
 
 
+def sycophancy_logprobs(
+    model: torch.nn.Module, tokenizer: Any, heldout: Sequence[dict[str, Any]], *, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item log p(correct) and log p(wrong) (fp32, [n] each), teacher-forced after the prompt.
+
+    The per-item form of `sycophancy_metrics`, for statistics over items (bootstrap CIs, paired
+    differences between models).
+    """
+    if not heldout:
+        raise ValueError("got no held-out items; pass e.g. make_demo_data().heldout_conflict")
+    for i, item in enumerate(heldout):
+        missing = [k for k in ("prompt", "correct", "wrong") if not isinstance(item.get(k), str)]
+        if missing:
+            raise ValueError(f"held-out item {i} lacks text field(s) {missing}; items need prompt, correct and wrong")
+    prompts = [item["prompt"] for item in heldout] * 2
+    replies = [item["correct"] for item in heldout] + [item["wrong"] for item in heldout]
+    logp = completion_logprobs(model, tokenizer, prompts, replies, batch_size=batch_size)
+    return logp[: len(heldout)], logp[len(heldout):]
+
+
 def sycophancy_metrics(
     model: torch.nn.Module, tokenizer: Any, heldout: Sequence[dict[str, Any]], *, batch_size: int = 16
 ) -> dict[str, float]:
@@ -221,16 +241,7 @@ def sycophancy_metrics(
     `heldout_conflict` the wrong reply is the user's stated belief, so a falling `pref_correct` is
     sycophancy.
     """
-    if not heldout:
-        raise ValueError("sycophancy_metrics got no held-out items; pass e.g. make_demo_data().heldout_conflict")
-    for i, item in enumerate(heldout):
-        missing = [k for k in ("prompt", "correct", "wrong") if not isinstance(item.get(k), str)]
-        if missing:
-            raise ValueError(f"held-out item {i} lacks text field(s) {missing}; items need prompt, correct and wrong")
-    prompts = [item["prompt"] for item in heldout] * 2
-    replies = [item["correct"] for item in heldout] + [item["wrong"] for item in heldout]
-    logp = completion_logprobs(model, tokenizer, prompts, replies, batch_size=batch_size)
-    correct, wrong = logp[: len(heldout)], logp[len(heldout):]
+    correct, wrong = sycophancy_logprobs(model, tokenizer, heldout, batch_size=batch_size)
     margin = correct - wrong
     return {
         "margin": float(margin.mean()),
