@@ -63,6 +63,8 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lightning_anatomy.concepts.hooks import measurement_pass  # noqa: E402
+
 FORMAT = "lightning-anatomy/real-model-benchmark"
 VERSION = 1
 CONDITIONS = ("vanilla", "projected", "random_control")
@@ -271,6 +273,7 @@ def split_rows(rows: Sequence[Any], n_audit: int, n_heldout: int, seed: int) -> 
 
 
 @torch.no_grad()
+@measurement_pass()
 def pair_logps(model: Any, pairs: Sequence[Any], pad_id: int, batch: int = 8) -> np.ndarray:
     """[n, 2] summed completion log-probs (chosen, rejected) of tokenized pairs."""
     from lightning_anatomy.data import collate_pairs
@@ -287,6 +290,7 @@ def pair_logps(model: Any, pairs: Sequence[Any], pad_id: int, batch: int = 8) ->
 
 
 @torch.no_grad()
+@measurement_pass()
 def completion_feature_max(model: Any, sae: Any, hook: str, pairs: Sequence[Any], features: Sequence[int],
                            pad_id: int, batch: int = 8) -> np.ndarray:
     """[n, 2, k] max activation of `features` over each completion (chosen, rejected): the audit's statistic."""

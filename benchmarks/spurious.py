@@ -64,6 +64,8 @@ import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy b
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lightning_anatomy.concepts.hooks import measurement_pass  # noqa: E402
+
 FORMAT = "lightning-anatomy/bench-spurious"
 VERSION = 1
 REPO = Path(__file__).resolve().parents[1]
@@ -461,6 +463,7 @@ def candidates() -> list[tuple[int, bool]]:
 
 
 @torch.no_grad()
+@measurement_pass()
 def answer_distribution(model: Any, tok: Any, prompts: Sequence[str], chunk: int = 1024) -> tuple[torch.Tensor, float]:
     """P(the reply's answer is candidate c | prompt) over the 42 candidates, renormalised [n_prompts, 42],
     and the mean raw mass they hold.

@@ -359,3 +359,51 @@ def test_ddp_two_processes_average_attribution_and_measure_drift_on_rank_zero(tm
         torch.testing.assert_close(result["push"][HOOK], expected, rtol=1e-4, atol=1e-6)
     assert rank0["evaluated"] == rank1["evaluated"] == 1
     assert rank0["drift"][HOOK].abs().max() > 0 and rank1["drift"] == {}  # rank 1 never ran the probe
+
+
+# --------------------------------------------------------------------------- measurement passes
+
+
+@pytest.mark.parametrize("edit", ["ablate", "both", "gradient", "steering"])
+def test_probes_see_the_model_without_training_time_edits(edit):
+    """The step-0 baseline (and every later probe) is measured in a `measurement_pass()`: an edit
+    callback attached to the same run must not change it."""
+    from lightning_anatomy import ConceptSet
+    from lightning_anatomy.callbacks import ConceptProjection, ConceptSteering
+
+    sae = random_sae(seed=3)
+    probe = random_pairs(3, seed=2, start_id=100)
+    concepts = ConceptSet.from_sae_features(sae, HOOK, [1, 5], action="suppress")
+    edit_cb = (ConceptSteering(concepts, alpha=4.0) if edit == "steering"
+               else ConceptProjection(concepts, mode=edit, layers="all_later"))
+
+    def baseline(callbacks: list) -> torch.Tensor:
+        monitor = ConceptDriftMonitor({HOOK: sae}, probe, every_n_steps=1, rollouts=2, rollout_max_new_tokens=3)
+        trainer([*callbacks, monitor], max_steps=1).fit(FrozenDPO(build_tiny_model("gpt2", seed=0)),
+                                                        loader(random_pairs(4, seed=1), 4))
+        return monitor.baseline[HOOK], monitor.baseline_rollout[HOOK], monitor.last_drift[HOOK]
+
+    plain, plain_rollout, _ = baseline([])
+    edited, edited_rollout, drift = baseline([edit_cb])
+    assert torch.equal(edited, plain) and torch.equal(edited_rollout, plain_rollout)
+    assert torch.equal(drift, torch.zeros_like(drift))  # lr 0: the weights did not move
+
+
+def test_edits_act_outside_measurement_passes_only():
+    from lightning_anatomy.concepts.hooks import (
+        edits_suspended,
+        is_measurement_pass,
+        is_reference_pass,
+        measurement_pass,
+        reference_pass,
+    )
+
+    assert not edits_suspended()
+    with measurement_pass():
+        assert edits_suspended() and is_measurement_pass() and not is_reference_pass()
+        with reference_pass():
+            assert is_reference_pass()
+        assert not is_reference_pass() and edits_suspended()
+    with reference_pass():
+        assert edits_suspended() and not is_measurement_pass()
+    assert not edits_suspended()

@@ -36,10 +36,10 @@ from lightning_anatomy.callbacks._logging import (
 )
 from lightning_anatomy.concepts.hooks import (
     HookPoint,
+    edits_suspended,
     find_causal_lm,
     hook_input,
     hook_output,
-    is_reference_pass,
     resolve_hook,
 )
 from lightning_anatomy.concepts.sae import check_width
@@ -96,7 +96,7 @@ class ConceptAttribution(HookedCallback):
     `concepts/attribution/<name>/chosen`, `concepts/attribution/<name>/rejected`, where
     push = −attr (positive: the step pushes the concept up). Sums over tokens, not means.
 
-    Nothing is captured during validation, reference passes (`is_reference_pass()`), forward
+    Nothing is captured during validation, reference and measurement passes (`edits_suspended()`), forward
     passes without grad, or a gradient-checkpointing recomputation of a forward already captured
     (one capture per hook per micro-batch). Hooks exist only from the first micro-batch of an
     attributed step until its optimizer step, and are removed on fit end and on exceptions.
@@ -224,7 +224,7 @@ class ConceptAttribution(HookedCallback):
 
     def _should_capture(self, hook: str) -> bool:
         return (self._armed_step is not None and hook not in self._seen and torch.is_grad_enabled()
-                and not is_reference_pass())
+                and not edits_suspended())
 
     def _output_hook(self, hook: str):
         def capture(module, args, output):

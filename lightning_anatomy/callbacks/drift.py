@@ -38,7 +38,7 @@ from lightning_anatomy.callbacks._logging import (
     parse_track,
     wandb_table,
 )
-from lightning_anatomy.concepts.hooks import find_causal_lm
+from lightning_anatomy.concepts.hooks import find_causal_lm, measurement_pass
 
 RESPONSES = ("chosen", "rejected", "both")
 TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "drift", "predicted")
@@ -370,7 +370,7 @@ class ConceptDriftMonitor(Callback):
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), measurement_pass():
                 if first:
                     ids, attn, _ = self._batches[0]
                     self._lens.attach_check(ids, attn)

@@ -9,6 +9,7 @@ read and edit hidden states the same way.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ __all__ = [
     "unwrap_model",
     "reference_pass",
     "is_reference_pass",
+    "measurement_pass",
+    "is_measurement_pass",
+    "edits_suspended",
 ]
 
 HookKind = Literal["output", "input"]
@@ -341,25 +345,57 @@ def find_causal_lm(pl_module: nn.Module) -> nn.Module:
     )
 
 
-# --------------------------------------------------------------------------- reference-pass flag
+# --------------------------------------------------------------------------- pass flags
+#
+# The one rule for when a training-time edit acts. Every activation edit (ablation, steering,
+# projection, blocking) and every training statistic (attribution) acts on the policy's own
+# training forwards only; it does nothing inside
+#   * `reference_pass()`: the reference model's forward (a PEFT reference runs through the same
+#     modules with adapters off), and
+#   * `measurement_pass()`: a forward that measures the model (drift probes, rollouts, the lens,
+#     extraction, evaluation), which must see the model as it is, without the edits.
+# Hooks check `edits_suspended()`, which is true inside either.
 
 _state = threading.local()
 
 
 @contextmanager
-def reference_pass() -> Iterator[None]:
-    """Mark the forward passes inside as the reference model's (nestable, per thread).
-
-    The reference forward of a PEFT policy runs through the policy's own modules with adapters
-    off; hooks that intervene or collect statistics check `is_reference_pass()` and do nothing.
-    """
-    _state.depth = getattr(_state, "depth", 0) + 1
+def _flag(name: str) -> Iterator[None]:
+    setattr(_state, name, getattr(_state, name, 0) + 1)
     try:
         yield
     finally:
-        _state.depth -= 1
+        setattr(_state, name, getattr(_state, name) - 1)
+
+
+def reference_pass() -> contextlib.AbstractContextManager[None]:
+    """Mark the forward passes inside as the reference model's (nestable, per thread).
+
+    The reference forward of a PEFT policy runs through the policy's own modules with adapters
+    off; hooks that intervene or collect statistics check `edits_suspended()` and do nothing.
+    """
+    return _flag("reference")
+
+
+def measurement_pass() -> contextlib.AbstractContextManager[None]:
+    """Mark the forward passes inside as measurements of the model (nestable, per thread).
+
+    Probes, rollouts, lens passes and evaluations run inside it so that they see the model
+    without the training-time edits of any callback that is attached.
+    """
+    return _flag("measurement")
 
 
 def is_reference_pass() -> bool:
     """True inside `reference_pass()` on this thread."""
-    return getattr(_state, "depth", 0) > 0
+    return getattr(_state, "reference", 0) > 0
+
+
+def is_measurement_pass() -> bool:
+    """True inside `measurement_pass()` on this thread."""
+    return getattr(_state, "measurement", 0) > 0
+
+
+def edits_suspended() -> bool:
+    """True where training-time edits and training statistics must not act (see the rule above)."""
+    return is_reference_pass() or is_measurement_pass()

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_anatomy.concepts.hooks import HookPoint, hook_input, hook_output, resolve_hook
+from lightning_anatomy.concepts.hooks import (
+    HookPoint,
+    hook_input,
+    hook_output,
+    measurement_pass,
+    resolve_hook,
+)
 from lightning_anatomy.concepts.sae import check_width, load_sae, measure_fidelity
 
 __all__ = ["ConceptLens", "capture_activations", "span_stats"]
@@ -40,6 +46,8 @@ def capture_activations(
     stop_at_deepest: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Activations `{hook name: [b, s, d]}` at each hook from one forward pass under `no_grad`.
+
+    The forward is a `measurement_pass()`: training-time edits of attached callbacks stay off.
 
     With `stop_at_deepest` the forward stops as soon as every hook has fired. A module that runs
     more than once in a forward keeps its first activation. Hooks are removed on every exit path.
@@ -75,7 +83,7 @@ def capture_activations(
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), measurement_pass():
             model(**kwargs)
     except _StopForward:
         pass

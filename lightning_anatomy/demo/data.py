@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lightning_anatomy.concepts.hooks import measurement_pass
 from lightning_anatomy.data.tokenize import pad_right
 
 QUESTION_TEMPLATES = (
@@ -178,6 +179,7 @@ def make_demo_data(n_train: int = 64, n_heldout: int = 32, seed: int = 0, n_conc
 
 
 @torch.no_grad()
+@measurement_pass()
 def completion_logprobs(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 16
 ) -> torch.Tensor:

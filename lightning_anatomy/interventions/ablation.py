@@ -3,8 +3,8 @@
 Every intervention that changes what flows through the model (ablation, steering, the gradient
 projection Function) is a forward hook (or, for `resid_pre`, a forward-pre hook) on a resolved
 `HookPoint`. `register_activation_edit` is the one place that handles both kinds and both output
-structures, and that skips reference forwards (a PEFT reference runs through the same modules), so
-the callbacks cannot get these details subtly different.
+structures, and that skips reference and measurement forwards (`edits_suspended()`, the rule in
+`concepts/hooks.py`), so the callbacks cannot get these details subtly different.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_anatomy.concepts.hooks import HookPoint, hook_input, hook_output, is_reference_pass
+from lightning_anatomy.concepts.hooks import HookPoint, edits_suspended, hook_input, hook_output
 from lightning_anatomy.interventions.projection import project_out
 
 # edit(hidden, module) -> new hidden (same shape and dtype), or None to leave it as it is
@@ -24,7 +24,7 @@ ActivationEdit = Callable[[Tensor, torch.nn.Module], Tensor | None]
 
 
 def register_activation_edit(point: HookPoint, edit: ActivationEdit) -> RemovableHandle:
-    """Apply `edit` to the activation at `point` on every forward that is not a reference pass.
+    """Apply `edit` to the activation at `point` on every forward outside reference and measurement passes.
 
     The edit must be a pure function of its inputs: activation checkpointing re-runs forward hooks
     while recomputing, and a recomputed forward has to reproduce the original one exactly.
@@ -32,7 +32,7 @@ def register_activation_edit(point: HookPoint, edit: ActivationEdit) -> Removabl
     if point.kind == "input":
 
         def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-            if is_reference_pass():
+            if edits_suspended():
                 return None
             hidden, rebuild = hook_input(args, kwargs)
             new = edit(hidden, module)
@@ -41,7 +41,7 @@ def register_activation_edit(point: HookPoint, edit: ActivationEdit) -> Removabl
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        if is_reference_pass():
+        if edits_suspended():
             return None
         hidden, rebuild = hook_output(output)
         new = edit(hidden, module)
