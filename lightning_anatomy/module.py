@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,7 @@ class DPOModule(L.LightningModule):
             self.reference = copy.deepcopy(model).eval()
             self.reference.requires_grad_(False)
         self._ref_cache: dict[int, tuple[float, float]] = {}
+        self._auxiliary_losses: dict[str, Callable[[], Tensor | None]] = {}
         self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
         self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
 
@@ -191,7 +193,22 @@ class DPOModule(L.LightningModule):
         return ref["chosen_logps"], ref["rejected_logps"]
 
     # ------------------------------------------------------------------ steps
-    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def register_auxiliary_loss(self, name: str, term: Callable[[], Tensor | None]) -> None:
+        """Add `term()` to the loss of every training micro-batch (e.g. `ConceptBlocking`'s penalty).
+
+        `term` is called once per training step, after the policy and the reference forwards,
+        so it can combine what forward hooks captured in both; it returns a scalar (added as it
+        is, in the same graph as the DPO loss, so AMP scaling, accumulation and DDP treat it like
+        the loss) or None. Remove it with `remove_auxiliary_loss(name)`.
+        """
+        if name in self._auxiliary_losses:
+            raise ValueError(f"an auxiliary loss named {name!r} is already registered; remove it first")
+        self._auxiliary_losses[name] = term
+
+    def remove_auxiliary_loss(self, name: str) -> None:
+        self._auxiliary_losses.pop(name, None)
+
+    def _step(self, batch: dict[str, Tensor], *, training: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         hp = self.hparams
         pol = self.concatenated_forward(self.policy, batch, with_stats=True)
         ref_c, ref_r = self.reference_logps(batch)
@@ -206,6 +223,11 @@ class DPOModule(L.LightningModule):
         loss = losses.mean()
         if hp.rpo_alpha is not None:
             loss = loss + hp.rpo_alpha * pol["nll"]
+        if training:
+            for term in list(self._auxiliary_losses.values()):
+                value = term()
+                if value is not None:
+                    loss = loss + value
         stats = {
             "loss": loss.detach(),
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -220,7 +242,7 @@ class DPOModule(L.LightningModule):
         return loss, stats
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, stats = self._step(batch)
+        loss, stats = self._step(batch, training=True)
         n = batch["row_ids"].numel()
         for name, value in stats.items():
             self.train_metrics[_key(name)].update(value, weight=n)
