@@ -21,8 +21,12 @@ FIT_DEFAULTS: dict[str, Any] = {
     "data": {"source": "toy", "toy_size": 64, "batch_size": 8, "val_fraction": 0.125, "max_length": 128,
              "max_prompt_length": 64, "on_bad_rows": "error"},
     "trainer": {"max_steps": 30, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
-                "enable_checkpointing": False, "val_check_interval": None},
+                "val_check_interval": None},
     "logger": {"kind": "csv", "save_dir": "runs", "name": "fit", "project": "lightning-anatomy"},
+    # Lightning checkpoints in <run>/checkpoints: last.ckpt, and every N optimizer steps (null: last only).
+    "checkpoint": {"every_n_steps": 100, "save_last": True},
+    # The trained policy as a Hugging Face model folder in <run>/final (PEFT: merged, or adapter-only).
+    "save": {"final": True, "merge_adapters": True},
     "callbacks": [],
 }
 
@@ -66,9 +70,33 @@ def build_logger(cfg: DictConfig):
     raise ValueError(f"logger.kind={kind!r} is not one of 'csv', 'wandb', 'none'")
 
 
+def check_fit_config(cfg: DictConfig) -> None:
+    """Options a fit reads itself, checked before any model loads."""
+    every = cfg.checkpoint.get("every_n_steps")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"checkpoint.every_n_steps must be an integer >= 1 or null (last only), got {every!r}")
+    for key in ("save_last",):
+        if not isinstance(cfg.checkpoint.get(key), bool):
+            raise ValueError(f"checkpoint.{key} must be true or false, got {cfg.checkpoint.get(key)!r}")
+    for key in ("final", "merge_adapters"):
+        if not isinstance(cfg.save.get(key), bool):
+            raise ValueError(f"save.{key} must be true or false, got {cfg.save.get(key)!r}")
+
+
+def run_dir(logger: Any, cfg: DictConfig) -> Path:
+    """Where this fit's logs, checkpoints and final model go: the logger's version folder
+    (`<save_dir>/<name>/version_N` for CSV, `<save_dir>/<name>/<run id>` for W&B)."""
+    if logger and cfg.logger.kind == "csv":
+        return Path(logger.log_dir)
+    if logger and logger.version is not None:
+        return Path(cfg.logger.save_dir) / str(cfg.logger.name) / str(logger.version)
+    return Path(cfg.logger.save_dir) / str(cfg.logger.name)
+
+
 def build_fit(cfg: DictConfig):
     """Objects for a fit: (trainer, module, datamodule). Pure construction, no training."""
     import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_anatomy.callbacks.factory import build_callbacks
     from lightning_anatomy.data import PreferenceDataModule
@@ -88,16 +116,31 @@ def build_fit(cfg: DictConfig):
     datamodule = PreferenceDataModule(source, tokenizer, seed=cfg.seed, **data)
     callbacks = build_callbacks(OmegaConf.to_container(cfg.callbacks, resolve=True))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(logger=build_logger(cfg.logger), callbacks=callbacks, **trainer_kwargs)
+    logger = build_logger(cfg.logger)
+    if trainer_kwargs.get("enable_checkpointing", True) and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        every = cfg.checkpoint.every_n_steps
+        callbacks.append(ModelCheckpoint(
+            dirpath=run_dir(logger, cfg) / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
+            every_n_train_steps=every, save_top_k=-1 if every else 0, save_last=cfg.checkpoint.save_last))
+    trainer = L.Trainer(logger=logger, callbacks=callbacks, **trainer_kwargs)
     return trainer, module, datamodule
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, FIT_DEFAULTS)
+    check_fit_config(cfg)
+    if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt-path {args.ckpt_path!r} is not a file; checkpoints are in <run>/checkpoints")
     trainer, module, datamodule = build_fit(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=args.ckpt_path)
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if "/" in k}
     print("final metrics:", metrics)
+    if trainer.checkpoint_callback is not None and trainer.is_global_zero:
+        print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
+    if cfg.save.final and trainer.is_global_zero:
+        final = module.save_pretrained(run_dir(trainer.logger, cfg) / "final", merge_adapters=cfg.save.merge_adapters,
+                                       tokenizer=datamodule.tokenizer)
+        print(f"saved model: {final}")
     return 0
 
 

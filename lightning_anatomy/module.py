@@ -9,10 +9,9 @@ micro-batches of an optimizer step, which keeps them right under gradient accumu
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lightning_anatomy.concepts.hooks import reference_pass
+from lightning_anatomy.concepts.hooks import reference_pass, unwrap_model
 from lightning_anatomy.data import TokenizedPair, collate_pairs
+from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
+from lightning_anatomy.files import atomic_directory, atomic_write_file
 from lightning_anatomy.losses import preference_loss, validate_loss_options
-from lightning_anatomy.models.loading import load_model
+from lightning_anatomy.models.loading import load_model, max_positions
 
 REFERENCE_MODES = ("copy", "precomputed", "peft")
+CHECKPOINT_KEY = "lightning_anatomy"
 SCHEDULERS = ("cosine", "linear", "constant")
 METRIC_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -128,6 +130,7 @@ class DPOModule(L.LightningModule):
             self.reference.requires_grad_(False)
         self._ref_cache: dict[int, tuple[float, float]] = {}
         self._auxiliary_losses: dict[str, Callable[[], Tensor | None]] = {}
+        self._ref_from_checkpoint = False
         self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
         self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
 
@@ -285,12 +288,83 @@ class DPOModule(L.LightningModule):
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold the policy, not the frozen reference (which would double their size).
+
+        The reference is the initial policy: rebuilt by the constructor on resume (copy mode, its
+        digest is checked), the base weights inside the policy (peft), or the table of reference
+        log-probs, which is stored here (precomputed: recomputing it on resume would take the
+        *trained* weights as the reference).
+        """
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+        extra: dict[str, Any] = {"reference": self.hparams.reference}
+        if self.reference is not None:
+            extra["reference_digest"] = model_digest(self.reference)
+        if self._ref_cache:
+            ids = sorted(self._ref_cache)
+            extra["reference_logps"] = {
+                "row_ids": torch.tensor(ids, dtype=torch.long),
+                "chosen": torch.tensor([self._ref_cache[i][0] for i in ids], dtype=torch.float32),
+                "rejected": torch.tensor([self._ref_cache[i][1] for i in ids], dtype=torch.float32),
+            }
+        checkpoint[CHECKPOINT_KEY] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CHECKPOINT_KEY, {})
+        state = checkpoint.get("state_dict")
+        if self.reference is not None and state is not None:
+            saved = extra.get("reference_digest")
+            if saved is not None and saved != model_digest(self.reference):
+                raise ValueError(
+                    "this DPOModule's reference model is not the one the checkpoint was trained against "
+                    "(the weights differ); build DPOModule with the same initial policy the run started from"
+                )
+            # Old checkpoints carry the reference; new ones get it from this module.
+            if not any(k.startswith("reference.") for k in state):
+                state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        table = extra.get("reference_logps")
+        if self.hparams.reference == "precomputed":
+            if table is None:
+                raise ValueError(
+                    "the checkpoint holds no precomputed reference log-probs (reference='precomputed'), and they "
+                    "cannot be recomputed from a trained policy; resume with the run's own checkpoint, or start "
+                    "a new run"
+                )
+            self._ref_cache = {int(i): (float(c), float(r)) for i, c, r in zip(
+                table["row_ids"].tolist(), table["chosen"].tolist(), table["rejected"].tolist())}
+            self._ref_from_checkpoint = True
+
+    # ------------------------------------------------------------------ setup checks
+    def setup(self, stage: str) -> None:
+        """Refuse sequences longer than the model's positions before any step (they would crash
+        mid-training with an IndexError, or silently wrap for some position schemes)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        limit = max_positions(self.policy)
+        asked = getattr(dm, "max_length", None)
+        if limit is not None and isinstance(asked, int) and asked > limit:
+            raise ValueError(
+                f"max_length={asked} is longer than the model's {limit} positions "
+                f"({type(unwrap_model(self.policy)).__name__}); set max_length <= {limit} on the data module"
+            )
+
     # ------------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:
         if self.hparams.reference != "precomputed":
             return
         dm = getattr(self.trainer, "datamodule", None)
         pairs = list(getattr(dm, "train_pairs", None) or []) + list(getattr(dm, "val_pairs", None) or [])
+        if self._ref_from_checkpoint:
+            missing = [p.row_id for p in pairs if p.row_id not in self._ref_cache]
+            if missing:
+                raise ValueError(
+                    f"the checkpoint's reference log-probs lack {len(missing)} row id(s) of this data (first: "
+                    f"{missing[:5]}); a resumed run cannot compute them from its trained weights. Resume with the "
+                    "same data and split"
+                )
+            return
         if not pairs:
             raise ValueError(
                 "reference='precomputed' needs a datamodule with train_pairs/val_pairs (PreferenceDataModule), "
@@ -303,7 +377,8 @@ class DPOModule(L.LightningModule):
         """Reference log-probs of the current (initial) policy for `pairs`, cached on disk.
 
         The cache key hashes the policy weights and the tokenized pairs, so a changed model, data
-        or tokenization never reuses stale numbers. Rank 0 computes and writes; others wait and read.
+        or tokenization never reuses stale numbers. A cache file that cannot be read or lacks rows
+        is recomputed. Rank 0 computes and writes; others wait and read.
         """
         todo = [p for p in pairs if p.row_id not in self._ref_cache]
         if not todo:
@@ -312,18 +387,24 @@ class DPOModule(L.LightningModule):
         path = Path(cache_dir) / f"{self._fingerprint(todo)}.safetensors" if cache_dir else None
         strategy = self.trainer.strategy if self._trainer is not None else None
         is_zero = strategy is None or strategy.is_global_zero
-        if path is None or not path.exists():
-            if is_zero or path is None:
+        wanted = [p.row_id for p in todo]
+        table = None
+        if is_zero:
+            if path is not None and path.exists():
+                table, problem = _read_reference_table(path, wanted)
+                if problem:
+                    warnings.warn(f"reference cache {path} {problem}; recomputing it", stacklevel=2)
+            if table is None:
                 table = self._compute_reference(todo, pad_token_id, batch_size)
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    save_file(table, str(tmp))
-                    os.replace(tmp, path)
-            if strategy is not None:
-                strategy.barrier("anatomy_reference_cache")
-        if path is not None:
-            table = load_file(str(path))
+                    atomic_write_file(path, lambda tmp: save_file(table, str(tmp)))
+        if strategy is not None and path is not None:
+            strategy.barrier("anatomy_reference_cache")
+        if table is None:  # another rank: read what rank 0 wrote
+            table, problem = _read_reference_table(path, wanted)
+            if problem:
+                raise RuntimeError(f"reference cache {path} {problem} after rank 0 wrote it; is {path.parent} "
+                                   "shared by all processes? Set reference_cache_dir to a shared folder")
         for rid, c, r in zip(table["row_ids"].tolist(), table["chosen"].tolist(), table["rejected"].tolist()):
             self._ref_cache[int(rid)] = (c, r)
 
@@ -344,13 +425,47 @@ class DPOModule(L.LightningModule):
             self.policy.train(was_training)
         return {"row_ids": torch.cat(ids), "chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
 
+    # ------------------------------------------------------------------ the trained model
+    def save_pretrained(self, path: str | os.PathLike, merge_adapters: bool = True, *, tokenizer: Any = None
+                        ) -> Path:
+        """Write the policy as a Hugging Face model folder (`AutoModelForCausalLM.from_pretrained`).
+
+        A PEFT policy is merged into its base weights (`merge_adapters=True`, a plain model) or
+        saved adapter-only (`peft.AutoPeftModelForCausalLM.from_pretrained`). The tokenizer (given,
+        else the datamodule's) is saved beside it. The folder appears complete or not at all.
+        """
+        if tokenizer is None and self._trainer is not None:
+            tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        model = self.policy
+        is_peft = hasattr(model, "merge_and_unload")
+        if is_peft and merge_adapters:
+            model = copy.deepcopy(model).merge_and_unload()
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+        return atomic_directory(Path(path), write)
+
     def _fingerprint(self, pairs: list[TokenizedPair]) -> str:
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.policy.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-        h.update(json.dumps([[p.row_id, p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]).encode())
-        return h.hexdigest()[:24]
+        return combined_digest("reference-logps", model_digest(self.policy), pairs_digest(pairs))
+
+
+def _read_reference_table(path: Path, row_ids: list[int]) -> tuple[dict[str, Tensor] | None, str | None]:
+    """The cached table and None, or None and what is wrong with the file."""
+    try:
+        table = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        return None, f"cannot be read ({type(err).__name__}: {err})"
+    if set(table) != {"row_ids", "chosen", "rejected"} or len({t.shape for t in table.values()}) != 1:
+        return None, "does not hold a reference table (row_ids, chosen, rejected of one length)"
+    missing = set(row_ids) - set(table["row_ids"].tolist())
+    if missing:
+        return None, f"lacks {len(missing)} of the {len(row_ids)} rows"
+    if not (torch.isfinite(table["chosen"]).all() and torch.isfinite(table["rejected"]).all()):
+        return None, "holds non-finite log-probs"
+    return table, None
 
 
 def _key(name: str) -> str:

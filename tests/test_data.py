@@ -328,7 +328,8 @@ def test_every_bad_row_is_reported_at_once(tmp_path):
     _check_bad(err.value.bad_rows)
     message = str(err.value)
     assert "10 problem(s) in 9 row(s)" in message
-    assert "row 3, chosen: expected a string, found int" in message
+    assert "rows count records from 0, lines count file lines from 1" in message
+    assert "row 3 (line 5), chosen: expected a string, found int" in message  # the blank line 3 is no row
     assert 'on_bad_rows="skip"' in message and "more" not in message
     assert isinstance(err.value, ValueError)
     again = pickle.loads(pickle.dumps(err.value))
@@ -348,6 +349,72 @@ def test_skip_drops_exactly_the_bad_rows(tmp_path, caplog):
     assert "skipped 9 of 11 rows" in text and "2 x rejected: missing field" in text
 
 
+GOOD_LINE = json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}).encode()
+UNREADABLE = [
+    GOOD_LINE,  # row 0, line 1
+    b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}',  # row 1, line 2: Latin-1, not UTF-8
+    b"",  # line 3: blank, not a row
+    b"[" * 100_000 + b"]" * 100_000,  # row 2, line 4: nested past the recursion limit
+    b'{"prompt": "q", "chosen": " c", "rejected": " d"}',  # row 3, line 5
+]
+
+
+@pytest.mark.parametrize("name", ["u.jsonl", "u.jsonl.gz", "u.json"])
+def test_invalid_utf8_and_deep_nesting_are_bad_rows_naming_their_line(tmp_path, caplog, name):
+    data = b"\n".join(UNREADABLE) + b"\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(PreferenceDataError) as err:
+        read_preferences(path)
+    assert [(r, f) for r, f, _ in err.value.bad_rows] == [(1, "<json>"), (2, "<json>")]
+    assert "invalid UTF-8 on line 2: the line's byte 16 is 0xe9" in err.value.bad_rows[0][2]
+    assert "on line 4 is nested too deeply" in err.value.bad_rows[1][2]
+    assert "row 1 (line 2), <json>: invalid UTF-8" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="lightning_anatomy.data"):
+        rows = read_preferences(path, on_bad_rows="skip")
+    assert [r.row_id for r in rows] == [0, 3] and rows[1].prompt == "q"  # the lines after them are read
+    assert [r for r, _, _ in rows.dropped] == [1, 2]
+    assert "[row 1 (line 2), row 2 (line 4)]" in caplog.records[-1].getMessage()
+
+
+def test_a_whole_json_document_names_the_line_of_a_bad_byte_or_depth(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[\n{"prompt": "p", "chosen": " a", "rejected": " b"},\n{"prompt": "\xff"}\n]')
+    with pytest.raises(ValueError, match="a.json: invalid UTF-8 on line 3"):
+        read_preferences(path)
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ValueError, match="a.json: JSON nested too deeply"):
+        read_preferences(path)
+
+
+def test_a_byte_order_mark_and_line_separators_inside_strings_read_fine(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    text = json.dumps({"prompt": "a\u2028b", "chosen": " c", "rejected": " d"}, ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + (text + "\n" + text.replace(" c", " e") + "\n").encode())
+    rows = read_preferences(path)
+    assert [r.prompt for r in rows] == ["a\u2028b"] * 2 and rows.dropped == []
+    (tmp_path / "bom.json").write_bytes(path.read_bytes())  # JSON Lines under a .json name
+    assert [r.chosen for r in read_preferences(tmp_path / "bom.json")] == [" c", " e"]
+
+
+def test_duplicate_pairs_are_kept_and_reported_with_their_rows(tmp_path, caplog):
+    records = explicit_rows(4)
+    records += [records[1], dict(records[1], weight=9.0), records[3]] + [records[0]] * 5  # rows 4..11
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")  # blank lines: line = 2 * row + 1
+    with caplog.at_level(logging.WARNING, logger="lightning_anatomy.data"):
+        rows = read_preferences(path)
+    assert len(rows) == 12 and rows.dropped == []
+    assert rows.duplicates == [(4, 1), (5, 1), (6, 3)] + [(i, 0) for i in range(7, 12)]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("8 duplicate pair(s)") and ".duplicates" in warning
+    assert "row 4 (line 9) repeats row 1 (line 3), row 5 (line 11) repeats row 1 (line 3)" in warning
+    assert "row 8 (line 17) repeats row 0 (line 1), ..." in warning and "row 9 " not in warning
+    assert read_preferences(explicit_rows(3)).duplicates == []
+    same = [PreferenceRow("a", "b", "c", 4), PreferenceRow("a", "b", "c", 9)]
+    assert read_preferences(same).duplicates == [(9, 4)]
+
+
 def test_message_lists_twenty_and_counts_the_rest():
     rows = [{"prompt": "p", "chosen": " a", "rejected": " a"} for _ in range(25)]
     with pytest.raises(PreferenceDataError) as err:
@@ -355,6 +422,7 @@ def test_message_lists_twenty_and_counts_the_rest():
     assert [r for r, _, _ in err.value.bad_rows] == list(range(25))
     message = str(err.value)
     assert message.count("\n  row ") == 20 and "row 19, rejected" in message and "row 20," not in message
+    assert "rows count records from 0;" in message and "line" not in message  # in memory: no lines
     assert "... and 5 more" in message
 
 
@@ -464,6 +532,45 @@ def test_datamodule_split_is_seeded_disjoint_and_batches_follow_the_contract(tok
     assert [b["row_ids"].tolist() for b in none.predict_dataloader()] == [[0, 1, 2, 3]]
 
 
+def _plain_split(n: int, n_val: int, seed: int) -> list[int]:
+    """The split before duplicate groups: the first n_val of a seeded permutation are validation."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()[:n_val])
+
+
+def test_datamodule_split_without_duplicates_is_the_plain_seeded_permutation(tok):
+    for n, fraction, seed in [(20, 0.25, 1), (37, 0.1, 0), (9, 0.5, 123)]:
+        dm = PreferenceDataModule(explicit_rows(n), tok, val_fraction=fraction, seed=seed)
+        dm.setup()
+        expected = _plain_split(n, max(1, round(n * fraction)), seed)
+        assert [p.row_id for p in dm.val_pairs] == expected
+        assert [p.row_id for p in dm.train_pairs] == [i for i in range(n) if i not in expected]
+
+
+def test_datamodule_keeps_duplicate_pairs_on_one_side_of_the_split(tok):
+    base = explicit_rows(30)
+    rows = base + [base[i] for i in (0, 0, 3, 7, 7, 7, 12, 29)]  # rows 30..37 copy 0, 0, 3, 7, 7, 7, 12, 29
+    groups = {}
+    for row_id, r in enumerate(rows):
+        groups.setdefault((r["prompt"], r["chosen"], r["rejected"]), set()).add(row_id)
+    splits = []
+    for seed in range(12):
+        dm = PreferenceDataModule(rows, tok, val_fraction=0.2, seed=seed)
+        dm.setup()
+        val, train = {p.row_id for p in dm.val_pairs}, {p.row_id for p in dm.train_pairs}
+        assert len(val) == round(38 * 0.2) and val | train == set(range(38)) and not val & train
+        assert all(g <= val or g <= train for g in groups.values())  # no group straddles the split
+        again = PreferenceDataModule(rows, tok, val_fraction=0.2, seed=seed)
+        again.setup()
+        assert [p.row_id for p in again.val_pairs] == sorted(val)  # same seed, same split
+        splits.append(frozenset(val))
+    assert len(set(splits)) > 6  # the seed still matters
+    with pytest.raises(ValueError, match="all 3 pairs are copies of one pair"):
+        PreferenceDataModule([base[0]] * 3, tok, val_fraction=0.3).setup()
+    big = PreferenceDataModule([base[0]] * 3 + [base[1]] * 3, tok, val_fraction=0.1)  # n_val 1 < any group
+    big.setup()
+    assert len(big.val_pairs) == 3 and len(big.train_pairs) == 3
+
+
 def test_datamodule_fails_on_bad_rows_at_setup_or_skips_them(tok):
     rows = explicit_rows(6)
     rows[2]["chosen"] = ""
@@ -556,6 +663,7 @@ def test_hh_rlhf_reads_with_implicit_prompts(hh_rlhf_path):
     assert rows.layout == "implicit" and len(rows) == 1155 and [r for r, _, _ in rows.dropped] == [136]
     assert [r.row_id for r in rows] == [i for i in range(1156) if i != 136]
     assert all(r.prompt.endswith("\n\nAssistant:") for r in rows)
+    assert rows.duplicates == []  # no pair of this split repeats
     assert all(r.chosen.startswith(" ") and r.rejected.startswith(" ") for r in rows)
     chosen, rejected = statistics.median(len(r.chosen) for r in rows), statistics.median(len(r.rejected) for r in rows)
     assert chosen < rejected and abs(chosen - 113) <= 5 and abs(rejected - 145) <= 5  # README: about 113 vs 145
@@ -573,3 +681,23 @@ def test_hh_rlhf_reads_with_implicit_prompts(hh_rlhf_path):
         assert decode(pair.rejected_ids[:-1]) == row.rejected
     mean_bytes = sum(len(r.prompt.encode()) for r in sample) / sum(len(p.prompt_ids) for p in pairs)
     assert mean_bytes > 1.5  # the merges do shorten real text
+
+
+def test_hh_rlhf_copies_stay_on_one_side_of_the_split(hh_rlhf_path, tok, tmp_path):
+    """Real transcripts with 40 rows copied: every copy lands beside its original; without them
+    the split is the plain seeded permutation."""
+    lines = [line for line in hh_rlhf_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines.pop(136)  # the blank reply (see above)
+    copied = tmp_path / "hh-with-copies.jsonl"
+    copied.write_text("\n".join(lines + lines[::29][:40]) + "\n", encoding="utf-8")
+    kwargs = dict(max_length=256, max_prompt_length=128, val_fraction=0.1, seed=3)
+    dm = PreferenceDataModule(copied, tok, **kwargs)
+    dm.setup()
+    assert len(dm.rows.duplicates) == 40
+    side = {p.row_id: "val" for p in dm.val_pairs} | {p.row_id: "train" for p in dm.train_pairs}
+    assert all(side[row] == side[original] for row, original in dm.rows.duplicates)
+    assert len(dm.val_pairs) == round(len(side) * 0.1)
+    plain = PreferenceDataModule(copied.with_name("hh.jsonl"), tok, **kwargs)
+    copied.with_name("hh.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plain.setup()
+    assert [p.row_id for p in plain.val_pairs] == _plain_split(len(lines), round(len(lines) * 0.1), 3)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 
 from lightning_anatomy.audit.result import AuditResult
 from lightning_anatomy.audit.tracing import span_values
+from lightning_anatomy.files import atomic_write_file, atomic_write_text
 
 
 def pair_scores(result: AuditResult, concepts: Sequence[tuple[str, int]]) -> dict[int, float]:
@@ -59,26 +59,16 @@ def write_rows(rows: Iterable[Any], path: str | os.PathLike) -> Path:
     `read_preferences` reads the file back (explicit layout, weights kept; row ids renumber in
     file order, the original id stays in the `row_id` field).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(_row_dict(row), ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+
+    return atomic_write_file(path, write)
 
 
 def _write_json(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _check_rows(rows: Sequence[Any]) -> None:

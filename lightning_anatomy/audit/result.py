@@ -12,10 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ import scipy.sparse as sp
 
 from lightning_anatomy.audit.tracing import trace_pairs
 from lightning_anatomy.concepts.span_features import SpanFeatures
+from lightning_anatomy.files import atomic_directory
 
 FORMAT_VERSION = 1
 MARKER = "audit.json"
@@ -153,6 +151,7 @@ class AuditResult:
             (tmp / MARKER).write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
             (tmp / "report.html").write_text(render_report(self), encoding="utf-8")
 
+        _check_target(target)
         atomic_directory(target, write)
         return target
 
@@ -241,26 +240,7 @@ def _load_features(folder: Path, manifest: Mapping[str, Any]) -> SpanFeatures:
     )
 
 
-def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a fresh sibling directory, then swap it into `target`.
-
-    An existing `target` is replaced only when it is empty or an earlier audit (has `audit.json`):
-    never a directory of someone else's files.
-    """
-    target = Path(target)
+def _check_target(target: Path) -> None:
+    """Replace only an empty directory or an earlier audit (has `audit.json`), never someone else's files."""
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / MARKER).is_file())):
         raise FileExistsError(f"{target} exists and is not an audit directory; choose a new or empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)

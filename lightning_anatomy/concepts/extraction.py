@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_anatomy.concepts.lens import ConceptLens, span_stats
 from lightning_anatomy.concepts.span_features import SPANS, STATS, SpanFeatures
 from lightning_anatomy.data.tokenize import TokenizedPair, collate_pairs
+from lightning_anatomy.digests import model_digest, pairs_digest
+from lightning_anatomy.files import atomic_write_bytes
+from lightning_anatomy.models.loading import max_positions
 
 __all__ = ["ExtractionError", "extract_span_features", "load_span_features"]
 
@@ -90,32 +92,6 @@ def _make_plan(pairs: Sequence[TokenizedPair], batch_size: int, batches_per_shar
 # Fingerprint: everything that changes the numbers or the shard layout
 
 
-def _pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
-    h = hashlib.sha256()
-    for p in pairs:
-        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
-            h.update(np.int64(len(ids)).tobytes())
-            h.update(np.asarray(ids, dtype=np.int64).tobytes())
-        h.update(np.int64(p.row_id).tobytes())
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def _module_digest(module: nn.Module) -> str:
-    """Exact bytes of up to 64 evenly spaced entries of every tensor: cheap even for an 8B model
-    on GPU, free of reduction-order noise, and different for another checkpoint or fine-tune."""
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if flat.numel():
-            # integer spacing: a float32 linspace rounds past the end for tensors above 2**24 entries
-            k = min(64, flat.numel())
-            idx = torch.arange(k, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
-            h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _lens_saes(lens: ConceptLens) -> dict[str, nn.Module]:
     saes = getattr(lens, "saes", None)
     if not isinstance(saes, (dict, nn.ModuleDict)):
@@ -130,10 +106,10 @@ def _settings(
     saes = _lens_saes(lens)
     return {
         "n_pairs": len(pairs),
-        "pairs_sha256": _pairs_digest(pairs),
+        "pairs_sha256": pairs_digest(pairs),
         "hooks": {h: int(lens.d_sae(h)) for h in lens.hooks},
-        "sae_digests": {h: f"{type(saes[h]).__name__}:{_module_digest(saes[h])}" for h in lens.hooks},
-        "model_digest": f"{type(lens.model).__name__}:{_module_digest(lens.model)}",
+        "sae_digests": {h: f"{type(saes[h]).__name__}:{model_digest(saes[h])}" for h in lens.hooks},
+        "model_digest": f"{type(lens.model).__name__}:{model_digest(lens.model)}",
         "threshold": float(threshold),
         "stats": list(stats),
         "spans": list(SPANS),
@@ -154,28 +130,14 @@ def _matrix_keys(settings: dict[str, Any]) -> list[tuple[str, str, str]]:
 # Files: atomic writes, shards, manifest and per-rank journals
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> dict[str, Any]:
     """Write one shard atomically; return its manifest entry fields (sha256, bytes)."""
     data = st_save(arrays, metadata=metadata)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
@@ -367,7 +329,8 @@ class _ExtractionModule(pl.LightningModule):
         keep = {e["file"] for e in done.values()}
         for path in job.out_dir.iterdir():  # journals are merged; partial or unrecorded shards redone
             stale = _JOURNAL_RE.match(path.name) or (_SHARD_RE.match(path.name) and path.name not in keep)
-            partial = path.name.startswith((".shard-", f".{MANIFEST}.", ".journal-rank")) and path.name.endswith(".tmp")
+            partial = path.name.startswith((".shard-", f".{MANIFEST}.", ".journal-rank")) and (
+                path.name.endswith(".tmp") or ".tmp-" in path.name)  # temps of older versions, then of files.py
             if stale or partial:
                 path.unlink()
         return [k for k in range(job.plan.n_shards) if k not in done]
@@ -536,8 +499,7 @@ def _validate(
     if not hooks:
         raise ExtractionError("the lens has no hooks; build ConceptLens(model, saes={hook_name: sae})")
     vocab = lens.model.get_input_embeddings().num_embeddings
-    cfg = getattr(lens.model, "config", None)
-    max_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    max_pos = max_positions(lens.model)
     seen: dict[int, int] = {}
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
         raise ExtractionError(f"pad_token_id must be an int (see data.tokenize.resolve_pad_token_id), got {pad_token_id!r}")

@@ -2,8 +2,8 @@
 
 Everything is read and tokenized in `setup()`, so a bad row fails the run before the first step.
 The split is a seeded permutation of the pairs and is saved in the checkpoint, so a resumed run
-trains and validates on the same rows. Loaders stay plain `DataLoader`s so Lightning can swap in
-a `DistributedSampler` under DDP.
+trains and validates on the same rows; the training loader also saves its epoch and position, so
+it continues mid-epoch (data/sampler.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_anatomy.data.rows import LAYOUTS, BadRow, PreferenceRow, check_on_bad_rows, read_preferences
+from lightning_anatomy.data.sampler import ResumableLoader, ResumableSampler
 from lightning_anatomy.data.tokenize import (
     TokenizedPair,
     check_length_options,
@@ -34,11 +35,40 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _split_groups(pairs: Sequence[TokenizedPair], n_val: int, seed: int) -> tuple[list[int], list[int]]:
+    """(val, train) positions: a seeded split of whole groups of identical pairs (same token ids).
+
+    A copy of a training pair in validation would make the validation loss look better than it
+    is, so copies stay on one side. Groups are permuted with `seed` and taken into validation
+    while they fit in `n_val`; with no duplicates every group is one pair and this is exactly the
+    plain seeded permutation (`randperm(n)[:n_val]`), so existing splits do not move.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault((tuple(p.prompt_ids), tuple(p.chosen_ids), tuple(p.rejected_ids)), []).append(i)
+    members = list(groups.values())
+    if n_val and len(members) < 2:
+        raise ValueError(f"all {len(pairs)} pairs are copies of one pair, so no split keeps copies on one side; "
+                         "set val_fraction=0 or add distinct rows")
+    order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist()
+    val: list[int] = []
+    for g in order:
+        if len(val) + len(members[g]) <= n_val:
+            val += members[g]
+        if len(val) == n_val:
+            break
+    if n_val and not val:  # every group is larger than n_val: take the first, it leaves training pairs
+        val = list(members[order[0]])
+    taken = set(val)
+    return sorted(val), [i for i in range(len(pairs)) if i not in taken]
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs for `DPOModule`: batches follow the `[chosen; rejected]` contract.
 
-    The train loader shuffles with a generator seeded by `seed` (`shuffle=False` keeps row order,
-    e.g. to compare a single-device run with a DDP one batch for batch).
+    The train loader shuffles epoch e with the seed `seed + e` (`shuffle=False` keeps row order,
+    e.g. to compare a single-device run with a DDP one batch for batch); its position is saved in
+    checkpoints, so a resumed run continues with the batches the uninterrupted run would see.
 
     `.rows`, `.train_pairs`, `.val_pairs` and `.dropped` (bad rows skipped while reading and
     tokenizing) are None until `setup()` has run.
@@ -95,6 +125,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_pairs: list[TokenizedPair] | None = None
         self.dropped: list[BadRow] | None = None
         self._saved_split: dict[str, list[int]] | None = None
+        self._train_loader: ResumableLoader | None = None
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -130,8 +161,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(
                 f"val_fraction={self.val_fraction} leaves no training pairs out of {n}; lower val_fraction or add rows"
             )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        val_idx, train_idx = _split_groups(self.pairs, n_val, self.seed)
         self.train_pairs = [self.pairs[i] for i in train_idx]
         self.val_pairs = [self.pairs[i] for i in val_idx]
 
@@ -140,22 +170,20 @@ class PreferenceDataModule(L.LightningDataModule):
             raise RuntimeError("PreferenceDataModule.setup() has not run yet; call dm.setup() or let the Trainer do it")
 
     # ---------------------------------------------------------------------------------- loaders
-    def _loader(self, pairs: Sequence[TokenizedPair], batch_size: int, shuffle: bool) -> DataLoader:
-        # Under DDP the sampler is ours, not Lightning's default (which always shuffles training
-        # data): `shuffle` and `seed` then mean the same on 1 or N processes, and rank r sees
-        # positions r, r+N, ... of the order a single process would see.
+    def _loader(self, pairs: Sequence[TokenizedPair], batch_size: int, shuffle: bool, *, train: bool = False
+                ) -> DataLoader:
+        # The sampler is ours, not Lightning's default (which always shuffles training data under
+        # DDP): `shuffle` and `seed` then mean the same on 1 or N processes, and rank r sees
+        # positions r, r+N, ... of the order a single process would see. The training loader is
+        # resumable mid-epoch (data/sampler.py).
         world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
-        sampler = None
-        if world > 1:
-            sampler = DistributedSampler(pairs, num_replicas=world, rank=self.trainer.global_rank,
-                                         shuffle=shuffle, seed=self.seed)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle and sampler is None else None
-        return DataLoader(
+        rank = self.trainer.global_rank if world > 1 else 0
+        sampler = ResumableSampler(pairs, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        loader_cls = ResumableLoader if train else DataLoader
+        return loader_cls(
             pairs,  # a plain list is a map-style dataset
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
-            generator=generator,
             collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -163,7 +191,15 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.train_pairs, self.batch_size, shuffle=self.shuffle)
+        self._train_loader = self._loader(self.train_pairs, self.batch_size, shuffle=self.shuffle, train=True)
+        return self._train_loader
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches that reach a step, for a mid-epoch resume (data/sampler.py)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.note_consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         """No validation (val_fraction=0) is an empty list, which Lightning runs as no val loop."""

@@ -10,6 +10,13 @@ layouts are understood (the ones TRL accepts):
   turns; rendered with the tokenizer's chat template;
 - implicit: `chosen`/`rejected` whole transcripts sharing a prefix (HH-RLHF); the prompt is the
   shared prefix up to and including its last assistant-turn marker.
+
+Rows and lines are different numbers: a row is a record, counted from 0 in file order (its
+`row_id`); a line is a line of a JSON Lines file, counted from 1 as editors do (blank lines are
+not rows). Messages say "row 3 (line 5)" where both are known. A line that is not UTF-8 or not
+parseable JSON is a bad row like any other, so one bad byte never hides the rest of the file.
+Duplicate pairs are kept but reported: they weigh a pair twice and, split across train and
+validation, leak training pairs into the validation loss.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +40,9 @@ LAYOUTS = ("auto", "explicit", "conversational", "implicit")
 ON_BAD_ROWS = ("error", "skip")
 ASSISTANT_MARKERS = ("\n\nAssistant:", "<|im_start|>assistant\n", "[/INST]", "<start_of_turn>model\n", "### Assistant:")
 MAX_LISTED = 20
+DUPLICATES_LISTED = 5
 
-BadRow = tuple[int, str, str]  # (row_number, field, reason)
+BadRow = tuple[int, str, str]  # (row number, field, reason); row numbers are 0-based records
 
 
 @dataclass(frozen=True)
@@ -49,12 +58,16 @@ class PreferenceRow:
 
 
 class PreferenceRows(list):
-    """The good rows of a source, plus `.dropped` (problems of the rows skipped) and `.layout`."""
+    """The good rows of a source, plus `.dropped` (problems of the rows skipped), `.layout` and
+    `.duplicates`: `(row, row it repeats)` for every good row with the same prompt, chosen and
+    rejected as an earlier one (kept, not an error)."""
 
-    def __init__(self, rows: Iterable[PreferenceRow] = (), dropped: Iterable[BadRow] = (), layout: str | None = None):
+    def __init__(self, rows: Iterable[PreferenceRow] = (), dropped: Iterable[BadRow] = (), layout: str | None = None,
+                 duplicates: Iterable[tuple[int, int]] = ()):
         super().__init__(rows)
         self.dropped: list[BadRow] = list(dropped)
         self.layout = layout
+        self.duplicates: list[tuple[int, int]] = list(duplicates)
 
 
 class PreferenceDataError(ValueError):
@@ -73,30 +86,43 @@ def check_on_bad_rows(on_bad_rows: str) -> None:
         raise ValueError(f"on_bad_rows must be one of {', '.join(map(repr, ON_BAD_ROWS))}, got {on_bad_rows!r}")
 
 
-def format_bad_rows(bad_rows: Sequence[BadRow], *, what: str, fix: str) -> str:
+def row_label(row: int, lines: Sequence[int] | None = None) -> str:
+    """How every message names a row: "row 3 (line 5)" where the source has lines, else "row 3"."""
+    return f"row {row} (line {lines[row]})" if lines is not None and 0 <= row < len(lines) else f"row {row}"
+
+
+def format_bad_rows(bad_rows: Sequence[BadRow], *, what: str, fix: str, lines: Sequence[int] | None = None) -> str:
+    """The message listing bad rows; `lines[row]` is the 1-based file line of each row, when known."""
     rows = len({r for r, _, _ in bad_rows})
-    lines = [f"{len(bad_rows)} problem(s) in {rows} row(s) {what} (row, field: reason):"]
-    lines += [f"  row {r}, {f}: {reason}" for r, f, reason in bad_rows[:MAX_LISTED]]
+    counting = "rows count records from 0" + (", lines count file lines from 1" if lines is not None else "")
+    out = [f"{len(bad_rows)} problem(s) in {rows} row(s) {what} ({counting}; row, field: reason):"]
+    out += [f"  {row_label(r, lines)}, {f}: {reason}" for r, f, reason in bad_rows[:MAX_LISTED]]
     if len(bad_rows) > MAX_LISTED:
-        lines.append(f"  ... and {len(bad_rows) - MAX_LISTED} more")
-    lines.append(fix)
-    return "\n".join(lines)
+        out.append(f"  ... and {len(bad_rows) - MAX_LISTED} more")
+    out.append(fix)
+    return "\n".join(out)
 
 
-def handle_bad_rows(bad_rows: Sequence[BadRow], *, on_bad_rows: str, total: int, kept: int, what: str, fix: str) -> None:
+def handle_bad_rows(bad_rows: Sequence[BadRow], *, on_bad_rows: str, total: int, kept: int, what: str, fix: str,
+                    lines: Sequence[int] | None = None) -> None:
     """Raise (error mode), or log one summary (skip mode); zero kept rows always raises."""
     if not bad_rows and kept:
         return
     if on_bad_rows == "error" and bad_rows:
-        raise PreferenceDataError(format_bad_rows(bad_rows, what=what, fix=fix), bad_rows)
+        raise PreferenceDataError(format_bad_rows(bad_rows, what=what, fix=fix, lines=lines), bad_rows)
     if kept == 0:
         if not bad_rows:
             raise PreferenceDataError(f"no rows {what}: the source is empty")
-        message = format_bad_rows(bad_rows, what=what, fix="Every row is bad, so nothing is left to train on.")
+        message = format_bad_rows(bad_rows, what=what, fix="Every row is bad, so nothing is left to train on.",
+                                  lines=lines)
         raise PreferenceDataError(f"no usable rows out of {total}; " + message, bad_rows)
     counts = Counter(f"{f}: {reason}" for _, f, reason in bad_rows)
     summary = "; ".join(f"{n} x {key}" for key, n in counts.most_common())
-    log.warning("skipped %d of %d rows %s (listed in .dropped): %s", total - kept, total, what, summary)
+    rows = list(dict.fromkeys(r for r, _, _ in bad_rows))
+    where = ", ".join(row_label(r, lines) for r in rows[:MAX_LISTED])
+    more = ", ..." if len(rows) > MAX_LISTED else ""
+    log.warning("skipped %d of %d rows %s (listed in .dropped): %s [%s%s]", total - kept, total, what, summary,
+                where, more)
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -120,6 +146,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _plain_record(record: Any) -> Any:
+    if isinstance(record, _Unreadable):
+        return record
+    try:
+        return _plain(record)
+    except RecursionError:  # a parsed record nested almost to the limit, or an in-memory one
+        return _Unreadable(f"the record is nested too deeply to read (over {sys.getrecursionlimit()} levels)")
+
+
 def _columns_to_records(columns: Mapping[str, Any], origin: str) -> list[Any]:
     lengths = {k: len(v) for k, v in columns.items() if isinstance(v, list | tuple)}
     if len(lengths) != len(columns):
@@ -139,55 +174,83 @@ def _looks_like_columns(data: Mapping[str, Any]) -> bool:
     return not (chosen and isinstance(chosen[0], Mapping) and "role" in chosen[0])
 
 
-def _jsonl_records(lines: Iterable[str]) -> list[Any]:
+def _parse_line(raw: bytes, line_no: int) -> Any:
+    """One JSON Lines record, or `_Unreadable` naming the line: bad bytes or nesting never stop a read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _Unreadable(f"invalid UTF-8 on line {line_no}: the line's byte {e.start + 1} is 0x{raw[e.start]:02x}; "
+                           "save the file as UTF-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return _Unreadable(f"invalid JSON on line {line_no}: {e.msg} (column {e.colno})")
+    except RecursionError:
+        return _Unreadable(f"JSON on line {line_no} is nested too deeply to read (over {sys.getrecursionlimit()} levels)")
+
+
+def _jsonl_records(raw_lines: Iterable[bytes]) -> tuple[list[Any], list[int]]:
+    """The records of JSON Lines bytes and the 1-based line of each (split on b"\\n" only, as JSONL is)."""
     records: list[Any] = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
+    lines: list[int] = []
+    for line_no, raw in enumerate(raw_lines, start=1):
+        if line_no == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of the record
+        if not raw.strip():
             continue  # blank lines are not rows; row numbers count records
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            records.append(_Unreadable(f"invalid JSON on line {line_no}: {e.msg}"))
-    return records
+        records.append(_parse_line(raw, line_no))
+        lines.append(line_no)
+    return records, lines
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _file_records(path: Path, split: str | None) -> list[Any]:
+def _decode_document(data: bytes, path: Path) -> Any:
+    """A whole-file JSON document; its errors name the line, as JSON Lines errors do."""
+    try:
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: invalid UTF-8 on line {line} (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read (over {sys.getrecursionlimit()} levels)") from None
+
+
+def _file_records(path: Path, split: str | None) -> tuple[list[Any], list[int] | None]:
+    """The records of a file and, for JSON Lines, the 1-based line of each record."""
     if not path.exists():
         raise FileNotFoundError(f"preference data not found: {path}")
     if path.is_dir():
-        return _dataset_records(_load_from_disk(path), split, str(path))
+        return _dataset_records(_load_from_disk(path), split, str(path)), None
     if split is not None:
         raise ValueError(f"split={split!r} only applies to a datasets DatasetDict, not to the file {path}")
     name = path.name.lower()
     kind = Path(name[:-3] if name.endswith(".gz") else name).suffix
     if kind in (".jsonl", ".ndjson"):
-        with _open_text(path) as f:
+        with _open_binary(path) as f:
             return _jsonl_records(f)
     if kind == ".json":
-        with _open_text(path) as f:
-            text = f.read()
-        if text.lstrip().startswith("["):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        with _open_binary(path) as f:
+            data = f.read()
+        if data.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            return _decode_document(data, path), None
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            return _jsonl_records(text.splitlines())  # JSON Lines under a .json name (datasets' to_json)
-        if isinstance(data, dict) and _looks_like_columns(data):
-            return _columns_to_records(data, str(path))
-        return [data]
+            doc = _decode_document(data, path)
+        except ValueError:
+            return _jsonl_records(data.split(b"\n"))  # JSON Lines under a .json name (datasets' to_json)
+        if isinstance(doc, dict) and _looks_like_columns(doc):
+            return _columns_to_records(doc, str(path)), None
+        return [doc], None
     if kind in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path).to_pylist(), None
     raise ValueError(
         f"unsupported file type {''.join(path.suffixes) or '(none)'!r} for {path}: use .jsonl, .json, .parquet "
         "(optionally .gz for JSON), a datasets save_to_disk directory, or pass rows in memory"
@@ -216,20 +279,21 @@ def _dataset_records(ds: Any, split: str | None, origin: str) -> list[Any]:
     return ds.to_list() if hasattr(ds, "to_list") else list(ds)  # IterableDataset has no to_list
 
 
-def _load_records(source: Any, split: str | None) -> list[Any]:
+def _load_records(source: Any, split: str | None) -> tuple[list[Any], list[int] | None]:
+    """The records of any source and, for JSON Lines, the 1-based line of each."""
     if isinstance(source, str | os.PathLike):
         return _file_records(Path(source), split)
     module = type(source).__module__ or ""
     if module.startswith("datasets"):
-        return _dataset_records(source, split, type(source).__name__)
+        return _dataset_records(source, split, type(source).__name__), None
     if split is not None:
         raise ValueError(f"split={split!r} only applies to a datasets DatasetDict or a save_to_disk directory")
     if module.startswith("pandas"):
-        return source.to_dict(orient="records")
+        return source.to_dict(orient="records"), None
     if isinstance(source, Mapping):
-        return _columns_to_records(source, "in-memory dict")
+        return _columns_to_records(source, "in-memory dict"), None
     if isinstance(source, Iterable) and not isinstance(source, str | bytes):
-        return list(source)
+        return list(source), None
     raise TypeError(
         f"cannot read preference data from a {type(source).__name__}: pass a path (.jsonl/.json/.parquet/"
         "save_to_disk directory), a datasets.Dataset/DatasetDict, a pandas DataFrame, a list of dicts or a dict of columns"
@@ -420,6 +484,23 @@ def _check_chat_tokenizer(tokenizer: Any) -> None:
         )
 
 
+def find_duplicates(rows: Sequence[PreferenceRow], lines: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """`(row, row it repeats)` for each row whose prompt, chosen and rejected an earlier row has; warns once."""
+    first: dict[tuple[str, str, str], int] = {}
+    duplicates: list[tuple[int, int]] = []
+    for row in rows:
+        earlier = first.setdefault((row.prompt, row.chosen, row.rejected), row.row_id)
+        if earlier != row.row_id:
+            duplicates.append((row.row_id, earlier))
+    if duplicates:
+        shown = ", ".join(f"{row_label(r, lines)} repeats {row_label(e, lines)}" for r, e in duplicates[:DUPLICATES_LISTED])
+        more = ", ..." if len(duplicates) > DUPLICATES_LISTED else ""
+        log.warning("%d duplicate pair(s) (same prompt, chosen and rejected as an earlier row; kept, listed in "
+                    ".duplicates; the DataModule keeps copies on one side of the train/val split): %s%s",
+                    len(duplicates), shown, more)
+    return duplicates
+
+
 def _passthrough(rows: Sequence[PreferenceRow]) -> PreferenceRows:
     seen: dict[int, int] = {}
     for i, row in enumerate(rows):
@@ -428,7 +509,7 @@ def _passthrough(rows: Sequence[PreferenceRow]) -> PreferenceRows:
         if row.row_id in seen:
             raise ValueError(f"row_id {row.row_id} appears at positions {seen[row.row_id]} and {i}; row ids must be unique")
         seen[row.row_id] = i
-    return PreferenceRows(rows, layout="rows")
+    return PreferenceRows(rows, layout="rows", duplicates=find_duplicates(rows))
 
 
 def read_preferences(
@@ -442,9 +523,11 @@ def read_preferences(
 ) -> PreferenceRows:
     """Read and validate every row of `source`; see the module docstring for layouts.
 
-    Row numbers count records from 0 in file order (blank JSONL lines are not records). With
-    `on_bad_rows="error"` any bad row raises one `PreferenceDataError` listing them all; with
-    `"skip"` bad rows are dropped, listed in `.dropped` and summarised in one logged warning.
+    Row numbers count records from 0 in file order (blank JSONL lines are not records); messages
+    about a JSON Lines file also give each row's 1-based line. With `on_bad_rows="error"` any
+    bad row (invalid UTF-8 or JSON included) raises one `PreferenceDataError` listing them all;
+    with `"skip"` bad rows are dropped, listed in `.dropped` and summarised in one logged warning.
+    Duplicate pairs are kept, listed in `.duplicates` and summarised in a warning.
     """
     check_on_bad_rows(on_bad_rows)
     if layout not in LAYOUTS:
@@ -455,7 +538,8 @@ def read_preferences(
     if not markers or not all(isinstance(m, str) and m for m in markers):
         raise ValueError(f"assistant_marker must be a non-empty string or a list of them, got {assistant_marker!r}")
 
-    records = [r if isinstance(r, _Unreadable) else _plain(r) for r in _load_records(source, split)]
+    records, lines = _load_records(source, split)
+    records = [_plain_record(r) for r in records]
     chosen_layout = detect_layout(records) if layout == "auto" else layout
     if chosen_layout == "conversational":
         _check_chat_tokenizer(tokenizer)
@@ -476,6 +560,6 @@ def read_preferences(
         bad += [(row_id, f, reason) for f, reason in problems]
     handle_bad_rows(
         bad, on_bad_rows=on_bad_rows, total=len(records), kept=len(good), what=f"in the preference data ({chosen_layout} layout)",
-        fix='Fix these rows, or pass on_bad_rows="skip" to drop them (they are then listed in `.dropped`).',
+        fix='Fix these rows, or pass on_bad_rows="skip" to drop them (they are then listed in `.dropped`).', lines=lines,
     )
-    return PreferenceRows(good, dropped=bad, layout=chosen_layout)
+    return PreferenceRows(good, dropped=bad, layout=chosen_layout, duplicates=find_duplicates(good, lines))

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from torch import Tensor, nn
 from lightning_anatomy.concepts.hooks import reference_pass, resolve_hook
 from lightning_anatomy.concepts.lens import capture_activations
 from lightning_anatomy.data import TokenizedPair, collate_pairs
+from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
+from lightning_anatomy.files import atomic_write_text
 from lightning_anatomy.interventions.steering import signed_vectors
 
 REDUCTIONS = ("mean", "max")
@@ -163,14 +164,8 @@ def _tensor_bytes(tensor: Tensor) -> bytes:
 
 
 def _fingerprint(model: nn.Module, pairs: Sequence[TokenizedPair], hook: str, reduce: str, settings: dict) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(_tensor_bytes(tensor))
-    digest.update(json.dumps([[p.row_id, p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]).encode())
-    digest.update(json.dumps({"hook": hook, "reduce": reduce, **settings}, sort_keys=True).encode())
-    return digest.hexdigest()[:24]
+    return combined_digest("concept-scores", model_digest(model), pairs_digest(pairs),
+                           {"hook": hook, "reduce": reduce, **settings})
 
 
 def save_scores(scores: Mapping[int, float], path: str | os.PathLike, *, meta: dict | None = None) -> Path:
@@ -178,14 +173,7 @@ def save_scores(scores: Mapping[int, float], path: str | os.PathLike, *, meta: d
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": SCORES_FORMAT, "meta": meta or {}, "scores": {str(k): float(v) for k, v in scores.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(doc))
     return path
 
 

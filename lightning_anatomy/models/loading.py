@@ -57,6 +57,16 @@ def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None =
         ) from err
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """How many positions the model can embed (`n_positions` / `max_position_embeddings`), or None."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(spec: str | PreTrainedModel, tokenizer: str | PreTrainedTokenizerBase | None = None
                    ) -> PreTrainedTokenizerBase:
     """The tokenizer matching a model spec (or the explicit `tokenizer` spec when given)."""

@@ -1,0 +1,47 @@
+"""One model digest and one data digest, for every cache key and every resume check.
+
+A cache is valid only for the weights and the tokenized data it was computed from; a checkpoint
+can be resumed only against the reference it was trained with. Both questions are answered by
+these two functions, so no cache hashes the same thing differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def model_digest(module: nn.Module) -> str:
+    """Exact bytes of up to 64 evenly spaced entries of every parameter and buffer, with names,
+    shapes and dtypes: cheap even for a 70B model on GPU, free of reduction-order noise, and
+    different for another checkpoint or fine-tune."""
+    h = hashlib.sha256()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if flat.numel():
+            # integer spacing: a float32 linspace rounds past the end for tensors above 2**24 entries
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def pairs_digest(pairs: Sequence[Any]) -> str:
+    """Row ids and token ids of tokenized pairs (`TokenizedPair`), in order."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.row_id, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def combined_digest(*parts: Any, length: int = 24) -> str:
+    """A short key from digests and JSON-able settings."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
