@@ -363,19 +363,7 @@ def pretrain_base(cfg: Config, tok: Any, cache: Path) -> tuple[Any, dict[str, An
 
 def _save_dir(target: Path, write: Callable[[Path], Any]) -> None:
     """Write a directory under a temporary name, then rename it into place."""
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.replace(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    common.files.atomic_directory(target, write)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_anatomy.files import atomic_write_file, atomic_write_text
 
 __all__ = ["ACTIONS", "Concept", "ConceptSet", "ConceptSetError"]
 
@@ -388,16 +389,10 @@ class ConceptSet:
                 for c in self
             ],
         }
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".vectors.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({c.name: c.vector for c in self}, tmp, metadata={"format": FORMAT})
-            os.replace(tmp, out / VECTORS_NAME)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        vectors = {c.name: c.vector for c in self}
+        atomic_write_file(out / VECTORS_NAME, lambda tmp: save_file(vectors, str(tmp), metadata={"format": FORMAT}))
         text = _YAML_HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
-        _atomic_write_text(out / YAML_NAME, text)
+        atomic_write_text(out / YAML_NAME, text)
         return out
 
     @classmethod
@@ -505,14 +500,3 @@ def _concept_from_yaml(item: Any, i: int, tensors: dict[str, torch.Tensor], yaml
         return Concept(name, hook, vec, str(label), action, source)
     except ConceptSetError as err:
         raise ConceptSetError(f"{yaml_path}: {err}") from None
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

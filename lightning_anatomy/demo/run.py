@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_anatomy.files import atomic_write_file, atomic_write_text
+
 DEMO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output_dir": "outputs/demo",
@@ -195,9 +197,7 @@ def _table(summary: dict[str, Any]) -> str:
 
 
 def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
@@ -223,7 +223,5 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     axes[1].axhline(0, color="k", lw=0.5)
     fig.suptitle("Demo: DPO on data where the user's belief always equals the answer")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)

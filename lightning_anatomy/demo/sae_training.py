@@ -33,6 +33,7 @@ from lightning_anatomy.concepts.lens import capture_activations
 from lightning_anatomy.concepts.sae import measure_fidelity
 from lightning_anatomy.data.tokenize import pad_right
 from lightning_anatomy.demo.data import DemoData, chat_prompt, make_demo_data
+from lightning_anatomy.files import atomic_write_bytes, atomic_write_text
 from lightning_anatomy.models.embedded import EMBEDDED_LAYER, MODEL_NAME
 
 # Varied instructions for the model's own chat samples: stories, explanations, lists, code,
@@ -319,16 +320,6 @@ def held_out_split(texts: Sequence[str], every: int = 10) -> tuple[list[str], li
     return train, held
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_sae_dir(sae: Any, output_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Write `cfg.json` + `sae_weights.safetensors` (sae-lens `save_model`) and `training_report.json`.
 
@@ -339,9 +330,8 @@ def save_sae_dir(sae: Any, output_dir: str | os.PathLike, report: dict[str, Any]
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         sae.save_model(tmp)
         for name in sorted(os.listdir(tmp)):
-            os.replace(Path(tmp) / name, out / name)
-    _write_atomically(out / "training_report.json",
-                      lambda p: p.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n"))
+            atomic_write_bytes(out / name, (Path(tmp) / name).read_bytes())
+    atomic_write_text(out / "training_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     return out
 
 

