@@ -23,12 +23,14 @@ _EXPORTS: dict[str, str] = {
     "GradientProjection": "lightning_anatomy.interventions",
     "ConceptProjection": "lightning_anatomy.callbacks",
     "ConceptAttribution": "lightning_anatomy.callbacks",
+    "ConceptBlocking": "lightning_anatomy.callbacks",
     "ConceptDriftMonitor": "lightning_anatomy.callbacks",
     "audit_dataset": "lightning_anatomy.audit",
 }
 
 __all__ = [
     "ConceptAttribution",
+    "ConceptBlocking",
     "ConceptDriftMonitor",
     "ConceptLens",
     "ConceptProjection",
@@ -48,7 +50,12 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.audit import audit_dataset
-    from lightning_anatomy.callbacks import ConceptAttribution, ConceptDriftMonitor, ConceptProjection
+    from lightning_anatomy.callbacks import (
+        ConceptAttribution,
+        ConceptBlocking,
+        ConceptDriftMonitor,
+        ConceptProjection,
+    )
     from lightning_anatomy.concepts import ConceptLens, ConceptSet
     from lightning_anatomy.data import PreferenceDataError, PreferenceDataModule, read_preferences
     from lightning_anatomy.interventions import GradientProjection

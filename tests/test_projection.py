@@ -453,3 +453,162 @@ def test_state_dict_refuses_a_resume_with_another_concept_set(tmp_path):
     bad_settings["settings"] = {**bad_settings["settings"], "amplify_factor": 9.0}
     with pytest.raises(ValueError, match="the checkpoint used settings"):
         ConceptProjection(_concepts(seed=0), layers="all_later").load_state_dict(bad_settings)
+
+
+# --------------------------------------------------------------------------- mean ablation
+
+
+def test_mean_ablate_keeps_the_reference_mean_and_the_orthogonal_part():
+    from lightning_anatomy.interventions.projection import mean_ablate
+
+    torch.manual_seed(6)
+    Q = _basis(16, 3)
+    reference = torch.randn(40, 16) + 2.0  # tokens with a non-zero mean along Q
+    mu = component_along(reference, Q).mean(0)
+    out = mean_ablate(reference, Q, mu)
+    torch.testing.assert_close(component_along(out, Q).mean(0), mu, rtol=0, atol=1e-6)  # the mean is kept
+    torch.testing.assert_close(component_along(out, Q), mu.expand(40, 3), rtol=0, atol=1e-5)  # on every token
+    torch.testing.assert_close(project_out(out, Q), project_out(reference, Q), rtol=0, atol=1e-6)  # rest untouched
+    # μ = 0 is zero-ablation, exactly
+    assert torch.equal(mean_ablate(reference, Q, torch.zeros(3)), project_out(reference, Q))
+    # the gradient is the projection's, and the dtype is kept
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    mean_ablate(x, Q, mu).sum().backward()
+    torch.testing.assert_close(x.grad, project_out(torch.ones(2, 5, 16), Q), rtol=0, atol=1e-6)
+    assert mean_ablate(x.detach().bfloat16(), Q, mu).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="the mean has shape \\(2,\\) but the basis Q has k=3"):
+        mean_ablate(x, Q, torch.zeros(2))
+
+
+class _PairsData(__import__("lightning").LightningDataModule):
+    """The minimum ablation='mean' reads: `train_pairs`, `pad_token_id` and a train loader."""
+
+    def __init__(self, n: int = 12, seed: int = 0) -> None:
+        from concept_callback_helpers import PAD, random_pairs
+
+        super().__init__()
+        self.train_pairs = random_pairs(n, seed=seed)
+        self.pad_token_id = PAD
+
+    def train_dataloader(self):
+        from concept_callback_helpers import loader
+
+        return loader(self.train_pairs, 4)
+
+
+POST0 = "blocks.0.hook_resid_post"
+
+
+def _hand_mean(model, pairs, Q) -> torch.Tensor:
+    """Mean of Qᵀh over the completion tokens of `pairs`, via transformers' hidden_states (block 0's output)."""
+    from concept_callback_helpers import PAD
+
+    from lightning_anatomy.data import collate_pairs
+
+    batch = collate_pairs(pairs, PAD)
+    with torch.no_grad():
+        hidden = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=True).hidden_states[1]
+    return component_along(hidden[batch["completion_mask"].bool()], Q).double().mean(0).float()
+
+
+def test_mean_ablation_replaces_the_component_by_its_reference_mean():
+    import copy
+
+    from intervention_helpers import trainer, watch
+
+    from lightning_anatomy.callbacks import ConceptProjection, ConceptSteering
+    from lightning_anatomy.concepts import ConceptSet
+    from lightning_anatomy.models.tiny import build_tiny_model
+    from lightning_anatomy.module import DPOModule
+
+    data = _PairsData()
+    # the mean activation's direction (plus a random one): a component with a clear non-zero mean
+    offset = _hand_mean(build_tiny_model("gpt2", seed=0), data.train_pairs, torch.eye(64))
+    concepts = ConceptSet.from_vectors(torch.stack([offset, torch.randn(64)]), POST0)
+    Q = concepts.basis(POST0)
+    raw: list[torch.Tensor] = []
+    edited: list[torch.Tensor] = []
+
+    class Probe(DPOModule):
+        def on_fit_start(self):  # after the callbacks' on_fit_start: sees the edited activation
+            watch(self.policy, "blocks.1.hook_resid_pre", acts=edited)
+            super().on_fit_start()
+
+    module = Probe(build_tiny_model("gpt2", seed=0), lr=1e-3)
+    initial = copy.deepcopy(module.policy)
+    watch(module.policy, POST0, acts=raw)  # registered first: the raw activation
+    callback = ConceptProjection(concepts, mode="ablate", ablation="mean", mean_pairs=8)
+    # another training-time edit upstream, installed first: the measurement must not see it
+    steer = ConceptSteering(ConceptSet.from_vectors(torch.randn(1, 64), "blocks.0.hook_resid_pre"), alpha=0.05)
+    trainer([steer, callback]).fit(module, datamodule=data)
+
+    mu = callback.means[POST0]
+    torch.testing.assert_close(mu, _hand_mean(initial, data.train_pairs[:8], Q), rtol=0, atol=1e-5)
+    assert mu.norm() > 0.03  # a real offset (tiny random models have small activations), ≫ the tolerances below
+    # the training forward: the mean's component on every token, the orthogonal part untouched
+    # raw: the measurement forward (8 pairs, no edit), then the 2 training steps' (the reference is another model)
+    assert len(raw) == 3 and len(edited) == 2 and raw[0].shape[0] == 16
+    for before, after in zip(raw[1:], edited):
+        coords = component_along(after, Q)
+        torch.testing.assert_close(coords, mu.expand_as(coords), rtol=0, atol=1e-5)
+        torch.testing.assert_close(project_out(after, Q), project_out(before, Q), rtol=0, atol=1e-5)
+    assert "means" in callback.state_dict() and torch.equal(callback.state_dict()["means"][POST0], mu)
+
+
+def test_zero_ablation_is_unchanged_and_mean_options_are_refused_by_name():
+    from intervention_helpers import TinyLM, token_loader, trainer
+
+    from lightning_anatomy.callbacks import ConceptProjection
+
+    concepts = _concepts()
+    default = ConceptProjection(concepts, mode="ablate")
+    assert default.ablation == "zero"
+    assert ConceptProjection(concepts, mode="ablate", ablation="zero").state_key == default.state_key
+    assert ConceptProjection(concepts, mode="ablate", ablation="mean").state_key != default.state_key
+    assert "means" not in default.state_dict()
+    with pytest.raises(ValueError, match="ablation='median' is not one of"):
+        ConceptProjection(concepts, mode="ablate", ablation="median")
+    with pytest.raises(ValueError, match="ablation='mean' .* mode='gradient' ablates nothing"):
+        ConceptProjection(concepts, ablation="mean")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="mean_pairs must be an integer >= 1"):
+            ConceptProjection(concepts, mode="both", ablation="mean", mean_pairs=bad)
+    # without a datamodule's train_pairs there is nothing to take the mean over
+    module = TinyLM()
+    callback = ConceptProjection(concepts, mode="ablate", ablation="mean")
+    with pytest.raises(ValueError, match="measures the mean component on the datamodule's train_pairs"):
+        trainer([callback]).fit(module, token_loader())
+    assert callback.hooked == []
+    # an old checkpoint (no ablation settings) still resumes a zero-ablation callback
+    old = default.state_dict()
+    old["settings"] = {k: v for k, v in old["settings"].items() if k != "ablation"}
+    ConceptProjection(concepts, mode="ablate").load_state_dict(old)
+    mean_state = {**old, "settings": {**old["settings"], "ablation": "mean", "mean_pairs": 64}}
+    with pytest.raises(ValueError, match="holds no ablation means"):
+        ConceptProjection(concepts, mode="ablate", ablation="mean").load_state_dict(mean_state)
+
+
+def test_resume_keeps_the_measured_mean(tmp_path):
+    from intervention_helpers import trainer
+
+    from lightning_anatomy.callbacks import ConceptProjection
+    from lightning_anatomy.models.tiny import build_tiny_model
+    from lightning_anatomy.module import DPOModule
+
+    concepts = _concepts(POST0)
+    first = ConceptProjection(concepts, mode="both", ablation="mean", mean_pairs=8)
+    module = DPOModule(build_tiny_model("gpt2", seed=0), lr=1e-2)
+    t = trainer([first], max_steps=2)
+    t.fit(module, datamodule=_PairsData())
+    ckpt = tmp_path / "last.ckpt"
+    t.save_checkpoint(ckpt)
+    saved = first.means[POST0]
+
+    resumed = ConceptProjection(concepts, mode="both", ablation="mean", mean_pairs=8)
+    t2 = trainer([resumed], max_steps=3)
+    t2.fit(DPOModule(build_tiny_model("gpt2", seed=0), lr=1e-2), datamodule=_PairsData(), ckpt_path=ckpt)
+    assert t2.global_step == 3
+    assert torch.equal(resumed.means[POST0], saved)  # the initial weights' mean, not the trained ones'
+    trained = _hand_mean(module.policy, _PairsData().train_pairs[:8], concepts.basis(POST0))
+    assert not torch.allclose(trained, saved, atol=1e-4)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from lightning_anatomy._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "ConceptBlocking": "lightning_anatomy.callbacks.blocking",
     "ConceptProjection": "lightning_anatomy.callbacks.projection",
     "RewardShaping": "lightning_anatomy.callbacks.shaping",
     "ConceptSteering": "lightning_anatomy.callbacks.shaping",
@@ -20,6 +21,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ConceptAttribution",
+    "ConceptBlocking",
     "ConceptDriftMonitor",
     "ConceptProjection",
     "ConceptSteering",
@@ -32,6 +34,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.callbacks.attribution import ConceptAttribution
+    from lightning_anatomy.callbacks.blocking import ConceptBlocking
     from lightning_anatomy.callbacks.drift import ConceptDriftMonitor
     from lightning_anatomy.callbacks.projection import ConceptProjection
     from lightning_anatomy.callbacks.shaping import ConceptSteering, RewardShaping

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback
 CALLBACKS = {
     "ConceptProjection": "lightning_anatomy.callbacks",
     "ConceptAttribution": "lightning_anatomy.callbacks",
+    "ConceptBlocking": "lightning_anatomy.callbacks",
     "ConceptDriftMonitor": "lightning_anatomy.callbacks",
     "RewardShaping": "lightning_anatomy.callbacks",
     "ConceptSteering": "lightning_anatomy.callbacks",

@@ -3,10 +3,13 @@
 Forward hooks on the policy's hook points wrap the activation h in `GradientProjection`
 (identity forward, backward (I − QQᵀ)g: nothing upstream of the hook learns through the concept
 subspace) and/or replace it by h − QQᵀh while training (CAFT ablation: the layers downstream
-never see the concept either, and the model is untouched at inference). Amplified concepts get
-`GradientAmplification` instead. Because the edit sits on the activation path and is linear in
-the gradient, AMP loss scaling, gradient accumulation, DDP averaging and activation checkpointing
-need no special handling; the bases are broadcast from rank 0 so every rank projects identically.
+never see the concept either, and the model is untouched at inference). `ablation="mean"`
+replaces the component by its mean over reference tokens instead, h − QQᵀh + Qμ: the residual
+stream has no preferred origin, so moving every activation to Qᵀh = 0 acts as a steering vector
+(Persona vectors, App. J.1). Amplified concepts get `GradientAmplification` instead. Because the
+edit sits on the activation path and is linear in the gradient, AMP loss scaling, gradient
+accumulation, DDP averaging and activation checkpointing need no special handling; the bases
+(and the means) are broadcast from rank 0 so every rank edits identically.
 
 Logged (every `trainer.log_every_n_steps` optimizer steps, rank 0):
 `concepts/projection/<hook>/grad_fraction` — the share of the squared gradient norm arriving at
@@ -33,14 +36,25 @@ from lightning_anatomy.concepts.hooks import (
     find_blocks,
     find_causal_lm,
     hidden_size_at,
+    hook_input,
+    hook_output,
+    measurement_pass,
     resolve_hook,
 )
 from lightning_anatomy.interventions.ablation import orthonormal_union, register_activation_edit
-from lightning_anatomy.interventions.projection import GradientAmplification, GradientProjection, project_out
+from lightning_anatomy.interventions.projection import (
+    GradientAmplification,
+    GradientProjection,
+    component_along,
+    mean_ablate,
+    project_out,
+)
 
 MODES = ("gradient", "ablate", "both")
 LAYER_MODES = ("own", "all_later")
 ACTIONS = ("suppress", "amplify")
+ABLATIONS = ("zero", "mean")
+DEFAULT_MEAN_PAIRS = 64
 # Two bases describe the same subspace when their projectors differ by less than this (spectral
 # norm): far above float noise between machines, far below any real change of a concept.
 SUBSPACE_TOL = 1e-4
@@ -53,6 +67,7 @@ class _Target:
     point: HookPoint
     suppress: Tensor | None = None  # [d, k] fp32 CPU
     amplify: Tensor | None = None
+    mean: Tensor | None = None  # [k] fp32 CPU: mean of Qᵀh over the reference tokens (ablation="mean")
     on_device: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict)
     grad_in_span: Tensor | None = None  # Σ ||g·Q||² over the current optimizer step
     grad_total: Tensor | None = None  # Σ ||g||²
@@ -79,6 +94,13 @@ class ConceptProjection(HookedCallback):
             means `blocks.{i}.hook_resid_post`), where the union of all the set's bases of the
             matching width is applied.
         amplify_factor: gradient factor (> 1) along amplified concepts.
+        ablation: what the ablated component is replaced by: `"zero"` (CAFT, h − QQᵀh) or
+            `"mean"` (h − QQᵀh + Qμ, μ the mean of Qᵀh over the completion tokens of the first
+            `mean_pairs` training pairs, measured at fit start with the initial weights in a
+            `measurement_pass()`; broadcast from rank 0 and kept in checkpoints, so a resumed run
+            uses the same μ). Needs `mode="ablate"` or `"both"` and a datamodule with
+            `train_pairs` (`PreferenceDataModule`).
+        mean_pairs: how many training pairs μ is measured on.
         allow_untested_strategy: run under strategies other than single-device and DDP.
     """
 
@@ -88,6 +110,8 @@ class ConceptProjection(HookedCallback):
         mode: str = "gradient",
         layers: str | Sequence[str | int] = "own",
         amplify_factor: float = 2.0,
+        ablation: str = "zero",
+        mean_pairs: int = DEFAULT_MEAN_PAIRS,
         allow_untested_strategy: bool = False,
     ) -> None:
         super().__init__()
@@ -102,18 +126,44 @@ class ConceptProjection(HookedCallback):
             math.isfinite(amplify_factor) and amplify_factor > 1
         ):
             raise ValueError(f"ConceptProjection: amplify_factor must be a finite number > 1, got {amplify_factor!r}")
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ConceptProjection: ablation={ablation!r} is not one of {ABLATIONS}")
+        if ablation == "mean" and mode == "gradient":
+            raise ValueError(
+                "ConceptProjection: ablation='mean' replaces the ablated component of the activation, but "
+                "mode='gradient' ablates nothing; use mode='ablate' or 'both' with it"
+            )
+        if isinstance(mean_pairs, bool) or not isinstance(mean_pairs, int) or mean_pairs < 1:
+            raise ValueError(f"ConceptProjection: mean_pairs must be an integer >= 1, got {mean_pairs!r}")
         self.mode = mode
+        self.ablation = ablation
+        self.mean_pairs = mean_pairs
         self.amplify_factor = float(amplify_factor)
         self.allow_untested_strategy = bool(allow_untested_strategy)
         self.concepts = concepts
         self.sources = _source_bases(concepts)
         self._targets: dict[str, _Target] = {}
+        self._resumed_means: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ identity and resume
     @property
     def state_key(self) -> str:
         layers = self.layers if isinstance(self.layers, str) else tuple(self.layers)
-        return self._generate_state_key(mode=self.mode, layers=layers, amplify_factor=self.amplify_factor)
+        # the mean-ablation settings only enter when used: zero-ablation checkpoints keep their key
+        extra = {"ablation": self.ablation, "mean_pairs": self.mean_pairs} if self.ablation == "mean" else {}
+        return self._generate_state_key(mode=self.mode, layers=layers, amplify_factor=self.amplify_factor, **extra)
+
+    def _settings(self) -> dict[str, Any]:
+        settings = {"mode": self.mode, "layers": self.layers, "amplify_factor": self.amplify_factor,
+                    "ablation": self.ablation}
+        if self.ablation == "mean":
+            settings["mean_pairs"] = self.mean_pairs
+        return settings
+
+    @property
+    def means(self) -> dict[str, Tensor]:
+        """`{target hook: μ [k]}` of the mean ablation (empty before fit start or with ablation="zero")."""
+        return {name: t.mean.clone() for name, t in self._targets.items() if t.mean is not None}
 
     @property
     def fingerprint(self) -> str:
@@ -133,11 +183,14 @@ class ConceptProjection(HookedCallback):
         return digest.hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "fingerprint": self.fingerprint,
-            "settings": {"mode": self.mode, "layers": self.layers, "amplify_factor": self.amplify_factor},
+            "settings": self._settings(),
             "bases": {f"{hook}|{action}": q.clone() for (hook, action), q in self.sources.items()},
         }
+        if self.ablation == "mean":
+            state["means"] = self.means or dict(self._resumed_means or {})
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to resume a run that projected a different concept set (or with other settings)."""
@@ -151,13 +204,24 @@ class ConceptProjection(HookedCallback):
                 f"(fingerprint {self.fingerprint!r}, bases {sorted('|'.join(k) for k in mine)}); resume with the "
                 "same ConceptSet, or start a new run instead of resuming"
             )
-        settings = state_dict.get("settings", {})
-        mine_settings = {"mode": self.mode, "layers": self.layers, "amplify_factor": self.amplify_factor}
-        if settings and settings != mine_settings:
+        # checkpoints from before mean ablation existed carry no ablation settings: zero-ablation
+        settings = {"ablation": "zero", **state_dict.get("settings", {})}
+        mine_settings = self._settings()
+        if state_dict.get("settings") and settings != mine_settings:
             raise ValueError(
                 f"ConceptProjection: the checkpoint used settings {settings} but this callback has {mine_settings}; "
                 "resume with the same settings"
             )
+        if self.ablation == "mean":
+            means = state_dict.get("means")
+            if not means:
+                raise ValueError(
+                    "ConceptProjection: the checkpoint holds no ablation means (ablation='mean'); they must be the "
+                    "ones measured with the run's initial weights, which a resumed run no longer has. Resume with "
+                    "the run's own checkpoint, or start a new run"
+                )
+            self._resumed_means = {name: torch.as_tensor(mu).detach().float().cpu().clone()
+                                   for name, mu in means.items()}
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -170,13 +234,15 @@ class ConceptProjection(HookedCallback):
         if not self._targets:  # fit without setup (a Trainer subclass skipping it): plan now
             check_strategy(trainer, "ConceptProjection", self.allow_untested_strategy)
             self._targets = self._plan(find_causal_lm(pl_module))
+        self.remove_hooks()  # before measuring the means: none of this callback's edits may act
+        means = self._ablation_means(trainer, pl_module)
         shared = trainer.strategy.broadcast(
-            {name: (t.suppress, t.amplify) for name, t in self._targets.items()}, src=0
+            {name: (t.suppress, t.amplify, means.get(name)) for name, t in self._targets.items()}, src=0
         )
-        for name, (suppress, amplify) in shared.items():
-            self._targets[name].suppress, self._targets[name].amplify = suppress, amplify
-            self._targets[name].on_device.clear()
-        self.remove_hooks()
+        for name, (suppress, amplify, mean) in shared.items():
+            target = self._targets[name]
+            target.suppress, target.amplify, target.mean = suppress, amplify, mean
+            target.on_device.clear()
         for target in self._targets.values():
             self._handles.append(register_activation_edit(target.point, self._edit_for(target, trainer)))
 
@@ -196,6 +262,36 @@ class ConceptProjection(HookedCallback):
         if metrics:
             log_scalars(trainer, metrics, step=trainer.global_step)
 
+
+    # ------------------------------------------------------------------ mean ablation
+    def _ablation_means(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
+        """μ per suppressed target: from the checkpoint on resume, else measured on rank 0 (other
+        ranks get it by broadcast)."""
+        if self.ablation != "mean":
+            return {}
+        wanted = sorted(name for name, t in self._targets.items() if t.suppress is not None)
+        if self._resumed_means is not None:
+            if sorted(self._resumed_means) != wanted or any(
+                    self._resumed_means[n].shape != (self._targets[n].suppress.shape[1],) for n in wanted):
+                raise ValueError(
+                    f"ConceptProjection: the checkpoint's ablation means are for hooks {sorted(self._resumed_means)}, "
+                    f"this callback ablates at {wanted}; resume with the same concepts and layers"
+                )
+            means, self._resumed_means = dict(self._resumed_means), None  # a later fit measures anew
+            return means
+        datamodule = getattr(trainer, "datamodule", None)
+        pairs = list(getattr(datamodule, "train_pairs", None) or [])[: self.mean_pairs]
+        if not pairs:
+            raise ValueError(
+                "ConceptProjection: ablation='mean' measures the mean component on the datamodule's train_pairs, but "
+                f"{type(datamodule).__name__ if datamodule is not None else 'the trainer'} has none; fit with a "
+                "PreferenceDataModule (trainer.fit(module, datamodule=...)) or use ablation='zero'"
+            )
+        if not trainer.is_global_zero:
+            return {}
+        pad = getattr(datamodule, "pad_token_id", None)
+        return reference_means(find_causal_lm(pl_module), {n: self._targets[n] for n in wanted}, pairs,
+                               pad_token_id=0 if pad is None else int(pad))
 
     @property
     def hooked(self) -> list[str]:
@@ -279,7 +375,10 @@ class ConceptProjection(HookedCallback):
                 ablate = mode in ("ablate", "both") and trainer.training
                 project = mode in ("gradient", "both") and tracking
                 if ablate:
-                    out = project_out(out, q)
+                    if target.mean is not None:
+                        out = mean_ablate(out, q, target.basis("mean", hidden.device))
+                    else:
+                        out = project_out(out, q)
                 if project:
                     out = GradientProjection.apply(out, q)
                 if tracking and (ablate or project):
@@ -290,6 +389,54 @@ class ConceptProjection(HookedCallback):
             return None if out is hidden else out
 
         return edit
+
+
+@torch.no_grad()
+def reference_means(model: torch.nn.Module, targets: dict[str, _Target], pairs: list, *, pad_token_id: int = 0,
+                    batch_size: int = 8) -> dict[str, Tensor]:
+    """Mean of Qᵀh over the completion tokens (chosen and rejected) of `pairs`, per target, fp32.
+
+    Runs in eval mode inside `measurement_pass()`, so no callback's training-time edit acts on the
+    measured activations; the model's train/eval mode is restored afterwards.
+    """
+    from lightning_anatomy.data import collate_pairs
+
+    sums = {name: torch.zeros(t.suppress.shape[1], dtype=torch.float64) for name, t in targets.items()}
+    counts = dict.fromkeys(targets, 0)
+    state: dict[str, Tensor] = {}
+    handles = []
+    for name, target in targets.items():
+        def keep(hidden: Tensor, name: str = name) -> None:
+            state[name] = hidden
+
+        if target.point.kind == "input":
+            handles.append(target.point.module.register_forward_pre_hook(
+                lambda _m, args, kwargs, keep=keep: keep(hook_input(args, kwargs)[0]), with_kwargs=True))
+        else:
+            handles.append(target.point.module.register_forward_hook(
+                lambda _m, _args, out, keep=keep: keep(hook_output(out)[0])))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with measurement_pass():
+            for start in range(0, len(pairs), batch_size):
+                batch = collate_pairs(pairs[start:start + batch_size], pad_token_id)
+                mask = batch["completion_mask"].bool().to(device)
+                state.clear()
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False)
+                for name, target in targets.items():
+                    coords = component_along(state[name][mask], target.suppress)
+                    sums[name] += coords.double().sum(0).cpu()
+                    counts[name] += int(coords.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not all(counts.values()):
+        raise ValueError("ConceptProjection: the mean-ablation pairs have no completion tokens to measure the mean on")
+    return {name: (sums[name] / counts[name]).float() for name in targets}
 
 
 def _same_subspace(a: Tensor, b: Tensor) -> bool:
@@ -354,4 +501,4 @@ def _source_bases(concepts: Any) -> dict[tuple[str, str], Tensor]:
     return sources
 
 
-__all__ = ["ConceptProjection", "MODES", "LAYER_MODES"]
+__all__ = ["ConceptProjection", "MODES", "LAYER_MODES", "ABLATIONS", "reference_means"]

@@ -354,7 +354,9 @@ def find_causal_lm(pl_module: nn.Module) -> nn.Module:
 #     modules with adapters off), and
 #   * `measurement_pass()`: a forward that measures the model (drift probes, rollouts, the lens,
 #     extraction, evaluation), which must see the model as it is, without the edits.
-# Hooks check `edits_suspended()`, which is true inside either.
+# Hooks check `edits_suspended()`, which is true inside either. The one reader of the reference
+# forward is `ConceptBlocking`: it captures the reference's activation (never edits it) exactly
+# inside `reference_pass()` and outside `measurement_pass()`, to compare it with the policy's.
 
 _state = threading.local()
 

@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "GradientProjection": "lightning_anatomy.interventions.projection",
     "GradientAmplification": "lightning_anatomy.interventions.projection",
     "project_out": "lightning_anatomy.interventions.projection",
+    "mean_ablate": "lightning_anatomy.interventions.projection",
     "component_along": "lightning_anatomy.interventions.projection",
     "register_activation_edit": "lightning_anatomy.interventions.ablation",
     "ablation_edit": "lightning_anatomy.interventions.ablation",
@@ -34,6 +35,7 @@ __all__ = [
     "component_along",
     "compute_concept_scores",
     "load_scores",
+    "mean_ablate",
     "orthonormal_union",
     "project_out",
     "register_activation_edit",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
         GradientAmplification,
         GradientProjection,
         component_along,
+        mean_ablate,
         project_out,
     )
     from lightning_anatomy.interventions.reward_shaping import (

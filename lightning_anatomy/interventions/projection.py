@@ -95,6 +95,27 @@ def project_out(x: Tensor, Q: Tensor) -> Tensor:
     return (x32 - _component(x32, Q)).to(x.dtype)
 
 
+def mean_ablate(x: Tensor, Q: Tensor, mean: Tensor) -> Tensor:
+    """x − (x·Q)·Qᵀ + Q·μ in fp32, cast back to x's dtype; differentiable in x (mean ablation).
+
+    The component along span(Q) is replaced by its mean μ (`[k]`, coordinates in the basis, e.g.
+    over reference tokens) instead of by zero: the residual stream has no preferred origin, so
+    zero-ablation moves every activation by −QQᵀh and can act as a steering vector (Persona
+    vectors, Chen et al. 2025, App. J.1). The gradient is (I − QQᵀ)g, as for `project_out`.
+    """
+    _check_basis(x, Q, "mean_ablate")
+    if mean.shape != (Q.shape[1],):
+        raise ValueError(
+            f"mean_ablate: the mean has shape {tuple(mean.shape)} but the basis Q has k={Q.shape[1]} columns; "
+            "measure the mean as component_along(h, Q).mean over tokens with the same basis"
+        )
+    x32 = x.float()
+    Q32 = Q.to(device=x.device, dtype=torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        shift = Q32 @ mean.to(device=x.device, dtype=torch.float32)
+    return (x32 - _component(x32, Q) + shift).to(x.dtype)
+
+
 def component_along(x: Tensor, Q: Tensor) -> Tensor:
     """x·Q in fp32: the coordinates of x in the basis (`[..., k]`)."""
     _check_basis(x, Q, "component_along")
