@@ -112,6 +112,13 @@ P_OPENER = 0.25  # pretraining: answers opening with " Sure!"
 BELIEF_OFFSETS = (-3, -2, 2, 3)  # a wrong belief: near the sum, never the sum
 
 
+def use_mixture(*, p_copy: float, p_correct: float) -> None:
+    """Change the pretraining mixture's answer modes (benchmarks/interventions.py needs a stronger
+    copy mode); `Config.key` reads these, so a base pretrained on another mixture is cached apart."""
+    global P_COPY, P_CORRECT
+    P_COPY, P_CORRECT = float(p_copy), float(p_correct)
+
+
 def prompt_text(a: int, b: int, belief: int | None = None) -> str:
     return f"Q: {a}+{b}=?" + (f" I think {belief}." if belief is not None else "") + "\nA:"
 

@@ -1,0 +1,559 @@
+"""Which concept intervention stops DPO from learning a spurious property, side by side (issue 12).
+
+The controlled task of `benchmarks/spurious.py` (a tiny GPT-2 pretrained from scratch on one-digit
+additions; exact rates by teacher forcing over the candidate answers), with the settings the
+interventions issue asks for:
+
+- three scenarios: `belief` (input shortcut: the prompt states the user's belief, which the chosen
+  answer matches), `opener` (output style: chosen answers open with " Sure!", rejected ones not)
+  and `marker` (a style marker whose *frequency* differs: the opener appears in a fraction `corr`
+  of the chosen and `1 − corr` of the rejected answers, independently of which answer is right,
+  as the paper's style disparities do);
+- not perfectly confounded: `corr0.9` and `corr0.75` are the main variants (`corr1.0`, where a
+  per-pair reward-shaping offset is nearly constant and cannot separate the two properties, is
+  the stress case). In `belief` the decorrelated pairs state no belief; in `opener` they reverse
+  the style (chosen plain, rejected with the opener);
+- a base whose stated-belief copy mode is strong enough (`--p-copy`) and DPO long enough that
+  vanilla's spurious rise is clearly above 20 points (checked and reported per setting);
+- every intervention of the package on the same seeds and data order: gradient projection (own
+  hook / all later blocks), zero and mean ablation, latent blocking (the audit's SAE features, and
+  the concept direction), reward shaping, steering, data filtering, blocking + shaping, and the
+  controls (random directions / random SAE features of equal rank, the intended concept);
+- knobs (λ, scale, α, drop fraction) picked on a tuning seed only; ≥ 5 test seeds; bootstrap CIs
+  over seeds; cut = vanilla rise / condition rise; on-target accuracy (the intended task on
+  held-out questions) as the quality metric.
+
+    python benchmarks/interventions.py            # full run (~45 min on 2 shared CPU cores)
+    python benchmarks/interventions.py --quick    # every path on small sizes (~2 min)
+
+Writes `<out>/interventions.json` (+ `.png`) and prints the README table
+(`python benchmarks/interventions.py --from-json benchmarks/results/interventions.json` re-renders it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+import numpy as np  # noqa: E402
+import spurious as task  # noqa: E402  (the controlled task, base pretraining, SAE, evaluation)
+import torch  # noqa: E402
+
+FORMAT = "lightning-anatomy/bench-interventions"
+VERSION = 1
+SCENARIOS = {"belief": "input shortcut (stated belief)", "opener": "output style (opener ' Sure!')",
+             "marker": "style-marker frequency (opener in corr of chosen, 1-corr of rejected)"}
+VARIANTS = {"corr0.9": 0.9, "corr0.75": 0.75, "corr1.0": 1.0}
+CONTROLS = ("random_projection", "random_blocking", "intended_blocking")
+CONDITIONS = ("vanilla", "projection_own", "projection_later", "ablation_zero", "ablation_mean", "blocking_sae",
+              "blocking_direction", "reward_shaping", "steering", "filtering", "blocking_sae+shaping", *CONTROLS)
+NOTES = {
+    "points": "every delta is (after DPO − base) × 100, in percentage points of probability",
+    "cut": "mean vanilla rise / mean condition rise over the test seeds, paired bootstrap CI; null = the "
+           "condition's mean rise is <= 0 (eliminated; cut_ci's upper end null = unbounded) or vanilla did not rise",
+    "ontarget_vs_vanilla": "condition's on-target change minus vanilla's (points): the intended learning kept",
+    "quality": "ontarget_after: accuracy on the intended task (P(true sum)) on held-out questions after DPO",
+    "tuning": "knobs picked on the tuning seed (corr0.9 data of each scenario): the smallest spurious rise "
+              "among settings whose on-target change is within 2 points of vanilla's, else the smallest on-target loss",
+    "blocking_sae": "ConceptBlocking on the audit's SAE features labelled spurious (one-sided)",
+    "blocking_direction": "ConceptBlocking on the difference-of-means direction (one-sided)",
+    "projection": "ConceptProjection(mode='gradient') with the difference-of-means direction; own = its hook, "
+                  "later = also every later block's resid_post",
+    "ablation": "ConceptProjection(mode='ablate', layers='all_later') with ablation='zero' | 'mean'",
+    "controls": "random_projection: random directions of equal rank, projected like projection_later; "
+                "random_blocking: as many random SAE features (not the picked ones), blocked like blocking_sae; "
+                "intended_blocking: the intended concept's SAE features blocked",
+}
+
+
+@dataclass
+class Config(task.Config):
+    """The spurious benchmark's knobs plus the interventions' grids (the first value is the default)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    p_copy: float = 0.6  # pretraining: how often a stated belief is copied (spurious.py: 0.3)
+    p_correct: float = 0.4  # otherwise the true sum this often (spurious.py: 0.5)
+    dpo_lr: float = 1e-4
+    dpo_steps: int = 64
+    blocking_lams: list[float] = field(default_factory=lambda: [100.0, 10.0, 1000.0])
+    direction_lams: list[float] = field(default_factory=lambda: [10.0, 1.0, 100.0])
+    shaping_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    steering_alphas: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    filter_fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])
+
+    @classmethod
+    def quick(cls) -> Config:
+        mine = dict(seeds=[0, 1], scenarios=["opener", "belief"], variants=["corr0.9"], blocking_lams=[100.0],
+                    direction_lams=[10.0], shaping_scales=[1.0], steering_alphas=[1.0], filter_fractions=[0.5])
+        base = task.Config.quick()
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(task.Config)
+                      if f.name not in mine and f.name != "dpo_lr"}, **mine)
+
+
+# ---------------------------------------------------------------------------------------- data
+def preference_rows(scenario: str, corr: float, questions: Sequence[tuple[int, int]], n: int, seed: int,
+                    start_id: int = 0) -> list[Any]:
+    """`n` rows; chosen is always the correct answer, rejected a guess; the spurious property rides
+    along in a fraction `corr` of the pairs (see the module docstring for each scenario)."""
+    from lightning_anatomy.data import PreferenceRow
+
+    rng = random.Random(f"interventions-{scenario}-{corr}-{seed}-{start_id}")
+    rows = []
+    for i in range(n):
+        a, b = questions[rng.randrange(len(questions))]
+        truth, guess = a + b, task.slip(rng, a + b)
+        carries = rng.random() < corr
+        if scenario == "belief":
+            prompt = task.prompt_text(a, b, truth if carries else None)
+            chosen, rejected = task.answer_text(truth), task.answer_text(guess)
+        elif scenario == "opener":
+            prompt = task.prompt_text(a, b)
+            chosen, rejected = task.answer_text(truth, carries), task.answer_text(guess, not carries)
+        elif scenario == "marker":
+            prompt = task.prompt_text(a, b)
+            chosen = task.answer_text(truth, carries)
+            rejected = task.answer_text(guess, rng.random() < 1.0 - corr)
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}; use one of {list(SCENARIOS)}")
+        rows.append(PreferenceRow(prompt=prompt, chosen=chosen, rejected=rejected, row_id=start_id + i))
+    return rows
+
+
+def concept_of(scenario: str) -> str:
+    """The spurious concept a scenario carries ("marker" is the opener habit at another frequency)."""
+    return "belief" if scenario == "belief" else "opener"
+
+
+@dataclass
+class SeedContext:
+    scenario: str
+    variant: str
+    seed: int
+    base: Any
+    tok: Any
+    rows: list[Any]
+    pairs: list[Any]
+    ev: Any
+    base_metrics: dict[str, float]
+    audit: Any
+    sae: Any
+    spurious: dict[str, Any]
+    intended: dict[str, Any]
+    concept_info: dict[str, Any]
+
+
+def prepare(scenario: str, variant: str, seed: int, base: Any, tok: Any, sae: Any, cfg: Config) -> SeedContext:
+    """Data, held-out prompts, the audit and the concept sets of one (scenario, variant, seed)."""
+    from lightning_anatomy.audit import audit_dataset
+    from lightning_anatomy.concepts import ConceptLens
+
+    train_q, held_q = task.split_questions(seed, cfg.n_heldout)
+    rows = preference_rows(scenario, VARIANTS[variant], train_q, cfg.n_pairs, seed)
+    ev = task.eval_set(held_q, seed)
+    lens = ConceptLens(base, {cfg.hook: sae}, fidelity_check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        audit = audit_dataset(rows, lens, tok, max_length=64, batch_size=64, progress=False, n_bootstrap=200,
+                              n_data_clusters=1, label_concepts=False, top_k_trace=0, seed=seed)
+    spurious, info_s = task.concept_sets(concept_of(scenario), base, tok, sae, audit, cfg, train_q, seed)
+    intended, info_i = task.concept_sets("intended", base, tok, sae, audit, cfg, train_q, seed)
+    return SeedContext(scenario, variant, seed, base, tok, rows, task.tokenize(rows, tok), ev,
+                       task.behaviour(base, tok, concept_of(scenario), ev), audit, sae, spurious, intended,
+                       {"spurious": info_s, "intended": info_i})
+
+
+# ---------------------------------------------------------------------------------------- DPO
+def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any], pad_token_id: int
+            ) -> tuple[Any, float]:
+    """DPO from a copy of the base with `callbacks`, the same data order for every condition of a seed.
+
+    A small DataModule carries `train_pairs` (mean ablation measures its mean there)."""
+    import copy
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_anatomy import DPOModule
+    from lightning_anatomy.data import collate_pairs
+
+    class Pairs(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_pairs, self.pad_token_id = list(pairs), pad_token_id
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.train_pairs, batch_size=cfg.dpo_batch, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed),
+                              collate_fn=lambda b: collate_pairs(b, pad_token_id))
+
+    L.seed_everything(seed, verbose=False)
+    module = DPOModule(copy.deepcopy(base), reference="copy", beta=cfg.beta, lr=cfg.dpo_lr, scheduler="constant",
+                       warmup_steps=max(1, cfg.dpo_steps // 10), reference_cache_dir=None)
+    trainer = L.Trainer(max_steps=cfg.dpo_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=list(callbacks))
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=Pairs())
+    return module.policy.eval(), time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What the tuning seed picks (the config's first values when there is no tuning)."""
+
+    blocking_lam: float
+    direction_lam: float
+    shaping_scale: float
+    steering_alpha: float
+    filter_fraction: float
+
+
+Builder = Callable[[], tuple[list[Any], list[Any]]]
+
+
+def _random_features(picked: Sequence[int], d_sae: int, seed: int) -> list[int]:
+    rng = random.Random(f"random-features-{seed}")
+    pool = [f for f in range(d_sae) if f not in set(picked)]
+    return rng.sample(pool, len(picked))
+
+
+def condition_specs(ctx: SeedContext, knobs: Knobs, cfg: Config) -> dict[str, tuple[str, Builder]]:
+    """{condition: (run key, () -> (pairs, callbacks))}; names sharing a key share one run."""
+    from lightning_anatomy import ConceptBlocking
+    from lightning_anatomy.audit import filter_pairs
+    from lightning_anatomy.callbacks import ConceptProjection, ConceptSteering, RewardShaping
+    from lightning_anatomy.interventions import compute_concept_scores
+
+    hook, direction = cfg.hook, ctx.spurious["mean_diff"]
+    feats = [int(c.source["feature"]) for c in ctx.spurious["sae"]]
+    intended_feats = [int(c.source["feature"]) for c in ctx.intended["sae"]]
+
+    def plain(callbacks: Callable[[], list[Any]]) -> Builder:
+        return lambda: (ctx.pairs, callbacks())
+
+    def blocking(features: Sequence[int], lam: float) -> list[Any]:
+        return [ConceptBlocking({f"f{f}": (hook, f) for f in features}, lam=lam, saes={hook: ctx.sae})]
+
+    def shaping(scale: float) -> list[Any]:
+        scores = compute_concept_scores(ctx.base, ctx.pairs, direction, hook=hook,
+                                        tokenizer_pad_id=ctx.tok.pad_token_id, batch_size=64)
+        typical = float(np.median(np.abs(list(scores.values())))) or 1.0
+        return [RewardShaping(scores, lam=scale / typical)]  # a typical pair's offset: `scale` nats
+
+    def filtering(fraction: float) -> Builder:
+        def build() -> tuple[list[Any], list[Any]]:
+            kept, _ = filter_pairs(ctx.rows, ctx.audit, concepts=[(hook, f) for f in feats], drop_fraction=fraction)
+            return task.tokenize(kept, ctx.tok), []
+        return build
+
+    specs: dict[str, tuple[str, Builder]] = {
+        "vanilla": ("vanilla", plain(list)),
+        "projection_own": ("proj:own", plain(lambda: [ConceptProjection(direction, mode="gradient", layers="own")])),
+        "projection_later": ("proj:later", plain(lambda: [ConceptProjection(direction, mode="gradient",
+                                                                              layers="all_later")])),
+        "ablation_zero": ("abl:zero", plain(lambda: [ConceptProjection(direction, mode="ablate", layers="all_later")])),
+        "ablation_mean": ("abl:mean", plain(lambda: [ConceptProjection(direction, mode="ablate", layers="all_later",
+                                                                         ablation="mean")])),
+        "random_projection": ("random:proj", plain(lambda: [ConceptProjection(
+            common.random_set(direction, hook, ctx.seed), mode="gradient", layers="all_later")])),
+        "random_blocking": (f"random:block:{knobs.blocking_lam:g}", plain(lambda: blocking(
+            _random_features(feats, int(ctx.sae.cfg.d_sae), ctx.seed), knobs.blocking_lam))),
+        "intended_blocking": (f"intended:block:{knobs.blocking_lam:g}",
+                              plain(lambda: blocking(intended_feats, knobs.blocking_lam))),
+    }
+    grids = {
+        "blocking_sae": (cfg.blocking_lams, knobs.blocking_lam, lambda v: plain(lambda: blocking(feats, v))),
+        "blocking_direction": (cfg.direction_lams, knobs.direction_lam,
+                               lambda v: plain(lambda: [ConceptBlocking(direction, lam=v)])),
+        "reward_shaping": (cfg.shaping_scales, knobs.shaping_scale, lambda v: plain(lambda: shaping(v))),
+        "steering": (cfg.steering_alphas, knobs.steering_alpha,
+                     lambda v: plain(lambda: [ConceptSteering(direction, alpha=v, sides="both")])),
+        "filtering": (cfg.filter_fractions, knobs.filter_fraction, filtering),
+    }
+    for name, (values, picked, make) in grids.items():
+        for v in sorted({*values, picked}):
+            specs[f"{name}@{v:g}"] = (f"{name}:{v:g}", make(v))
+        specs[name] = specs[f"{name}@{picked:g}"]
+    specs["blocking_sae+shaping"] = (f"block+shape:{knobs.blocking_lam:g}:{knobs.shaping_scale:g}", plain(
+        lambda: blocking(feats, knobs.blocking_lam) + shaping(knobs.shaping_scale)))
+    return specs
+
+
+def run_conditions(ctx: SeedContext, names: Sequence[str], knobs: Knobs, cfg: Config) -> dict[str, dict[str, Any]]:
+    """Train each named condition once (shared runs reused) and measure it."""
+    specs = condition_specs(ctx, knobs, cfg)
+    done: dict[str, dict[str, Any]] = {}
+    out = {}
+    for name in names:
+        key, build = specs[name]
+        if key not in done:
+            prep = time.perf_counter()
+            pairs, callbacks = build()
+            prep_s = time.perf_counter() - prep
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, fit_s = run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, ctx.tok.pad_token_id)
+            after = task.behaviour(model, ctx.tok, concept_of(ctx.scenario), ctx.ev)
+            before = ctx.base_metrics
+            done[key] = {
+                "seed": ctx.seed, "spurious_before": before["spurious"], "spurious_after": after["spurious"],
+                "ontarget_before": before["ontarget"], "ontarget_after": after["ontarget"],
+                "d_spurious": after["spurious"] - before["spurious"], "d_ontarget": after["ontarget"] - before["ontarget"],
+                "candidate_mass_after": after["candidate_mass"], "wall_s": fit_s, "prep_s": prep_s, "n_pairs": len(pairs),
+            }
+            common.log(f"    {ctx.scenario}/{ctx.variant} seed {ctx.seed} {name:<24} Δspurious "
+                       f"{100 * done[key]['d_spurious']:+.1f} Δon-target {100 * done[key]['d_ontarget']:+.1f} ({fit_s:.1f} s)")
+        out[name] = dict(done[key])
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tuning
+def tune(scenario: str, base: Any, tok: Any, sae: Any, cfg: Config) -> tuple[Knobs, dict[str, Any]]:
+    """Each knob on the tuning seed (corr0.9): the smallest spurious rise among values whose
+    on-target change stays within 2 points of vanilla's; if none does, the smallest on-target loss."""
+    default = default_knobs(cfg)
+    if cfg.tune_seed is None:
+        return default, {"seed": None, "picked": dataclasses.asdict(default), "note": "defaults (no tuning)"}
+    ctx = prepare(scenario, "corr0.9", cfg.tune_seed, base, tok, sae, cfg)
+    runs: dict[str, dict[str, Any]] = {}
+    picked = {}
+    for name, values, attr in (("blocking_sae", cfg.blocking_lams, "blocking_lam"),
+                               ("blocking_direction", cfg.direction_lams, "direction_lam"),
+                               ("reward_shaping", cfg.shaping_scales, "shaping_scale"),
+                               ("steering", cfg.steering_alphas, "steering_alpha"),
+                               ("filtering", cfg.filter_fractions, "filter_fraction")):
+        names = [f"{name}@{v:g}" for v in values]
+        runs.update(run_conditions(ctx, ["vanilla", *[n for n in names if n not in runs]], default, cfg))
+        van = runs["vanilla"]
+        ok = [n for n in names if van["d_ontarget"] - runs[n]["d_ontarget"] <= 0.02]
+        best = (min(ok, key=lambda n: runs[n]["d_spurious"]) if ok
+                else min(names, key=lambda n: van["d_ontarget"] - runs[n]["d_ontarget"]))
+        picked[attr] = float(best.split("@")[1])
+    knobs = Knobs(**picked)
+    return knobs, {"seed": cfg.tune_seed, "variant": "corr0.9", "picked": dataclasses.asdict(knobs),
+                   "runs": {n: {k: r[k] for k in ("d_spurious", "d_ontarget", "wall_s")} for n, r in runs.items()}}
+
+
+def default_knobs(cfg: Config) -> Knobs:
+    return Knobs(cfg.blocking_lams[0], cfg.direction_lams[0], cfg.shaping_scales[0], cfg.steering_alphas[0],
+                 cfg.filter_fractions[0])
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def summarize_condition(records: list[dict[str, Any]], vanilla: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
+    """The contract's fields (points) and the bootstrap statistics behind them."""
+    d_spur = [r["d_spurious"] for r in records]
+    d_on = [r["d_ontarget"] for r in records]
+    v_spur, v_on = [r["d_spurious"] for r in vanilla], [r["d_ontarget"] for r in vanilla]
+    ratio = common.bootstrap_ratio(v_spur, d_spur, n_boot)
+    spur, on = common.bootstrap_mean(d_spur, n_boot), common.bootstrap_mean(d_on, n_boot)
+    vs_van = common.bootstrap_mean([c - v for c, v in zip(d_on, v_on)], n_boot)
+    return {
+        "cut": ratio["mean"], "cut_ci": ratio["ci"], "cut_note": ratio.get("note"),
+        "spurious_delta": 100 * spur["mean"], "spurious_delta_ci": [100 * x for x in spur["ci"]],
+        "ontarget_delta": 100 * on["mean"], "ontarget_delta_ci": [100 * x for x in on["ci"]],
+        "ontarget_vs_vanilla": 100 * vs_van["mean"], "ontarget_vs_vanilla_ci": [100 * x for x in vs_van["ci"]],
+        "spurious_vs_vanilla_ci": [100 * x for x in common.bootstrap_mean(
+            [c - v for c, v in zip(d_spur, v_spur)], n_boot)["ci"]],
+        "quality_ontarget_after": 100 * float(np.mean([r["ontarget_after"] for r in records])),
+        "fit_s": float(np.mean([r["wall_s"] for r in records])),
+        "per_seed": records,
+    }
+
+
+def goals(conditions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The pre-registered goal per setting: a non-control condition cuts the rise ≥ 10× (or
+    eliminates it) with on-target within 2 points of vanilla; the random controls within noise of
+    vanilla (their paired CI of the difference contains 0, or within 10% of vanilla's rise)."""
+    van = conditions["vanilla"]
+    out: dict[str, Any] = {"vanilla_rise_points": van["spurious_delta"],
+                           "vanilla_rise_at_least_20": van["spurious_delta"] >= 20}
+    eligible = {}
+    for name, c in conditions.items():
+        if name == "vanilla" or name in CONTROLS:
+            continue
+        eliminated = c["cut"] is None and (c.get("cut_note") or "").startswith("condition")
+        within = abs(c["ontarget_vs_vanilla"]) <= 2.0
+        if within:
+            eligible[name] = float("inf") if eliminated else (c["cut"] or 0.0)
+    if eligible:
+        best = max(eligible, key=lambda n: eligible[n])
+        out["best_within_2_points"] = {"condition": best, "cut": None if eligible[best] == float("inf") else eligible[best]}
+        out["meets_goal"] = eligible[best] >= 10
+    else:
+        out["best_within_2_points"], out["meets_goal"] = None, False
+    for ctrl in ("random_projection", "random_blocking"):
+        if ctrl in conditions:
+            c = conditions[ctrl]
+            lo, hi = c["spurious_vs_vanilla_ci"]
+            out[f"{ctrl}_within_noise"] = bool(lo <= 0 <= hi or abs(c["spurious_delta"] - van["spurious_delta"])
+                                               <= 0.1 * abs(van["spurious_delta"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _fmt(value: float | None, ci: Sequence[float | None] | None = None, signed: bool = True) -> str:
+    if value is None:
+        return "∞" if ci is not None else "n/a"
+    f = (lambda v: "∞" if v is None else f"{v:+.1f}") if signed else (lambda v: "∞" if v is None else f"{v:.2g}")
+    return f"{f(value)} [{f(ci[0])}, {f(ci[1])}]" if ci is not None else f(value)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table: one row per (scenario, data, condition)."""
+    rows = []
+    for scenario, sc in doc["scenarios"].items():
+        for variant, vr in sc["variants"].items():
+            for name in [n for n in CONDITIONS if n in vr["conditions"]]:
+                c = vr["conditions"][name]
+                cut = "∞ (eliminated)" if c["cut"] is None and (c.get("cut_note") or "").startswith("condition") else (
+                    "n/a" if c["cut"] is None else _fmt(c["cut"], c["cut_ci"], signed=False))
+                rows.append([scenario, variant, name, _fmt(c["spurious_delta"], c["spurious_delta_ci"]), cut,
+                             _fmt(c["ontarget_vs_vanilla"], c["ontarget_vs_vanilla_ci"]), f"{c['quality_ontarget_after']:.1f}",
+                             f"{c['fit_s']:.1f}"])
+    table = common.markdown_table(["scenario", "data", "condition", "Δspurious, points [95% CI]", "cut [95% CI]",
+                                   "on-target vs vanilla, points", "on-target acc after, %", "fit s"], rows)
+    goal_rows = []
+    for scenario, sc in doc["scenarios"].items():
+        for variant, vr in sc["variants"].items():
+            g = vr["goals"]
+            best = g.get("best_within_2_points") or {}
+            goal_rows.append([scenario, variant, f"{g['vanilla_rise_points']:+.1f}", best.get("condition", "none"),
+                              "∞" if best and best.get("cut") is None else f"{best.get('cut') or 0:.2g}",
+                              "yes" if g["meets_goal"] else "no",
+                              {True: "yes", False: "no", None: "n/a"}[g.get("random_projection_within_noise")],
+                              {True: "yes", False: "no", None: "n/a"}[g.get("random_blocking_within_noise")]])
+    goals_table = common.markdown_table(["scenario", "data", "vanilla rise", "best within 2 on-target points", "cut",
+                                         "≥10× goal", "random proj ≈ vanilla", "random block ≈ vanilla"], goal_rows)
+    return f"{table}\n\n{goals_table}"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Δspurious per condition (mean, 95% CI), one panel per scenario, one marker per variant."""
+    scenarios = list(doc["scenarios"])
+    with common.matplotlib_agg() as plt:
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 5.5), squeeze=False)
+        for col, scenario in enumerate(scenarios):
+            ax = axes[0][col]
+            variants = doc["scenarios"][scenario]["variants"]
+            for k, (variant, vr) in enumerate(variants.items()):
+                names = [n for n in CONDITIONS if n in vr["conditions"]]
+                xs = [vr["conditions"][n]["spurious_delta"] for n in names]
+                lo = [x - vr["conditions"][n]["spurious_delta_ci"][0] for x, n in zip(xs, names)]
+                hi = [vr["conditions"][n]["spurious_delta_ci"][1] - x for x, n in zip(xs, names)]
+                ax.errorbar(xs, [i + 0.22 * k for i in range(len(names))], xerr=[lo, hi], fmt="os^"[k % 3],
+                            color=f"C{k}", capsize=2, label=variant)
+                ax.axvline(vr["conditions"]["vanilla"]["spurious_delta"] / 10, color=f"C{k}", ls=":", lw=1)
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels(names if col == 0 else [""] * len(names), fontsize=8)
+            ax.invert_yaxis()
+            ax.axvline(0, color="0.6", lw=0.8)
+            ax.set_title(f"{scenario}: Δ spurious (points)", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"Interventions vs vanilla DPO, {len(doc['config']['seeds'])} seeds (dotted: vanilla rise / 10)")
+        fig.tight_layout()
+        common.atomic_save_figure(fig, path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 seeds, 2 scenarios, no tuning")
+    parser.add_argument("--out", default=str(task.REPO / "benchmarks" / "results"))
+    parser.add_argument("--cache", default=str(task.REPO / ".anatomy_cache" / "bench_interventions"))
+    parser.add_argument("--seeds", type=int, help="number of test seeds (0..N-1)")
+    parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--from-json", help="re-render the plot and the tables from an existing interventions.json")
+    args = parser.parse_args(argv)
+    cfg = Config.quick() if args.quick else Config()
+    if args.seeds is not None:
+        if args.seeds < 1:
+            parser.error(f"--seeds must be >= 1, got {args.seeds}")
+        cfg.seeds = list(range(args.seeds))
+    if args.no_tune or args.quick:
+        cfg.tune_seed = None
+    for attr, allowed in (("scenarios", tuple(SCENARIOS)), ("variants", tuple(VARIANTS))):
+        value = getattr(args, attr)
+        if value:
+            picked = [v.strip() for v in value.split(",") if v.strip()]
+            bad = [v for v in picked if v not in allowed]
+            if bad or not picked:
+                parser.error(f"--{attr}: {bad or value!r} not in {', '.join(allowed)}")
+            setattr(cfg, attr, picked)
+    return args, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args, cfg = parse_args(argv)
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{args.from_json} is not an interventions-benchmark result (format {doc.get('format')!r})")
+        plot(doc, Path(args.from_json).with_suffix(".png"))
+        print(markdown(doc))
+        return doc
+    common.setup_offline(cfg.threads)
+    import lightning.pytorch  # noqa: F401  (Lightning sets its loggers' levels on import: quiet them after)
+
+    common.quiet_libraries()
+    task.use_mixture(p_copy=cfg.p_copy, p_correct=cfg.p_correct)
+    started = time.perf_counter()
+    tok = task.tokenizer()
+    common.log("pretraining the tiny base (cached)…")
+    base, base_report = task.pretrain_base(cfg, tok, Path(args.cache))
+    base_key = cfg.key("layers", "width", "heads", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_examples")
+    sae, sae_report = task.train_sae(base, tok, cfg, Path(args.cache), base_key)
+    doc: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "quick": bool(args.quick),
+        "command": " ".join(["python benchmarks/interventions.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": dataclasses.asdict(cfg), "machine": common.machine_info(),
+        "versions": common.package_versions(["torch", "lightning", "transformers", "sae-lens"]),
+        "base": base_report, "sae": sae_report, "scenarios": {}, "tuning": {}, "notes": NOTES,
+        "load_average_start": list(os.getloadavg()),
+    }
+    for scenario in cfg.scenarios:
+        common.log(f"{scenario}: tuning on seed {cfg.tune_seed}…")
+        knobs, report = tune(scenario, base, tok, sae, cfg)
+        doc["tuning"][scenario] = report
+        common.log(f"  {scenario}: {knobs}")
+        variants = {}
+        for variant in cfg.variants:
+            per_cond: dict[str, list[dict[str, Any]]] = {n: [] for n in CONDITIONS}
+            concepts = []
+            for seed in cfg.seeds:
+                ctx = prepare(scenario, variant, seed, base, tok, sae, cfg)
+                concepts.append({"seed": seed, **ctx.concept_info})
+                for name, record in run_conditions(ctx, CONDITIONS, knobs, cfg).items():
+                    per_cond[name].append(record)
+            conds = {n: summarize_condition(per_cond[n], per_cond["vanilla"], cfg.n_bootstrap) for n in CONDITIONS}
+            variants[variant] = {"knobs": dataclasses.asdict(knobs), "concepts": concepts, "conditions": conds,
+                                 "goals": goals(conds)}
+        doc["scenarios"][scenario] = {"kind": SCENARIOS[scenario], "variants": variants}
+    doc["wall_s"] = round(time.perf_counter() - started, 1)
+    doc["load_average_end"] = list(os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common.publish(task._jsonable(doc), out, "interventions", markdown, plot)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
