@@ -58,7 +58,8 @@ SCENARIOS = {"belief": "input shortcut (stated belief)", "opener": "output style
 VARIANTS = {"corr0.9": 0.9, "corr0.75": 0.75, "corr1.0": 1.0}
 CONTROLS = ("random_projection", "random_blocking", "intended_blocking")
 CONDITIONS = ("vanilla", "projection_own", "projection_later", "ablation_zero", "ablation_mean", "blocking_sae",
-              "blocking_direction", "reward_shaping", "steering", "filtering", "blocking_sae+shaping", *CONTROLS)
+              "blocking_direction", "blocking_direction_later", "reward_shaping", "steering", "filtering",
+              "blocking_sae+shaping", *CONTROLS)
 NOTES = {
     "points": "every delta is (after DPO − base) × 100, in percentage points of probability",
     "cut": "mean vanilla rise / mean condition rise over the test seeds, paired bootstrap CI; null = the "
@@ -69,6 +70,8 @@ NOTES = {
               "among settings whose on-target change is within 2 points of vanilla's, else the smallest on-target loss",
     "blocking_sae": "ConceptBlocking on the audit's SAE features labelled spurious (one-sided)",
     "blocking_direction": "ConceptBlocking on the difference-of-means direction (one-sided)",
+    "blocking_direction_later": "ConceptBlocking on the difference-of-means direction found at the SAE's hook and "
+                                "at every later block (rerouting through later layers is blocked too)",
     "projection": "ConceptProjection(mode='gradient') with the difference-of-means direction; own = its hook, "
                   "later = also every later block's resid_post",
     "ablation": "ConceptProjection(mode='ablate', layers='all_later') with ablation='zero' | 'mean'",
@@ -89,10 +92,10 @@ class Config(task.Config):
     p_correct: float = 0.4  # otherwise the true sum this often (spurious.py: 0.5)
     dpo_lr: float = 1e-4
     dpo_steps: int = 64
-    blocking_lams: list[float] = field(default_factory=lambda: [100.0, 10.0, 1000.0])
-    direction_lams: list[float] = field(default_factory=lambda: [10.0, 1.0, 100.0])
-    shaping_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
-    steering_alphas: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    blocking_lams: list[float] = field(default_factory=lambda: [100.0, 10.0, 1000.0, 10000.0])
+    direction_lams: list[float] = field(default_factory=lambda: [10.0, 1.0, 100.0, 1000.0])
+    shaping_scales: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
+    steering_alphas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
     filter_fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])
 
     @classmethod
@@ -154,6 +157,7 @@ class SeedContext:
     spurious: dict[str, Any]
     intended: dict[str, Any]
     concept_info: dict[str, Any]
+    spurious_later: Any  # the difference-of-means direction at the SAE's hook and every later block
 
 
 def prepare(scenario: str, variant: str, seed: int, base: Any, tok: Any, sae: Any, cfg: Config) -> SeedContext:
@@ -173,7 +177,22 @@ def prepare(scenario: str, variant: str, seed: int, base: Any, tok: Any, sae: An
     intended, info_i = task.concept_sets("intended", base, tok, sae, audit, cfg, train_q, seed)
     return SeedContext(scenario, variant, seed, base, tok, rows, task.tokenize(rows, tok), ev,
                        task.behaviour(base, tok, concept_of(scenario), ev), audit, sae, spurious, intended,
-                       {"spurious": info_s, "intended": info_i})
+                       {"spurious": info_s, "intended": info_i}, later_directions(scenario, base, tok, cfg, train_q, seed))
+
+
+def later_directions(scenario: str, base: Any, tok: Any, cfg: Config, questions: Sequence[tuple[int, int]],
+                     seed: int) -> Any:
+    """The spurious difference-of-means direction at the SAE's hook and at every later block."""
+    from lightning_anatomy.concepts import ConceptSet
+
+    with_, without = task.concept_texts(concept_of(scenario), questions, cfg.n_concept_texts, seed)
+    sets = [ConceptSet.from_mean_difference(base, tok, f"blocks.{layer}.hook_resid_post", with_, without,
+                                            name=f"{concept_of(scenario)}_L{layer}", label=concept_of(scenario))
+            for layer in range(cfg.hook_layer, cfg.layers)]
+    out = sets[0]
+    for extra in sets[1:]:
+        out = out + extra
+    return out
 
 
 # ---------------------------------------------------------------------------------------- DPO
@@ -279,6 +298,8 @@ def condition_specs(ctx: SeedContext, knobs: Knobs, cfg: Config) -> dict[str, tu
         "blocking_sae": (cfg.blocking_lams, knobs.blocking_lam, lambda v: plain(lambda: blocking(feats, v))),
         "blocking_direction": (cfg.direction_lams, knobs.direction_lam,
                                lambda v: plain(lambda: [ConceptBlocking(direction, lam=v)])),
+        "blocking_direction_later": (cfg.direction_lams, knobs.direction_lam,
+                                     lambda v: plain(lambda: [ConceptBlocking(ctx.spurious_later, lam=v)])),
         "reward_shaping": (cfg.shaping_scales, knobs.shaping_scale, lambda v: plain(lambda: shaping(v))),
         "steering": (cfg.steering_alphas, knobs.steering_alpha,
                      lambda v: plain(lambda: [ConceptSteering(direction, alpha=v, sides="both")])),
