@@ -67,7 +67,9 @@ from lightning_anatomy.concepts.hooks import measurement_pass  # noqa: E402
 
 FORMAT = "lightning-anatomy/real-model-benchmark"
 VERSION = 1
-CONDITIONS = ("vanilla", "projected", "random_control")
+CONDITIONS = ("vanilla", "projected", "random_control")  # the HH part
+DEMO_CONDITIONS = ("vanilla", "projected", "mean_ablation", "blocking", "random_control")
+DEMO_TUNE_SEED = 1000  # the blocking λ is picked on this seed's data only
 N_BOOT = 2000
 
 
@@ -95,6 +97,7 @@ class Setting:
     hh_spill_k: int
     hh_mode: str
     hh_layers: str
+    demo_blocking_lams: tuple[float, ...] = (1.0, 10.0)
     lr: float = 1e-5  # the demo's
     hh_lr: float = 5e-5  # at 1e-5, 12 steps moved nothing measurable on HH-RLHF (README)
     beta: float = 0.1
@@ -194,17 +197,40 @@ def demo_eval(model: Any, tokenizer: Any, data: Any) -> dict[str, np.ndarray]:
                                                                                                    "control")}
 
 
-def run_demo_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting, seed: int) -> dict[str, Any]:
+def demo_conditions(base: Any, tokenizer: Any, data: Any, hook: str, seed: int, setting: Setting, lam: float,
+                    names: Sequence[str]) -> dict[str, Callable[[], list]]:
+    """The demo part's conditions: the demo's projection, mean ablation and blocking of the belief
+    direction (blocking at the SAE's layer and every later block, where the projection acts too)."""
+    from lightning_anatomy import ConceptBlocking
+    from lightning_anatomy.callbacks import ConceptProjection
     from lightning_anatomy.concepts import ConceptSet
+    from lightning_anatomy.concepts.hooks import find_blocks, resolve_hook
+
+    belief = ConceptSet.from_mean_difference(base, tokenizer, hook, data.texts_with_belief, data.texts_without_belief,
+                                             name="user_belief", action="suppress")
+    out = projections(belief, hook, seed, setting.demo_mode, setting.demo_layers)
+    out["mean_ablation"] = lambda: [ConceptProjection(belief, mode="ablate", layers=setting.demo_layers,
+                                                      ablation="mean")]
+    if "blocking" in names:
+        first, n_blocks = resolve_hook(base, hook).layer, len(find_blocks(base)[1])
+        later = belief
+        for layer in range(first + 1, n_blocks):
+            later = later + ConceptSet.from_mean_difference(
+                base, tokenizer, f"blocks.{layer}.hook_resid_post", data.texts_with_belief, data.texts_without_belief,
+                name=f"user_belief_L{layer}", action="suppress")
+        out["blocking"] = lambda: [ConceptBlocking(later, lam=lam)]
+    return {n: out[n] for n in names}
+
+
+def run_demo_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting, seed: int, *, lam: float,
+                  names: Sequence[str] = DEMO_CONDITIONS) -> dict[str, Any]:
     from lightning_anatomy.data import read_preferences
     from lightning_anatomy.demo.data import make_demo_data
 
     data = make_demo_data(n_train=setting.demo_n_train, n_heldout=setting.demo_n_heldout, seed=seed)
     rows = read_preferences(data.train_rows(tokenizer))
-    belief = ConceptSet.from_mean_difference(base, tokenizer, hook, data.texts_with_belief, data.texts_without_belief,
-                                             name="user_belief", action="suppress")
-    record: dict[str, Any] = {"seed": seed, "base": demo_eval(base, tokenizer, data), "runs": {}}
-    for name, make in projections(belief, hook, seed, setting.demo_mode, setting.demo_layers).items():
+    record: dict[str, Any] = {"seed": seed, "base": demo_eval(base, tokenizer, data), "runs": {}, "blocking_lam": lam}
+    for name, make in demo_conditions(base, tokenizer, data, hook, seed, setting, lam, names).items():
         policy, step_s = fit(base, rows, tokenizer, setting, lr=setting.lr, steps=setting.demo_steps, batch=setting.demo_batch,
                              seed=seed, callbacks=make(), max_length=128, max_prompt_length=96)
         record["runs"][name] = {"eval": demo_eval(policy, tokenizer, data), "step_s": step_s}
@@ -227,9 +253,10 @@ def summarize_demo(records: list[dict[str, Any]]) -> dict[str, Any]:
         return (e["conflict"] <= 0).astype(float) - (b["conflict"] <= 0).astype(float)
 
     vanilla_drop = pooled(margin_drop, "vanilla")
+    conditions = list(records[0]["runs"])
     out: dict[str, Any] = {"base": {k: _side(np.concatenate([r["base"][k] for r in records])) for k in
                                     ("conflict", "aligned", "control")}}
-    for cond in CONDITIONS:
+    for cond in conditions:
         drop = pooled(margin_drop, cond)
         out[cond] = {
             "offtarget_margin_drop_nats": common.bootstrap_mean(drop, N_BOOT),
@@ -243,9 +270,33 @@ def summarize_demo(records: list[dict[str, Any]]) -> dict[str, Any]:
             "ratio_vanilla_over_condition": cut_ratio(vanilla_drop, drop),
             "step_s": common.bootstrap_mean([r["runs"][cond]["step_s"] for r in records], N_BOOT),
         }
-    for cond in CONDITIONS:
+    for cond in conditions:
         out[cond]["step_time_ratio_vs_vanilla"] = out[cond]["step_s"]["mean"] / out["vanilla"]["step_s"]["mean"]
+        kept = {}
+        for k in ("aligned", "control"):
+            van = out["vanilla"][f"ontarget_{k}_margin_gain_nats"]["mean"]
+            kept[k] = out[cond][f"ontarget_{k}_margin_gain_nats"]["mean"] / van if van > 0 else None
+        out[cond]["ontarget_kept_vs_vanilla"] = kept  # share of vanilla's margin gain kept (None: vanilla gained none)
     return out
+
+
+def tune_demo_blocking(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting) -> tuple[float, dict[str, Any]]:
+    """λ for the demo's blocking on the tuning seed only: the smallest sycophancy rise among the λ
+    that keep ≥ 80% of vanilla's margin gain with the belief right and with no belief (the goal's
+    bar); if none does, the λ that keeps the most."""
+    runs = {}
+    vanilla = run_demo_seed(base, tokenizer, sae, hook, setting, DEMO_TUNE_SEED, lam=0.0, names=["vanilla"])
+    for lam in setting.demo_blocking_lams:
+        rec = run_demo_seed(base, tokenizer, sae, hook, setting, DEMO_TUNE_SEED, lam=lam, names=["blocking"])
+        rec["runs"]["vanilla"] = vanilla["runs"]["vanilla"]
+        s = summarize_demo([rec])
+        runs[lam] = {"rise": s["blocking"]["offtarget_margin_drop_nats"]["mean"],
+                     "vanilla_rise": s["vanilla"]["offtarget_margin_drop_nats"]["mean"],
+                     "kept": min((v for v in s["blocking"]["ontarget_kept_vs_vanilla"].values() if v is not None),
+                                 default=0.0)}
+    ok = [lam for lam, r in runs.items() if r["kept"] >= 0.8]
+    lam = min(ok, key=lambda v: runs[v]["rise"]) if ok else max(runs, key=lambda v: runs[v]["kept"])
+    return lam, {"seed": DEMO_TUNE_SEED, "picked": lam, "runs": {str(k): v for k, v in runs.items()}}
 
 
 def cut_ratio(vanilla: np.ndarray, condition: np.ndarray) -> dict[str, Any]:
@@ -424,7 +475,7 @@ def tables(results: dict[str, Any]) -> str:
         s = demo["summary"]
         rows = [["base", f"{s['base']['conflict']['pref_correct']:.3f}", "", "", f"{s['base']['aligned']['pref_correct']:.3f}",
                  f"{s['base']['control']['pref_correct']:.3f}", "", "", ""]]
-        for cond in CONDITIONS:
+        for cond in [c for c in DEMO_CONDITIONS if c in s]:
             c = s[cond]
             rows.append([cond, f"{c['eval']['conflict']['pref_correct']:.3f}", _ci(c["offtarget_margin_drop_nats"]),
                          _ratio(c["ratio_vanilla_over_condition"]), f"{c['eval']['aligned']['pref_correct']:.3f}",
@@ -468,10 +519,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     with common.matplotlib_agg() as plt:
         fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.6 * max(1, len(panels)), 3.4), squeeze=False)
         for ax, (title, s, key) in zip(axes[0], panels):
-            means = [s[c][key]["mean"] for c in CONDITIONS]
-            err = np.array([[m - s[c][key]["ci"][0], s[c][key]["ci"][1] - m] for c, m in zip(CONDITIONS, means)]).T
-            ax.bar(range(len(CONDITIONS)), means, yerr=err, capsize=3, color=["tab:gray", "tab:blue", "tab:orange"])
-            ax.set_xticks(range(len(CONDITIONS)), [c.replace("_", "\n") for c in CONDITIONS], fontsize=8)
+            conds = [c for c in DEMO_CONDITIONS if c in s]  # its order covers the HH part's too
+            means = [s[c][key]["mean"] for c in conds]
+            err = np.array([[m - s[c][key]["ci"][0], s[c][key]["ci"][1] - m] for c, m in zip(conds, means)]).T
+            ax.bar(range(len(conds)), means, yerr=err, capsize=3, color=[f"C{i}" for i in range(len(conds))])
+            ax.set_xticks(range(len(conds)), [c.replace("_", "\n") for c in conds], fontsize=8)
             ax.axhline(0, color="k", lw=0.5)
             ax.set_title(title, fontsize=9)
         fig.suptitle(f"{results['model']}: vanilla vs projected DPO (mean, 95% bootstrap CI over held-out items)",
@@ -517,9 +569,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or ("real_model.quick" if args.quick else "real_model")
     work = Path(tempfile.mkdtemp(prefix="anatomy-real-model-"))  # the audits' feature shards
     if "demo" in args.parts:
-        records = [run_demo_seed(base, tokenizer, sae, hook, setting, s) for s in setting.demo_seeds]
+        lam, tuning = tune_demo_blocking(base, tokenizer, sae, hook, setting)
+        common.log(f"  demo blocking λ picked on seed {DEMO_TUNE_SEED}: {lam:g}")
+        records = [run_demo_seed(base, tokenizer, sae, hook, setting, s, lam=lam) for s in setting.demo_seeds]
         results["parts"]["demo"] = {"seeds": list(setting.demo_seeds), "summary": summarize_demo(records),
-                                    "per_seed": records}
+                                    "tuning": tuning, "per_seed": records}
     if "hh" in args.parts:
         if not args.hh.is_file():
             results["parts"]["hh"] = {"skipped": f"{args.hh} is absent (the shared data sits beside the repo)"}

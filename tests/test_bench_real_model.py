@@ -46,7 +46,8 @@ def test_quick_run_writes_results_that_follow_from_its_records(bench, tmp_path, 
     lo, hi = s["projected"]["offtarget_margin_drop_nats"]["ci"]
     assert lo <= drop.mean() <= hi
     assert s["vanilla"]["step_time_ratio_vs_vanilla"] == 1.0
-    for cond in bench.CONDITIONS:
+    assert demo["tuning"]["picked"] in setting.demo_blocking_lams and demo["tuning"]["seed"] not in setting.demo_seeds
+    for cond in bench.DEMO_CONDITIONS:
         margins = np.concatenate([r["runs"][cond]["eval"]["control"] for r in demo["per_seed"]])
         assert s[cond]["eval"]["control"]["pref_correct"] == pytest.approx((margins > 0).mean())
 
