@@ -186,13 +186,8 @@ def later_directions(scenario: str, base: Any, tok: Any, cfg: Config, questions:
     from lightning_anatomy.concepts import ConceptSet
 
     with_, without = task.concept_texts(concept_of(scenario), questions, cfg.n_concept_texts, seed)
-    sets = [ConceptSet.from_mean_difference(base, tok, f"blocks.{layer}.hook_resid_post", with_, without,
-                                            name=f"{concept_of(scenario)}_L{layer}", label=concept_of(scenario))
-            for layer in range(cfg.hook_layer, cfg.layers)]
-    out = sets[0]
-    for extra in sets[1:]:
-        out = out + extra
-    return out
+    return ConceptSet.from_mean_difference_later(base, tok, cfg.hook, with_, without, name=concept_of(scenario),
+                                                 label=concept_of(scenario))
 
 
 # ---------------------------------------------------------------------------------------- DPO
@@ -492,6 +487,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- main
+SIZES = ("pretrain_steps", "pretrain_examples", "sae_tokens", "n_pairs", "dpo_steps", "n_heldout", "n_concept_texts",
+         "threads")
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,8 +502,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--from-json", help="re-render the plot and the tables from an existing interventions.json")
+    for name in SIZES:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config()
+    for name in SIZES:
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     if args.seeds is not None:
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -535,7 +539,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import lightning.pytorch  # noqa: F401  (Lightning sets its loggers' levels on import: quiet them after)
 
     common.quiet_libraries()
-    task.use_mixture(p_copy=cfg.p_copy, p_correct=cfg.p_correct)
+    with task.mixture(p_copy=cfg.p_copy, p_correct=cfg.p_correct):
+        return run(args, cfg, argv)
+
+
+def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> dict[str, Any]:
     started = time.perf_counter()
     tok = task.tokenizer()
     common.log("pretraining the tiny base (cached)…")

@@ -204,7 +204,6 @@ def demo_conditions(base: Any, tokenizer: Any, data: Any, hook: str, seed: int, 
     from lightning_anatomy import ConceptBlocking
     from lightning_anatomy.callbacks import ConceptProjection
     from lightning_anatomy.concepts import ConceptSet
-    from lightning_anatomy.concepts.hooks import find_blocks, resolve_hook
 
     belief = ConceptSet.from_mean_difference(base, tokenizer, hook, data.texts_with_belief, data.texts_without_belief,
                                              name="user_belief", action="suppress")
@@ -212,12 +211,8 @@ def demo_conditions(base: Any, tokenizer: Any, data: Any, hook: str, seed: int, 
     out["mean_ablation"] = lambda: [ConceptProjection(belief, mode="ablate", layers=setting.demo_layers,
                                                       ablation="mean")]
     if "blocking" in names:
-        first, n_blocks = resolve_hook(base, hook).layer, len(find_blocks(base)[1])
-        later = belief
-        for layer in range(first + 1, n_blocks):
-            later = later + ConceptSet.from_mean_difference(
-                base, tokenizer, f"blocks.{layer}.hook_resid_post", data.texts_with_belief, data.texts_without_belief,
-                name=f"user_belief_L{layer}", action="suppress")
+        later = ConceptSet.from_mean_difference_later(base, tokenizer, hook, data.texts_with_belief,
+                                                      data.texts_without_belief, name="user_belief", action="suppress")
         out["blocking"] = lambda: [ConceptBlocking(later, lam=lam)]
     return {n: out[n] for n in names}
 

@@ -54,7 +54,8 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,17 @@ P_OPENER = 0.25  # pretraining: answers opening with " Sure!"
 BELIEF_OFFSETS = (-3, -2, 2, 3)  # a wrong belief: near the sum, never the sum
 
 
-def use_mixture(*, p_copy: float, p_correct: float) -> None:
-    """Change the pretraining mixture's answer modes (benchmarks/interventions.py needs a stronger
-    copy mode); `Config.key` reads these, so a base pretrained on another mixture is cached apart."""
+@contextmanager
+def mixture(*, p_copy: float, p_correct: float) -> Iterator[None]:
+    """Pretrain on another mix of answer modes inside the block (benchmarks/interventions.py needs a
+    stronger copy mode); `Config.key` reads these, so such a base is cached apart."""
     global P_COPY, P_CORRECT
+    saved = P_COPY, P_CORRECT
     P_COPY, P_CORRECT = float(p_copy), float(p_correct)
+    try:
+        yield
+    finally:
+        P_COPY, P_CORRECT = saved
 
 
 def prompt_text(a: int, b: int, belief: int | None = None) -> str:

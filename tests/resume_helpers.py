@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from intervention_helpers import MemoryLogger
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 
 from lightning_anatomy import ConceptAttribution, ConceptDriftMonitor, DPOModule, PreferenceDataModule
 from lightning_anatomy.data.toy import make_toy_preferences
@@ -23,28 +23,6 @@ HOOK = "blocks.0.hook_resid_post"
 N_ROWS = 40  # 36 training pairs, batch 4: 9 batches per epoch
 BATCH = 4
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.0}
-
-
-class MemoryLogger(Logger):
-    """Every `log_metrics` call as (step, {key: float})."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), {k: float(v) for k, v in metrics.items() if k != "epoch"}))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def _sae() -> Any:
@@ -98,7 +76,7 @@ def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = N
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     saved = sorted((root / "ckpt").glob("*.ckpt")) if stop_at is not None else []
-    return {"records": logger.records, "batches": batches, "ckpt": str(saved[0]) if saved else None,
+    return {"records": [(int(step or 0), {k: float(v) for k, v in m.items() if k != "epoch"}) for step, m in logger.rows], "batches": batches, "ckpt": str(saved[0]) if saved else None,
             "state_keys": list(module.state_dict())}
 
 

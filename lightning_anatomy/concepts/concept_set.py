@@ -338,6 +338,40 @@ class ConceptSet:
         return cls([Concept(name, hook_name, direction.float(), label, action, source)])
 
     @classmethod
+    def from_mean_difference_later(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        hook_name: str,
+        texts_with: Sequence[str],
+        texts_without: Sequence[str],
+        *,
+        name: str,
+        label: str = "",
+        action: str = "suppress",
+        batch_size: int = 8,
+        max_length: int = 256,
+    ) -> ConceptSet:
+        """`from_mean_difference` at `hook_name` and at the `resid_post` of every later block, each
+        direction measured at its own layer (named `name`, then `name_L<layer>`).
+
+        For edits that must act wherever the model could reroute the concept after the hook
+        (blocking at later layers; BLOCK-EM reports re-emergence through other layers)."""
+        from lightning_anatomy.concepts.hooks import find_blocks, resolve_hook
+
+        point = resolve_hook(model, hook_name)
+        n_blocks = len(find_blocks(model)[1])
+        is_block_output = point.kind == "output" and hook_name.endswith("hook_resid_post")
+        first_later = point.layer + 1 if is_block_output else max(point.layer, 0)
+        out = cls.from_mean_difference(model, tokenizer, hook_name, texts_with, texts_without, name=name, label=label,
+                                       action=action, batch_size=batch_size, max_length=max_length)
+        for layer in range(first_later, n_blocks):
+            out = out + cls.from_mean_difference(
+                model, tokenizer, f"blocks.{layer}.hook_resid_post", texts_with, texts_without, name=f"{name}_L{layer}",
+                label=label, action=action, batch_size=batch_size, max_length=max_length)
+        return out
+
+    @classmethod
     def from_pca(
         cls,
         acts_a: torch.Tensor,

@@ -26,7 +26,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "audit": {"n_bootstrap": 200, "batch_size": 8},
     "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-5, "beta": 0.1, "loss_type": "sigmoid",
               "warmup_steps": 2},
-    "intervention": {"mode": "both", "layers": "all_later", "audit_features": 0},
+    # kind: projection (ConceptProjection mode/layers) | mean_ablation (ablate, ablation="mean") |
+    # blocking (ConceptBlocking of the direction at its layer and every later block, weight lam)
+    "intervention": {"kind": "projection", "mode": "both", "layers": "all_later", "audit_features": 0, "lam": 1.0},
     "callbacks": {"attribution_every": 1, "drift_every": 4, "top_k": 10},
     "logger": "wandb",
 }
@@ -95,16 +97,39 @@ def _fit(name: str, cfg: DictConfig, base_state: dict, tokenizer: Any, rows: lis
                                   "drift": tracked}
 
 
+INTERVENTIONS = ("projection", "mean_ablation", "blocking")
+
+
+def shaped_callbacks(icfg: DictConfig, concept_set: Any, model: Any, tokenizer: Any, data: Any, hook: str) -> list:
+    """The shaped run's edit, as `intervention.kind` says (the choice `benchmarks/real_model.py` measures)."""
+    from lightning_anatomy import ConceptBlocking
+    from lightning_anatomy.callbacks import ConceptProjection
+    from lightning_anatomy.concepts import ConceptSet
+
+    kind = icfg.get("kind", "projection")
+    if kind == "projection":
+        return [ConceptProjection(concept_set, mode=icfg.mode, layers=icfg.layers)]
+    if kind == "mean_ablation":
+        return [ConceptProjection(concept_set, mode="ablate", layers=icfg.layers, ablation="mean")]
+    if kind == "blocking":
+        later = ConceptSet.from_mean_difference_later(
+            model, tokenizer, hook, data.texts_with_belief, data.texts_without_belief, name="user_belief",
+            label="the user states a belief about the answer", action="suppress")
+        return [ConceptBlocking(later, lam=float(icfg.lam))]
+    raise ValueError(f"intervention.kind={kind!r} is not one of {INTERVENTIONS}")
+
+
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from lightning_anatomy.audit import audit_dataset
-    from lightning_anatomy.callbacks import ConceptProjection
     from lightning_anatomy.concepts import ConceptLens, ConceptSet
     from lightning_anatomy.data import read_preferences
     from lightning_anatomy.demo.data import make_demo_data
     from lightning_anatomy.models.embedded import EMBEDDED_HOOK, load_embedded, load_embedded_sae
 
+    if cfg.intervention.get("kind", "projection") not in INTERVENTIONS:  # before anything loads
+        raise ValueError(f"intervention.kind={cfg.intervention.kind!r} is not one of {INTERVENTIONS}")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -157,10 +182,8 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     for n, (h, f) in enumerate(zip(result.concepts["hook"].head(3), result.concepts["feature"].head(3)), 1):
         track[f"audit_top{n}"] = (h, int(f))
     runs: dict[str, Any] = {}
-    for name, extra in (
-        ("vanilla", []),
-        ("shaped", [ConceptProjection(concept_set, mode=cfg.intervention.mode, layers=cfg.intervention.layers)]),
-    ):
+    shaped = shaped_callbacks(cfg.intervention, concept_set, model, tokenizer, data, hook)
+    for name, extra in (("vanilla", []), ("shaped", shaped)):
         policy, info = _fit(name, cfg, base_state, tokenizer, rows, sae, hook, probe, result.concepts, track,
                             extra, out)
         info["eval"] = _evaluate(policy, tokenizer, data)
