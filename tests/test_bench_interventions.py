@@ -104,3 +104,24 @@ def _floats(obj, where="doc"):
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             yield from _floats(v, f"{where}[{i}]")
+
+
+def test_readme_tables_are_regenerated_from_the_results_file(bench, tmp_path):
+    tables = load_benchmark("readme_tables")
+    doc = {"scenarios": {"opener": {"variants": {"corr0.9": {
+        "conditions": {"vanilla": {"cut": 1.0, "cut_ci": [1.0, 1.0], "cut_note": None, "spurious_delta": 40.0,
+                                   "spurious_delta_ci": [39.0, 41.0], "ontarget_vs_vanilla": 0.0,
+                                   "ontarget_vs_vanilla_ci": [0.0, 0.0], "quality_ontarget_after": 50.0, "fit_s": 1.0}},
+        "goals": {"vanilla_rise_points": 40.0, "best_within_2_points": None, "meets_goal": False}}}}}}
+    (tmp_path / "interventions.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- interventions-table:begin -->\nstale\n<!-- interventions-table:end -->\nend\n")
+    tables.main(["--readme", str(readme), "--results", str(tmp_path)])
+    text = readme.read_text()
+    assert "stale" not in text and "| opener | corr0.9 | vanilla | +40.0 [+39.0, +41.0] |" in text
+    assert text.startswith("intro\n") and text.endswith("<!-- interventions-table:end -->\nend\n")
+    tables.main(["--readme", str(readme), "--results", str(tmp_path)])
+    assert readme.read_text() == text  # idempotent
+    (tmp_path / "interventions.json").unlink()
+    with pytest.raises(FileNotFoundError, match="interventions.json is missing"):
+        tables.main(["--readme", str(readme), "--results", str(tmp_path)])
