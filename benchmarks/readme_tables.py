@@ -46,7 +46,8 @@ def render(readme: str, results: Path) -> str:
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if not pattern.search(readme):
             raise ValueError(f"README: {begin} has no matching {end}")
-        readme = pattern.sub(lambda _: f"{begin}\n{table}\n{end}", readme)
+        replacement = f"{begin}\n{table}\n{end}"
+        readme = pattern.sub(lambda _, new=replacement: new, readme)
     return readme
 
 
