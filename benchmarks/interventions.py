@@ -86,8 +86,12 @@ class Config(task.Config):
     """The spurious benchmark's knobs plus the interventions' grids (the first value is the default)."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    scenarios: list[str] = field(default_factory=lambda: ["opener", "belief", "marker"])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # a filter on scenario_variants
+    # the variants each scenario runs (a CPU budget: 100% is the stress case of the opener only, and
+    # the marker scenario's frequency difference is its own decorrelation)
+    scenario_variants: dict[str, list[str]] = field(default_factory=lambda: {
+        "opener": ["corr0.9", "corr0.75", "corr1.0"], "belief": ["corr0.9", "corr0.75"], "marker": ["corr0.9"]})
     p_copy: float = 0.6  # pretraining: how often a stated belief is copied (spurious.py: 0.3)
     p_correct: float = 0.4  # otherwise the true sum this often (spurious.py: 0.5)
     dpo_lr: float = 1e-4
@@ -564,7 +568,8 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
         doc["tuning"][scenario] = report
         common.log(f"  {scenario}: {knobs}")
         variants = {}
-        for variant in cfg.variants:
+        doc["scenarios"][scenario] = {"kind": SCENARIOS[scenario], "variants": variants}
+        for variant in [v for v in cfg.scenario_variants.get(scenario, list(VARIANTS)) if v in cfg.variants]:
             per_cond: dict[str, list[dict[str, Any]]] = {n: [] for n in CONDITIONS}
             concepts = []
             for seed in cfg.seeds:
@@ -575,12 +580,20 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
             conds = {n: summarize_condition(per_cond[n], per_cond["vanilla"], cfg.n_bootstrap) for n in CONDITIONS}
             variants[variant] = {"knobs": dataclasses.asdict(knobs), "concepts": concepts, "conditions": conds,
                                  "goals": goals(conds)}
-        doc["scenarios"][scenario] = {"kind": SCENARIOS[scenario], "variants": variants}
+            publish(doc, args, started, complete=False)  # a long run leaves its finished settings behind
+    return publish(doc, args, started, complete=True)
+
+
+def publish(doc: dict[str, Any], args: argparse.Namespace, started: float, *, complete: bool) -> dict[str, Any]:
+    doc["complete"] = complete
     doc["wall_s"] = round(time.perf_counter() - started, 1)
     doc["load_average_end"] = list(os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common.publish(task._jsonable(doc), out, "interventions", markdown, plot)
+    if complete:
+        common.publish(task._jsonable(doc), out, "interventions", markdown, plot)
+    else:
+        common.atomic_write_json(out / "interventions.json", task._jsonable(doc))
     return doc
 
 
