@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ConceptBlocking": "lightning_anatomy.callbacks",
     "ConceptDriftMonitor": "lightning_anatomy.callbacks",
     "audit_dataset": "lightning_anatomy.audit",
+    "check_prediction": "lightning_anatomy.audit",
 }
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "PreferenceDataError",
     "PreferenceDataModule",
     "audit_dataset",
+    "check_prediction",
     "preference_loss",
     "read_preferences",
 ]  # literal so linters see the re-exports
@@ -49,7 +51,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning_anatomy.audit import audit_dataset
+    from lightning_anatomy.audit import audit_dataset, check_prediction
     from lightning_anatomy.callbacks import (
         ConceptAttribution,
         ConceptBlocking,

@@ -152,6 +152,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_prediction(args: argparse.Namespace) -> int:
+    from lightning_anatomy.audit.prediction_job import CHECK_DEFAULTS, run_check_prediction
+
+    run_check_prediction(load_config(args.config, args.overrides, CHECK_DEFAULTS))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_anatomy.demo.run import DEMO_DEFAULTS, run_demo
 
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ("fit", cmd_fit, "train with DPOModule (+ concept callbacks) from a YAML config"),
         ("audit", cmd_audit, "audit a preference dataset: ranked concepts, HTML report, ConceptSet export"),
         ("demo", cmd_demo, "the main job on the embedded SmolLM2: audit -> vanilla vs projected DPO"),
+        ("check-prediction", cmd_check_prediction, "rollouts before vs after training: R² of the audit's cluster predictions"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", "-c", default=None, help="YAML config (configs/ holds ready ones)")

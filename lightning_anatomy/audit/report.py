@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lightning_anatomy.audit.prediction import PredictionCheck
     from lightning_anatomy.audit.result import AuditResult
 
 CSS = """
@@ -228,8 +229,116 @@ def _heatmaps_html(result: AuditResult) -> str:
     return "".join(parts) or "<p>No clusters to show.</p>"
 
 
-def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = "Dataset anatomy") -> str:
-    """The full HTML page of `result` (a string; `AuditResult.save` writes it as report.html)."""
+# ---- the paper method's views (feature clusters with members, labels, examples; local table) -------------
+
+
+def _member_list(result: AuditResult, hook: str, members: Sequence[int], limit: int = 12) -> str:
+    labels = {int(f): str(lbl) for h, f, lbl in result.concepts[["hook", "feature", "label"]].itertuples(index=False)
+              if h == hook and isinstance(lbl, str) and lbl} if len(result.concepts) else {}
+    items = [f"{int(f)}" + (f" <small>({esc(labels[int(f)])})</small>" if int(f) in labels else "")
+             for f in list(members)[:limit]]
+    more = f" … (+{len(members) - limit})" if len(members) > limit else ""
+    return ", ".join(items) + more
+
+
+def _examples_html(result: AuditResult, cluster: int, limit: int = 2) -> str:
+    ex = result.cluster_examples
+    if ex is None or ex.empty:
+        return ""
+    mine = ex[ex["cluster"] == cluster].head(limit)
+    out = []
+    for _, e in mine.iterrows():
+        out.append(f'<div class="pair"><small>row {esc(e["row_id"])} · u {fmt(float(e["u"]))}</small>'
+                   f'<pre class="pr">{esc(e.get("prompt", ""))}</pre><pre class="ch">{esc(e.get("chosen", ""))}</pre>'
+                   f'<pre class="rj">{esc(e.get("rejected", ""))}</pre></div>')
+    return "".join(out)
+
+
+def paper_cluster_table(result: AuditResult, limit: int = 50) -> str:
+    """Feature clusters: members (with labels), prediction ū, split-half Δ_min, evidence, example pairs."""
+    clusters = result.clusters.head(limit)
+    if clusters.empty:
+        return "<p>No feature clusters (too few co-firing features; see cofire_min_tokens, min_cluster_size).</p>"
+    head = "".join(f"<th>{esc(c)}</th>" for c in ("rank", "hook", "cluster", "size", "members (labels)",
+                                                   "predicted ū", "Δ_min", "Welch z", "d", "q", "direction", "examples"))
+    body = []
+    for _, r in clusters.iterrows():
+        body.append(
+            f"<tr><td class=\"num\">{fmt(r['rank'])}</td><td>{esc(r['hook'])}</td><td class=\"num\">{fmt(r['cluster'])}</td>"
+            f"<td class=\"num\">{fmt(r['size'])}</td><td>{_member_list(result, str(r['hook']), list(r['features']))}</td>"
+            f"<td class=\"num\">{fmt(r['predicted_shift'])}</td><td class=\"num\">{fmt(r['delta_min'])}</td>"
+            f"<td class=\"num\">{fmt(r['welch_z'])}</td><td class=\"num\">{fmt(r['cohens_d'])}</td>"
+            f"<td class=\"num\">{fmt(r['q_value'])}</td>"
+            f"<td class=\"{esc(r['predicted_direction'])}\">{esc(r['predicted_direction'])}</td>"
+            f"<td>{_examples_html(result, int(r['cluster']))}</td></tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def paper_local_views(result: AuditResult, limit: int = 50) -> str:
+    """The data cluster × feature cluster grid (Δ heatmap) and the ranked inside-vs-outside table."""
+    local = result.local
+    if local is None or local.empty:
+        return "<p>No data cluster × feature cluster table (fewer than two data clusters).</p>"
+    dcs = sorted(int(d) for d in local["data_cluster"].unique())
+    fcs = [int(c) for c in result.clusters["cluster"].head(40)] if len(result.clusters) else []
+    parts = []
+    if dcs and fcs:
+        grid = np.full((len(dcs), len(fcs)), np.nan)
+        pos_d = {d: i for i, d in enumerate(dcs)}
+        pos_f = {f: j for j, f in enumerate(fcs)}
+        for d, f, v in local[["data_cluster", "cluster", "delta"]].itertuples(index=False):
+            if int(f) in pos_f:
+                grid[pos_d[int(d)], pos_f[int(f)]] = v
+        sizes = local.groupby("data_cluster")["n_pairs"].first()
+        uri = heatmap(grid, rows=[f"data {d} (n={int(sizes.loc[d])})" for d in dcs], cols=[f"fc {f}" for f in fcs],
+                      title="Inside − outside disparity Δ: data cluster × feature cluster", label="Δ", diverging=True)
+        parts.append(f'<img alt="data cluster x feature cluster heatmap" src="{uri}">')
+    silent = int((result.data_clusters["data_cluster"] < 0).sum()) if len(result.data_clusters) else 0
+    parts.append(f"<p>{silent} silent pairs (symmetric activity below the "
+                 f"{fmt(result.options.get('silent_percentile', 5.0))}th percentile) are set aside. Filters: |T_m| ≥ "
+                 f"{fmt(result.options.get('local_min_features', 10))}, n_k ≥ {fmt(result.options.get('local_min_pairs', 25))}"
+                 ", split halves (index parity) agree; ranked by |Δ_min|.</p>")
+    parts.append(table_html(local.head(limit), ("rank", "data_cluster", "n_pairs", "hook", "cluster", "size",
+                                                "mean_inside", "mean_outside", "delta", "welch_z", "cohens_d",
+                                                "delta_min", "passes", "global_delta"), badge=True))
+    return "".join(parts)
+
+
+# ---- prediction check --------------------------------------------------------------------------------------
+
+
+def prediction_section(check: PredictionCheck) -> str:
+    """The report section of a `check_prediction` result: numbers, scatter, per-cluster table."""
+    st = check.settings
+    uri = "data:image/png;base64," + base64.b64encode(check.scatter_png()).decode("ascii")
+    lo, hi = check.r2_ci
+    rows = [("R² (squared Pearson)", check.r2), (f"{fmt(100 * st.get('confidence', 0.95))}% bootstrap CI over clusters",
+                                                 f"[{fmt(lo)}, {fmt(hi)}]"),
+            ("R² (OLS through the origin)", check.r2_ols), ("sign agreement", check.sign_agreement),
+            ("clusters", check.n_clusters), ("prompts × samples", f"{st.get('n_prompts')} × {st.get('samples_per_prompt')}"),
+            ("temperature / max new tokens", f"{st.get('temperature')} / {st.get('max_new_tokens')}"),
+            ("measure (τ)", f"{st.get('measure')} ({st.get('tau')})"), ("encoded with", st.get("encode_with"))]
+    summary = "".join(f"<tr><td>{esc(k)}</td><td>{fmt(v) if not isinstance(v, str) else esc(v)}</td></tr>" for k, v in rows)
+    examples = "".join(f'<div class="pair"><pre class="pr">{esc(e["prompt"])}</pre><small>before</small>'
+                       f'<pre class="rj">{esc(e["before"])}</pre><small>after</small><pre class="ch">{esc(e["after"])}</pre></div>'
+                       for e in check.examples)
+    table = check.table.reindex(check.table["observed"].abs().sort_values(ascending=False).index).head(50)
+    return ("<h2>Prediction check: predicted vs observed cluster shifts on rollouts</h2>"
+            f'<table class="summary">{summary}</table><img alt="prediction scatter" src="{uri}">'
+            + table_html(table, ("hook", "cluster", "n_features", "label", "predicted", "observed", "before", "after"))
+            + (f"<h3>Example rollouts</h3>{examples}" if examples else ""))
+
+
+def prediction_page(check: PredictionCheck, *, title: str = "Prediction check") -> str:
+    """`prediction_section` as one offline HTML page."""
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{prediction_section(check)}</body></html>")
+
+
+def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = "Dataset anatomy",
+                  prediction: PredictionCheck | None = None) -> str:
+    """The full HTML page of `result` (a string; `AuditResult.save` writes it as report.html), with
+    the section of a `check_prediction` result when `prediction` is given."""
     o = result.options
     concepts = result.concepts
     summary = [("pairs", o.get("n_pairs")), ("hooks", ", ".join(map(str, o.get("hooks", [])))),
@@ -238,7 +347,11 @@ def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = 
                ("bootstrap replicates", o.get("n_bootstrap")),
                ("mean chosen − rejected length (tokens)", o.get("mean_length_diff", float("nan")))]
     summary_html = "".join(f"<tr><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in summary)
-    local_only = result.local[result.local.get("local_only", pd.Series(dtype=bool)).astype(bool)] if len(result.local) else result.local
+    if o.get("method") == "paper":
+        summary.insert(1, ("method", "paper (feature-conditioned, Bergen et al. App. B.1)"))
+        summary.insert(4, ("feature clusters", o.get("n_feature_clusters")))
+    local_only = (result.local[result.local.get("local_only", pd.Series(dtype=bool)).astype(bool)]
+                  if len(result.local) and "local_only" in result.local.columns else result.local.head(0))
     sections = [
         f"<h1>{esc(title)}</h1><table class=\"summary\">{summary_html}</table>",
         "<p>Δ is the mean paired chosen − rejected difference of the span statistic; d = Δ/sd of the "
@@ -249,15 +362,28 @@ def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = 
         f"<h2>Ranked concepts (top {min(max_concepts, len(concepts))} of {len(concepts)})</h2>",
         table_html(concepts.head(max_concepts), CONCEPT_COLUMNS, badge=True),
         "<h2>Example pairs of the top concepts</h2>", _traces_html(result),
-        "<h2>Feature clusters</h2>",
-        table_html(result.clusters.head(50), ("rank", "hook", "cluster", "size", "features", "delta", "cohens_d",
-                                              "z", "ci_low", "ci_high", "q_value", "predicted_direction"), badge=True)
-        if len(result.clusters) else "<p>No feature clusters.</p>",
-        "<h2>Cluster heatmaps</h2>", _heatmaps_html(result),
-        "<h2>Local signals (data cluster × feature cluster, passing only locally)</h2>",
-        table_html(local_only.head(50), ("data_cluster", "n_pairs", "hook", "cluster", "delta", "z", "q_value",
-                                         "global_delta", "global_z"), badge=True)
-        if len(local_only) else "<p>No local-only signal.</p>",
     ]
+    if o.get("method") == "paper":
+        sections[1] = ("<p>Method <b>paper</b>: a feature is active in a response when its firing frequency exceeds "
+                       f"τ = {fmt(o.get('tau', 0.01))}. Per pair and feature cluster, u = mean over members of "
+                       "1{chosen active} − 1{rejected active}; a cluster's predicted DPO shift is the dataset-wide "
+                       "mean ū. Split halves by index parity; Δ_min (the smaller half's Δ) ranks. Per-feature rows "
+                       "below use the same active indicator.</p>")
+        sections += ["<h2>Feature clusters (co-firing, Leiden)</h2>", paper_cluster_table(result),
+                     "<h2>Data cluster × feature cluster (inside vs outside)</h2>", paper_local_views(result)]
+    else:
+        sections += [
+            "<h2>Feature clusters</h2>",
+            table_html(result.clusters.head(50), ("rank", "hook", "cluster", "size", "features", "delta", "cohens_d",
+                                                  "z", "ci_low", "ci_high", "q_value", "predicted_direction"), badge=True)
+            if len(result.clusters) else "<p>No feature clusters.</p>",
+            "<h2>Cluster heatmaps</h2>", _heatmaps_html(result),
+            "<h2>Local signals (data cluster × feature cluster, passing only locally)</h2>",
+            table_html(local_only.head(50), ("data_cluster", "n_pairs", "hook", "cluster", "delta", "z", "q_value",
+                                             "global_delta", "global_z"), badge=True)
+            if len(local_only) else "<p>No local-only signal.</p>",
+        ]
+    if prediction is not None:
+        sections.append(prediction_section(prediction))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>")

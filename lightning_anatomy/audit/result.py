@@ -28,6 +28,8 @@ from lightning_anatomy.files import atomic_directory
 FORMAT_VERSION = 1
 MARKER = "audit.json"
 TABLES = ("concepts", "clusters", "local", "traces", "feature_clusters", "data_clusters")
+OPTIONAL_TABLES = ("cluster_examples",)  # absent from audits saved before the paper method
+PREDICTION_COLUMNS = ("hook", "cluster", "predicted_shift", "n_features")
 
 
 @dataclass
@@ -39,7 +41,9 @@ class AuditResult:
     `local`: per (data cluster × feature cluster); `traces`: the top pairs of the top concepts;
     `feature_clusters` (hook, feature, cluster) and `data_clusters` (row_id, data_cluster) the
     assignments; `cofiring[hook]` the MI matrix of the clustered features (report heatmap);
-    `contexts` token-level top-activating contexts per concept, when a model was at hand.
+    `contexts` token-level top-activating contexts per concept, when a model was at hand;
+    `cluster_examples` (method "paper") the pairs leaning most with each feature cluster.
+    `cluster_predictions` is the per-cluster prediction `check_prediction` tests.
     """
 
     concepts: pd.DataFrame
@@ -54,10 +58,29 @@ class AuditResult:
     features: SpanFeatures | None = None
     rows: Mapping[int, Any] | None = None
     saes: Mapping[str, Any] | None = None
+    cluster_examples: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["cluster", "rank", "row_id", "u", "prompt", "chosen", "rejected"]))
 
     @property
     def stat(self) -> str:
         return str(self.options.get("stat", "max"))
+
+    @property
+    def method(self) -> str:
+        return str(self.options.get("method", "paired"))
+
+    @property
+    def cluster_predictions(self) -> pd.DataFrame:
+        """(hook, cluster, predicted_shift, n_features), one row per tested feature cluster, by id.
+
+        "paper": predicted_shift is the cluster's dataset-wide mean disparity ū (thresholded
+        firing, chosen − rejected); "paired": the Δ of the members' mean span statistic.
+        """
+        if self.clusters.empty:
+            return pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+        out = self.clusters[["hook", "cluster", "predicted_shift", "size"]].rename(columns={"size": "n_features"})
+        out = out.astype({"cluster": np.int64, "n_features": np.int64, "predicted_shift": np.float64})
+        return out.sort_values("cluster", kind="mergesort").reset_index(drop=True)
 
     def top(self, n: int = 20) -> pd.DataFrame:
         """The `n` strongest concepts."""
@@ -129,7 +152,7 @@ class AuditResult:
         target = Path(directory)
 
         def write(tmp: Path) -> None:
-            for name in TABLES:
+            for name in TABLES + OPTIONAL_TABLES:
                 table = getattr(self, name)
                 table.to_parquet(tmp / f"{name}.parquet", index=False)
                 (tmp / f"{name}.json").write_text(table.to_json(orient="records", indent=1, force_ascii=False),
@@ -168,6 +191,8 @@ class AuditResult:
             raise ValueError(f"{marker} has format_version {meta.get('format_version')}, this version reads "
                              f"{FORMAT_VERSION}; re-run the audit")
         tables = {name: pd.read_parquet(root / f"{name}.parquet") for name in TABLES}
+        tables.update({name: pd.read_parquet(root / f"{name}.parquet") for name in OPTIONAL_TABLES
+                       if (root / f"{name}.parquet").is_file()})
         with np.load(root / "cofiring.npz") as npz:
             cofiring = {h: npz[f"h{i}"] for i, h in enumerate(meta.get("cofiring_hooks", []))}
         features = _load_features(root / "features", meta["features"]) if meta.get("has_features") else None

@@ -1,34 +1,49 @@
 """`audit_dataset` (rows + lens + tokenizer) and `audit_features` (span features only).
 
-The order of work: validate every option before anything heavy, test every feature that fires
-often enough (BH across all of them), cluster the top features by co-firing and test the
-clusters, cluster the pairs by prompt and test every (data cluster × feature cluster), trace the
-top concepts to their pairs.
+Two methods. `method="paired"` (the default): validate every option before anything heavy, test
+every feature that fires often enough on the span statistic (BH across all of them), cluster the
+top features by co-firing and test the clusters, cluster the pairs by prompt and test every
+(data cluster × feature cluster), trace the top concepts to their pairs.
+
+`method="paper"` (Bergen et al. 2026, App. B.1, the feature-conditioned audit whose cluster
+predictions matched DPO's real effect at R² 0.9): firing frequencies thresholded at τ, feature
+clusters over all features from token-level co-firing (`audit.cofiring`), the per-cluster
+disparity u and its global mean as the prediction, silent bucket + spherical k-means data
+clusters and the inside-vs-outside table (`audit.feature_conditioned`), ranked by Δ_min.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
+from lightning_anatomy.audit import feature_conditioned as fc
 from lightning_anatomy.audit.clustering import cluster_matrices, data_clusters, feature_clusters
+from lightning_anatomy.audit.cofiring import CLUSTER_COLUMNS, cofiring_clusters
 from lightning_anatomy.audit.result import AuditResult
 from lightning_anatomy.audit.statistics import STAT_COLUMNS, add_decisions, paired_statistics
-from lightning_anatomy.audit.tracing import trace_pairs
+from lightning_anatomy.audit.tracing import snippet, trace_pairs
 from lightning_anatomy.concepts.span_features import STATS, SpanFeatures
+
+METHODS = ("paired", "paper")
 
 
 @dataclass(frozen=True)
 class AuditOptions:
     """Every audit setting, checked at once (`validate`) so a bad one fails before any work.
 
+    method: "paired" (per-feature paired statistics on `stat`) or "paper" (the paper's
+        feature-conditioned cluster audit on firing frequencies; the options below marked paper).
     stat: span statistic compared between chosen and rejected ("max": the per-span max
-        activation, as in the paper; "freq": the fraction of span tokens where it fires; "mean").
+        activation; "freq": the fraction of span tokens where it fires; "mean"). None: "max"
+        for "paired"; "paper" always uses "freq".
     n_bootstrap: bootstrap replicates of the CI (0 skips the CI).
     alpha: the false-discovery rate for `passes` (q < alpha and split-half agreement).
     min_fire_count: a feature is tested only if it fires in at least this many spans (chosen +
@@ -39,9 +54,23 @@ class AuditOptions:
     n_data_clusters: k of the prompt k-means (1 disables the local table).
     min_cluster_pairs: data clusters smaller than this are left out of the local table.
     top_k_trace: concepts traced to their pairs; trace_pairs: pairs listed per traced concept.
+
+    Paper method (defaults are the paper's; `seed` also seeds Leiden and k-means):
+    tau: a feature is active in a span when its firing frequency exceeds τ (0.01).
+    cofire_top_fraction: fraction of all feature pairs kept as co-firing edges, by NMI (0.01).
+    cofire_min_tokens: a feature enters the co-firing graph only if it fires on at least this many
+        corpus tokens ("fire often enough"; 10, our choice).
+    min_cluster_size: Leiden communities with fewer features are dropped (4).
+    leiden_resolution: RBConfiguration resolution (1.0 = modularity).
+    cofire_block_size: features per block of the sparse XᵀX (memory / speed only, same result).
+    silent_percentile: pairs with total symmetric activity below this percentile are set aside (5).
+    n_data_clusters: K of the spherical k-means (8 here; the paper picks K per dataset).
+    local_min_features / local_min_pairs: the filters |T_m| ≥ 10 and n_k ≥ 25 of the local table.
+    cluster_examples: example pairs kept per feature cluster (report).
     """
 
-    stat: str = "max"
+    method: str = "paired"
+    stat: str | None = None
     n_bootstrap: int = 1000
     seed: int = 0
     alpha: float = 0.05
@@ -55,13 +84,47 @@ class AuditOptions:
     top_k_trace: int = 10
     trace_pairs: int = 5
     snippet_chars: int = 200
+    tau: float = 0.01
+    cofire_top_fraction: float = 0.01
+    cofire_min_tokens: int = 10
+    min_cluster_size: int = 4
+    leiden_resolution: float = 1.0
+    cofire_block_size: int = 256
+    silent_percentile: float = 5.0
+    local_min_features: int = 10
+    local_min_pairs: int = 25
+    cluster_examples: int = 3
+
+    def resolved(self) -> AuditOptions:
+        """These options with `stat` filled in for the method."""
+        if self.stat is not None:
+            return self
+        return replace(self, stat="freq" if self.method == "paper" else "max")
 
     def validate(self, features: SpanFeatures | None = None) -> None:
         def bad(name: str, value: Any, need: str) -> ValueError:
             return ValueError(f"audit option {name}={value!r} is invalid: {need}")
 
-        if self.stat not in STATS:
+        if self.method not in METHODS:
+            raise bad("method", self.method, f"choose one of {', '.join(METHODS)}")
+        if self.stat is not None and self.stat not in STATS:
             raise bad("stat", self.stat, f"choose one of {', '.join(STATS)}")
+        if self.method == "paper" and self.stat not in (None, "freq"):
+            raise bad("stat", self.stat, "method='paper' compares firing frequencies; drop stat or pass stat='freq'")
+        for name, low in (("cofire_min_tokens", 1), ("min_cluster_size", 1), ("cofire_block_size", 1),
+                          ("local_min_features", 1), ("local_min_pairs", 1), ("cluster_examples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+                raise bad(name, value, f"must be an integer >= {low}")
+        if not (isinstance(self.tau, int | float) and 0 <= self.tau < 1):
+            raise bad("tau", self.tau, "the firing-frequency threshold must be in [0, 1) (paper: 0.01)")
+        if not (isinstance(self.cofire_top_fraction, int | float) and 0 < self.cofire_top_fraction <= 1):
+            raise bad("cofire_top_fraction", self.cofire_top_fraction, "must be in (0, 1] (paper: 0.01)")
+        if not (isinstance(self.leiden_resolution, int | float) and self.leiden_resolution > 0):
+            raise bad("leiden_resolution", self.leiden_resolution, "must be > 0 (1.0 = modularity)")
+        if not (isinstance(self.silent_percentile, int | float) and 0 <= self.silent_percentile < 100):
+            raise bad("silent_percentile", self.silent_percentile, "must be in [0, 100) (paper: 5)")
+        stat = self.resolved().stat
         for name, low in (("n_bootstrap", 0), ("min_fire_count", 1), ("top_n_cluster", 1), ("n_data_clusters", 1),
                           ("min_cluster_pairs", 4), ("top_k_trace", 0), ("trace_pairs", 1), ("snippet_chars", 1)):
             value = getattr(self, name)
@@ -77,12 +140,13 @@ class AuditOptions:
             return
         if features.n_pairs < 4:
             raise ValueError(f"the audit needs at least 4 pairs (split halves of 2), got {features.n_pairs}")
-        spans = ("chosen", "rejected") + (("prompt",) if self.n_data_clusters > 1 else ())
+        prompt = self.n_data_clusters > 1 and self.method == "paired"
+        spans = ("chosen", "rejected") + (("prompt",) if prompt else ())
         for hook in features.hooks:
             for span in spans:
-                if (hook, span, self.stat) not in features.matrices:
+                if (hook, span, stat) not in features.matrices:
                     fix = " (or pass n_data_clusters=1 to skip data clusters)" if span == "prompt" else ""
-                    raise ValueError(f"span features lack (hook={hook!r}, span={span!r}, stat={self.stat!r}); "
+                    raise ValueError(f"span features lack (hook={hook!r}, span={span!r}, stat={stat!r}); "
                                      f"extract that statistic or pick a stat that was extracted{fix}")
         if self.length_control and not {"chosen", "rejected"} <= set(features.lengths):
             raise ValueError("length_control needs features.lengths['chosen'] and ['rejected']; "
@@ -95,19 +159,20 @@ def _length_diff(features: SpanFeatures, options: AuditOptions) -> np.ndarray | 
     return features.lengths["chosen"].astype(np.float64) - features.lengths["rejected"].astype(np.float64)
 
 
-def _feature_table(features: SpanFeatures, options: AuditOptions, labels: Mapping | None) -> pd.DataFrame:
+def _feature_table(features: SpanFeatures, options: AuditOptions, labels: Mapping | None, *, stat: str,
+                   halves: np.ndarray | None = None, rank_by: str = "z") -> pd.DataFrame:
     length_diff = _length_diff(features, options)
     parts = []
     for hook in features.hooks:
         stats = paired_statistics(
-            features.get(hook, "chosen", options.stat), features.get(hook, "rejected", options.stat),
+            features.get(hook, "chosen", stat), features.get(hook, "rejected", stat),
             length_diff=length_diff, min_fire_count=options.min_fire_count, n_bootstrap=options.n_bootstrap,
-            seed=options.seed, confidence=options.confidence,
+            seed=options.seed, confidence=options.confidence, halves=halves,
         )
         stats.insert(0, "hook", hook)
         parts.append(stats)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["hook", "feature", *STAT_COLUMNS])
-    table = add_decisions(table, alpha=options.alpha, keys=("hook", "feature"))
+    table = add_decisions(table, alpha=options.alpha, keys=("hook", "feature"), rank_by=rank_by)
     table.insert(3, "label", [_label(labels, h, f) for h, f in zip(table["hook"], table["feature"])])
     return table
 
@@ -181,13 +246,17 @@ def audit_features(
     labels: Mapping | None = None,
     contexts: list[dict[str, Any]] | None = None,
     saes: Mapping[str, Any] | None = None,
+    token_firing: Mapping[str, sp.spmatrix] | None = None,
+    feature_clusters: pd.DataFrame | None = None,
     **options: Any,
 ) -> AuditResult:
     """Audit precomputed span features (no model needed); options as in `AuditOptions`.
 
     `rows` (the `PreferenceRow`s, or a mapping row_id -> row) give the text of traced pairs;
     `labels` maps (hook, feature) -> a human label; `saes` ({hook: sae}) enables the ConceptSet
-    export.
+    export. `method="paper"` needs the co-firing corpus `token_firing` ({hook: binary token ×
+    feature matrix}, see `concepts.token_firing`) or ready `feature_clusters` (hook, cluster,
+    feature), e.g. those of an earlier audit.
     """
     unknown = sorted(set(options) - set(AuditOptions.__dataclass_fields__))
     if unknown:
@@ -195,26 +264,151 @@ def audit_features(
                         f"valid options: {', '.join(AuditOptions.__dataclass_fields__)}")
     opts = AuditOptions(**options)
     opts.validate(features)
+    opts = opts.resolved()
     row_map = _row_map(rows)
+    if opts.method == "paper":
+        return _paper_audit(features, opts, row_map, labels, contexts, saes, token_firing, feature_clusters)
+    if token_firing is not None or feature_clusters is not None:
+        raise ValueError("token_firing / feature_clusters belong to method='paper'; pass method='paper' or drop them")
 
-    concepts = _feature_table(features, opts, labels)
+    concepts = _feature_table(features, opts, labels, stat=opts.stat)
     clusters, local, cofiring, assign, data_assign = _cluster_tables(features, concepts, opts)
+    _add_cluster_column(concepts, assign)
+    traces = _traces(features, concepts, opts, opts.stat, row_map)
+    meta = _meta(features, opts, concepts)
+    return AuditResult(concepts=concepts, clusters=clusters, local=local, traces=traces,
+                       feature_clusters=assign, data_clusters=data_assign, options=meta, cofiring=cofiring,
+                       contexts=list(contexts or []), features=features, rows=row_map, saes=saes)
+
+
+def _add_cluster_column(concepts: pd.DataFrame, assign: pd.DataFrame) -> None:
     cluster_of = {(h, int(f)): int(c) for h, f, c in assign[["hook", "feature", "cluster"]].itertuples(index=False)}
     concepts.insert(4, "cluster", [cluster_of.get((h, int(f)), -1) for h, f in zip(concepts["hook"], concepts["feature"])])
 
+
+def _traces(features: SpanFeatures, concepts: pd.DataFrame, opts: AuditOptions, stat: str,
+            row_map: Mapping[int, Any] | None) -> pd.DataFrame:
     traced = concepts.head(opts.top_k_trace)
-    traces = [trace_pairs(features, hook, part["feature"].tolist(), stat=opts.stat, k=opts.trace_pairs,
+    traces = [trace_pairs(features, hook, part["feature"].tolist(), stat=stat, k=opts.trace_pairs,
                           rows=row_map, snippet_chars=opts.snippet_chars)
               for hook, part in traced.groupby("hook", sort=False)]
-    traces = pd.concat(traces, ignore_index=True) if traces else trace_pairs(features, features.hooks[0], [])
+    return pd.concat(traces, ignore_index=True) if traces else trace_pairs(features, features.hooks[0], [])
 
+
+def _meta(features: SpanFeatures, opts: AuditOptions, concepts: pd.DataFrame) -> dict[str, Any]:
     meta = asdict(opts) | {"n_pairs": features.n_pairs, "hooks": features.hooks, "d_sae": dict(features.d_sae),
                            "n_tested": int(len(concepts)), "n_passing": int(concepts["passes"].sum())}
     if opts.length_control:
         meta["mean_length_diff"] = float(_length_diff(features, opts).mean())
+    return meta
+
+
+def check_feature_clusters(assign: Any, features: SpanFeatures) -> pd.DataFrame:
+    """`assign` as a clean (hook, cluster, feature) table; errors name the bad column, hook or feature."""
+    if not isinstance(assign, pd.DataFrame):
+        raise TypeError(f"feature_clusters must be a pandas DataFrame (hook, cluster, feature), got {type(assign).__name__}")
+    missing = [c for c in CLUSTER_COLUMNS if c not in assign.columns]
+    if missing:
+        raise ValueError(f"feature_clusters lacks column(s) {missing}; pass a table with hook, cluster, feature "
+                         "(e.g. AuditResult.feature_clusters)")
+    out = assign[list(CLUSTER_COLUMNS)].astype({"cluster": np.int64, "feature": np.int64}).reset_index(drop=True)
+    unknown = sorted(set(out["hook"]) - set(features.hooks))
+    if unknown:
+        raise ValueError(f"feature_clusters names hook(s) {unknown} that are not in the audited features "
+                         f"{features.hooks}")
+    for hook, part in out.groupby("hook"):
+        bad = part["feature"][(part["feature"] < 0) | (part["feature"] >= features.d_sae[hook])]
+        if len(bad):
+            raise ValueError(f"feature_clusters: feature {int(bad.iloc[0])} is out of range for hook {hook!r} "
+                             f"(d_sae={features.d_sae[hook]})")
+    if out.duplicated(["hook", "feature"]).any():
+        raise ValueError("feature_clusters lists a (hook, feature) twice; each feature belongs to one cluster")
+    if (out.groupby("cluster")["hook"].nunique() > 1).any():
+        raise ValueError("feature_clusters: a cluster spans several hooks; a cluster's features share one hook")
+    return out
+
+
+def _paper_clusters(features: SpanFeatures, opts: AuditOptions, token_firing: Mapping[str, Any] | None,
+                    given: pd.DataFrame | None) -> pd.DataFrame:
+    if given is not None:
+        return check_feature_clusters(given, features)
+    if token_firing is None:
+        raise ValueError("method='paper' clusters features by token-level co-firing: pass token_firing={hook: "
+                         "binary token x feature matrix} (concepts.token_firing) or feature_clusters=<table of an "
+                         "earlier audit>; audit_dataset(..., method='paper') computes it from the model")
+    missing = [h for h in features.hooks if h not in token_firing]
+    if missing:
+        raise ValueError(f"token_firing lacks hook(s) {missing}; give one firing matrix per audited hook")
+    for hook in features.hooks:
+        width = token_firing[hook].shape[1]
+        if width != features.d_sae[hook]:
+            raise ValueError(f"token_firing[{hook!r}] has {width} columns but the hook's SAE has "
+                             f"d_sae={features.d_sae[hook]}; collect it with the audit's SAE")
+    return cofiring_clusters({h: token_firing[h] for h in features.hooks}, min_tokens=opts.cofire_min_tokens,
+                             top_fraction=opts.cofire_top_fraction, min_cluster_size=opts.min_cluster_size,
+                             resolution=opts.leiden_resolution, seed=opts.seed, block_size=opts.cofire_block_size)
+
+
+def _paper_audit(
+    features: SpanFeatures, opts: AuditOptions, row_map: dict[int, Any] | None, labels: Mapping | None,
+    contexts: list[dict[str, Any]] | None, saes: Mapping[str, Any] | None,
+    token_firing: Mapping[str, Any] | None, given_clusters: pd.DataFrame | None,
+) -> AuditResult:
+    """The feature-conditioned audit (module docstring); per-feature rows on 1{freq > τ}."""
+    assign = _paper_clusters(features, opts, token_firing, given_clusters)
+    act = fc.active_features(features, opts.tau, stat=opts.stat)
+    parity = np.arange(features.n_pairs) % 2 == 0  # split halves by index parity
+    concepts = _feature_table(act, opts, labels, stat="active", halves=parity, rank_by="delta_min")
+    _add_cluster_column(concepts, assign)
+
+    empty_local = pd.DataFrame(columns=list(fc.LOCAL_COLUMNS))
+    data_assign = pd.DataFrame({"row_id": np.asarray(features.row_ids, dtype=np.int64),
+                                "data_cluster": np.full(features.n_pairs, fc.SILENT, dtype=np.int64)})
+    examples = pd.DataFrame(columns=["cluster", "rank", "row_id", "u", "prompt", "chosen", "rejected"])
+    if assign.empty:
+        clusters = pd.DataFrame(columns=["rank", "hook", "cluster", "size", "features", *STAT_COLUMNS])
+        local = empty_local
+    else:
+        chosen, rejected, ids = fc.cluster_sides(features, assign, opts.tau, stat=opts.stat)
+        hook_of = assign.groupby("cluster")["hook"].first()
+        members = assign.groupby("cluster")["feature"].apply(lambda s: [int(f) for f in s])
+        table = paired_statistics(chosen, rejected, length_diff=_length_diff(features, opts), min_fire_count=1,
+                                  n_bootstrap=opts.n_bootstrap, seed=opts.seed, confidence=opts.confidence,
+                                  halves=parity)
+        cluster = ids[table.pop("feature").to_numpy()]
+        table.insert(0, "cluster", cluster)
+        table.insert(0, "hook", hook_of.loc[cluster].to_numpy())
+        table.insert(2, "size", [len(members.loc[k]) for k in cluster])
+        table.insert(3, "features", [members.loc[k] for k in cluster])
+        clusters = add_decisions(table, alpha=opts.alpha, keys=("hook", "cluster"), rank_by="delta_min")
+
+        disparity = chosen - rejected
+        global_delta = np.asarray(disparity.mean(axis=0)).ravel()
+        labels_k = fc.data_clusters((chosen + rejected) * 0.5, n_clusters=opts.n_data_clusters,
+                                    silent_percentile=opts.silent_percentile, seed=opts.seed)
+        data_assign["data_cluster"] = labels_k
+        local = fc.inside_outside(disparity, labels_k, cluster_ids=ids, cluster_hooks=hook_of.loc[ids].to_numpy(),
+                                  cluster_sizes=[len(members.loc[k]) for k in ids], global_delta=global_delta,
+                                  min_features=opts.local_min_features, min_pairs=opts.local_min_pairs)
+        if opts.cluster_examples:
+            examples = fc.cluster_examples(disparity, ids, global_delta, features.row_ids, k=opts.cluster_examples)
+            for side in ("prompt", "chosen", "rejected"):
+                examples[side] = [_snippet(row_map, rid, side, opts.snippet_chars) for rid in examples["row_id"]]
+    traces = _traces(act, concepts, opts, "active", row_map)
+    meta = _meta(features, opts, concepts) | {"stat": "active", "source_stat": opts.stat,
+                                               "n_feature_clusters": int(assign["cluster"].nunique()),
+                                               "n_silent": int((data_assign["data_cluster"] == fc.SILENT).sum())}
     return AuditResult(concepts=concepts, clusters=clusters, local=local, traces=traces,
-                       feature_clusters=assign, data_clusters=data_assign, options=meta, cofiring=cofiring,
-                       contexts=list(contexts or []), features=features, rows=row_map, saes=saes)
+                       feature_clusters=assign, data_clusters=data_assign, options=meta, cofiring={},
+                       contexts=list(contexts or []), features=act, rows=row_map, saes=saes,
+                       cluster_examples=examples)
+
+
+def _snippet(row_map: Mapping[int, Any] | None, row_id: int, side: str, limit: int) -> str:
+    row = (row_map or {}).get(int(row_id))
+    if row is None:
+        return ""
+    return snippet(getattr(row, side), limit, from_end=side == "prompt")
 
 
 def _row_map(rows: Sequence[Any] | Mapping[int, Any] | None) -> dict[int, Any] | None:
@@ -239,9 +433,20 @@ def audit_dataset(
     trainer_kwargs: dict[str, Any] | None = None,
     labels: Mapping | None = None,
     label_concepts: bool = True,
+    method: str = "paired",
+    cofire_corpus: Sequence[str] | Sequence[Sequence[int]] | None = None,
+    cofire_max_tokens: int | None = None,
+    feature_clusters: pd.DataFrame | None = None,
     **options: Any,
 ) -> AuditResult:
     """Audit preference rows through a `ConceptLens`: tokenize, extract span features, test.
+
+    `method="paper"`: the feature-conditioned audit of Bergen et al. (module docstring). Its
+    co-firing corpus is the pairs' prompt, chosen and rejected tokens (one more measurement pass
+    through the lens), or `cofire_corpus` (texts, tokenized with `tokenizer`, or token-id lists),
+    cut to its first `cofire_max_tokens` tokens (None: all); `feature_clusters` (hook, cluster,
+    feature) skips that pass and reuses clusters. With `out_dir` the clusters are cached in
+    `<out_dir>/cofiring/` under a key of the model, SAE and corpus digests and the settings.
 
     With `label_concepts`, the traced concepts get a heuristic label (`concepts.labels`) and
     their example pairs token-level contexts (the firing tokens marked), read from the traced
@@ -260,8 +465,17 @@ def audit_dataset(
     if unknown:
         raise TypeError(f"unknown audit option(s) {', '.join(unknown)}; valid options: max_length, "
                         f"max_prompt_length, batch_size, threshold, out_dir, progress, trainer_kwargs, labels, label_concepts, "
+                        f"cofire_corpus, cofire_max_tokens, feature_clusters, "
                         f"{', '.join(AuditOptions.__dataclass_fields__)}")
-    AuditOptions(**options).validate()
+    options["method"] = method
+    opts = AuditOptions(**options)
+    opts.validate()
+    if method != "paper" and (cofire_corpus is not None or cofire_max_tokens is not None or feature_clusters is not None):
+        raise ValueError("cofire_corpus / cofire_max_tokens / feature_clusters belong to method='paper'; "
+                         "pass method='paper' or drop them")
+    if cofire_max_tokens is not None and (isinstance(cofire_max_tokens, bool) or not isinstance(cofire_max_tokens, int)
+                                          or cofire_max_tokens < 1):
+        raise ValueError(f"cofire_max_tokens={cofire_max_tokens!r} is invalid: pass a positive integer or None (all)")
     if len(rows) < 4:
         raise ValueError(f"the audit needs at least 4 rows, got {len(rows)}")
     if max_prompt_length is None and isinstance(max_length, int):
@@ -271,12 +485,58 @@ def audit_dataset(
                                      progress=progress, trainer_kwargs=trainer_kwargs,
                                      pad_token_id=resolve_pad_token_id(tokenizer))
     saes = dict(getattr(lens, "saes", {}) or {})
-    result = audit_features(features, rows=rows, labels=labels, saes=saes or None, **options)
+    extra: dict[str, Any] = {}
+    if method == "paper":
+        extra["feature_clusters"] = feature_clusters if feature_clusters is not None else _cofiring_clusters_of(
+            lens, tokenizer, pairs, opts, corpus=cofire_corpus, max_tokens=cofire_max_tokens, batch_size=batch_size,
+            threshold=threshold, max_length=max_length, out_dir=out_dir)
+    result = audit_features(features, rows=rows, labels=labels, saes=saes or None, **extra, **options)
     result.options.update(max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
                           threshold=threshold)
     if label_concepts and len(result.traces):
         _annotate(result, lens, tokenizer, labels or {}, batch_size=batch_size, max_length=max_length)
     return result
+
+
+def _cofiring_clusters_of(
+    lens: Any, tokenizer: Any, pairs: Sequence[Any], opts: AuditOptions, *, corpus: Sequence[Any] | None,
+    max_tokens: int | None, batch_size: int, threshold: float, max_length: int, out_dir: str | os.PathLike | None,
+) -> pd.DataFrame:
+    """Feature clusters from the co-firing corpus through the lens (cached under out_dir when given)."""
+    from lightning_anatomy.concepts.token_firing import pair_span_firing, sequence_firing
+    from lightning_anatomy.data.tokenize import resolve_pad_token_id
+    from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
+    from lightning_anatomy.files import atomic_write_file
+
+    pad = resolve_pad_token_id(tokenizer)
+    sequences = None
+    if corpus is not None:
+        items = list(corpus)
+        if not items:
+            raise ValueError("cofire_corpus is empty; pass texts or token-id lists, or None for the dataset's spans")
+        sequences = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] if isinstance(t, str)
+                     else [int(i) for i in t] for t in items]
+    settings = {k: getattr(opts, k) for k in ("cofire_min_tokens", "cofire_top_fraction", "min_cluster_size",
+                                              "leiden_resolution", "seed")}
+    key = combined_digest("cofiring-clusters-v1", model_digest(lens.model),
+                          {h: model_digest(sae) for h, sae in lens.saes.items()},
+                          pairs_digest(pairs) if sequences is None else combined_digest(sequences, length=64),
+                          float(threshold), max_tokens, settings)
+    cache = None if out_dir is None else Path(out_dir) / "cofiring" / f"clusters-{key}.parquet"
+    if cache is not None and cache.is_file():
+        return pd.read_parquet(cache)
+    if sequences is None:
+        firing = pair_span_firing(lens, pairs, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
+                                  max_tokens=max_tokens)
+    else:
+        firing = sequence_firing(lens, sequences, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
+                                 max_tokens=max_tokens)
+    clusters = cofiring_clusters(firing, min_tokens=opts.cofire_min_tokens, top_fraction=opts.cofire_top_fraction,
+                                 min_cluster_size=opts.min_cluster_size, resolution=opts.leiden_resolution,
+                                 seed=opts.seed, block_size=opts.cofire_block_size)
+    if cache is not None:
+        atomic_write_file(cache, lambda tmp: clusters.to_parquet(tmp, index=False))
+    return clusters
 
 
 def _annotate(result: AuditResult, lens: Any, tokenizer: Any, given: Mapping, *, batch_size: int,

@@ -276,13 +276,16 @@ def _length_controlled(
     return intercept, _ratio(intercept, se)
 
 
-def add_decisions(table: pd.DataFrame, *, alpha: float = 0.05, keys: Sequence[str] = ("hook", "feature")) -> pd.DataFrame:
+def add_decisions(table: pd.DataFrame, *, alpha: float = 0.05, keys: Sequence[str] = ("hook", "feature"),
+                  rank_by: str = "z") -> pd.DataFrame:
     """Add BH q-values (across all rows), the pass flag, the predicted DPO effect; sort by evidence.
 
-    Rows that pass (split-half agreement and q < alpha) come first, then by |z| descending; ties
-    break on the `keys` columns so the order is deterministic. A `rank` column (1 = strongest)
-    is prepended.
+    Rows that pass (split-half agreement and q < alpha) come first, then by |`rank_by`|
+    descending ("z", or "delta_min" as the paper's method ranks); ties break on the `keys`
+    columns so the order is deterministic. A `rank` column (1 = strongest) is prepended.
     """
+    if rank_by not in ("z", "delta_min"):
+        raise ValueError(f"rank_by={rank_by!r} is invalid: rank by 'z' or 'delta_min'")
     out = table.copy()
     out["q_value"] = benjamini_hochberg(out["p_value"].to_numpy(np.float64))
     out["passes"] = out["split_half_agree"].to_numpy(bool) & (out["q_value"].to_numpy() < alpha)
@@ -291,7 +294,7 @@ def add_decisions(table: pd.DataFrame, *, alpha: float = 0.05, keys: Sequence[st
     direction = np.where(sign > 0, "amplify", np.where(sign < 0, "suppress", "none"))
     out["predicted_direction"] = np.where(out["passes"].to_numpy(bool), direction, "none")
     keys = [k for k in keys if k in out.columns]
-    out["_abs_z"] = np.abs(out["z"].to_numpy(np.float64))
+    out["_abs_z"] = np.abs(out[rank_by].to_numpy(np.float64))
     out = out.sort_values(["passes", "_abs_z", *keys], ascending=[False, False, *([True] * len(keys))],
                           kind="mergesort").drop(columns="_abs_z")
     out.insert(0, "rank", np.arange(1, len(out) + 1))

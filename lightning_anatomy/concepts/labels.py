@@ -191,6 +191,11 @@ def logit_lens_tokens(
     if unembed is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to read a logit lens through")
     weight = unembed.weight.detach()
+    if type(weight).__name__ == "DTensor" or weight.dim() != 2:
+        raise ValueError(
+            f"logit_lens_tokens reads the LM head's weights, which are sharded here ({type(weight).__name__} of shape "
+            f"{tuple(weight.shape)}, FSDP); call it on the unsharded model (before fit, or on a saved model)"
+        )
     vec = torch.as_tensor(direction).detach().to(device=weight.device, dtype=torch.float32).reshape(-1)
     if vec.numel() != weight.shape[1]:
         raise ValueError(f"direction has d={vec.numel()} but the model's unembedding has width {weight.shape[1]}")

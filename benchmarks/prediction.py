@@ -1,0 +1,437 @@
+"""Benchmark: does the audit predict what DPO does? The paper method vs the paired method.
+
+Each setting audits its preference pairs twice (`method="paper"` and `method="paired"`), trains
+vanilla DPO from the base, and runs `check_prediction` for each audit on held-out prompts
+(sampled rollouts of the base and the trained policy, same seeds): R² (squared Pearson), its
+bootstrap CI over clusters, the no-intercept OLS R², the sign agreement and the cluster count.
+
+- `graded_controlled`: a tiny GPT-2 (byte tokenizer, 3 × 64) pretrained here from scratch on
+  "Q: … A: …" texts where six independent markers (an opener, a heading, an emoji, a sign-off,
+  a shouted word, a list line) each appear half the time, and an SAE trained here on its
+  activations. In the preference pairs chosen and rejected share one response and differ only
+  in the markers: marker k is inserted with probability 0.5 + d_k/2 on the chosen side and
+  0.5 − d_k/2 on the rejected side, d_k from strongly negative to strongly positive (known
+  ground truth). Besides the cluster R², the marker R²: d_k vs the change in the share of
+  rollouts containing marker k, and whether every marker's sign was predicted right (by the
+  audit cluster whose members fire most on the marker's text).
+- `graded_smollm2`: the same markers inserted into real responses (HH-RLHF chosen replies, cut)
+  to real prompts, on the embedded SmolLM2-135M-Instruct with the project's SAE.
+- `hh_smollm2`: the shared HH-RLHF sample on SmolLM2: audit split, DPO on its first pairs long
+  enough for held-out implicit-reward accuracy to rise above chance (measured and reported, with
+  the training time), held-out prompts for the check.
+
+    python benchmarks/prediction.py                    # all three settings (hours on 2 CPU cores)
+    python benchmarks/prediction.py --parts graded_controlled
+    python benchmarks/prediction.py --quick            # random tiny models, small sizes: a smoke run (~1 min)
+
+Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
+`{"settings": {<setting>: {"methods": {"paper" | "paired": {"r2", "r2_ci", "r2_ols",
+"sign_agreement", "n_clusters", ...}}, ...}}}`, null where a number is undefined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FORMAT = "lightning-anatomy/bench-prediction"
+VERSION = 1
+SETTINGS = ("graded_controlled", "graded_smollm2", "hh_smollm2")
+METHODS = ("paper", "paired")
+
+
+@dataclass(frozen=True)
+class Marker:
+    name: str
+    text: str
+    where: str  # "prefix" or "suffix"
+    probe: str  # what a rollout must contain to count as carrying it
+
+
+MARKERS = (
+    Marker("opener", "Sure! ", "prefix", "Sure!"),
+    Marker("heading", "### ", "prefix", "###"),
+    Marker("emoji", " 🙂", "suffix", "🙂"),
+    Marker("signoff", " Hope this helps!", "suffix", "Hope this helps"),
+    Marker("shout", " IMPORTANT.", "suffix", "IMPORTANT"),
+    Marker("list", "\n- done", "suffix", "\n- "),
+)
+DISPARITIES = (-0.8, -0.5, -0.2, 0.2, 0.5, 0.8)  # chosen − rejected insertion rate per marker
+WORDS = ("cat", "dog", "tree", "river", "stone", "cloud", "lamp", "bread", "song", "road", "hill", "boat", "glass",
+         "wind", "seed", "rope", "moon", "salt", "door", "wheel")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pretrain_steps: int = 1500
+    sae_steps: int = 600
+    d_sae: int = 512
+    n_train: int = 256
+    n_heldout: int = 64
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    dpo_steps: int = 30  # at 5e-4 × 60 steps DPO collapsed every marker's rate towards 0 (measured)
+    batch: int = 8
+    lr: float = 1e-4
+    smol_n_train: int = 192
+    smol_dpo_steps: int = 40
+    smol_lr: float = 5e-5
+    hh_n_audit: int = 768
+    hh_n_train: int = 768
+    hh_n_heldout: int = 96
+    hh_dpo_steps: int = 200
+    hh_lr: float = 5e-5
+    max_length: int = 160
+    max_prompt_length: int = 96
+    n_bootstrap: int = 1000
+
+
+FULL = Sizes()
+QUICK = Sizes(pretrain_steps=20, sae_steps=20, d_sae=128, n_train=24, n_heldout=6, samples_per_prompt=2,
+              max_new_tokens=12, dpo_steps=2, batch=4, lr=1e-3, smol_n_train=24, smol_dpo_steps=2, smol_lr=1e-3,
+              hh_n_audit=24, hh_n_train=16, hh_n_heldout=6, hh_dpo_steps=2, hh_lr=1e-3, max_length=64,
+              max_prompt_length=32, n_bootstrap=50)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def with_markers(response: str, present: dict[str, bool]) -> str:
+    pre = "".join(m.text for m in MARKERS if m.where == "prefix" and present[m.name])
+    post = "".join(m.text for m in MARKERS if m.where == "suffix" and present[m.name])
+    return pre + response + post
+
+
+def graded_rows(prompts: list[str], responses: list[str], disparities: dict[str, float], seed: int) -> list[Any]:
+    """Pairs sharing one response, differing only in the markers (chosen rate 0.5 + d/2, rejected 0.5 − d/2)."""
+    from lightning_anatomy.data.rows import PreferenceRow
+
+    rng = random.Random(f"graded-{seed}")
+    rows = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        chosen = {m.name: rng.random() < 0.5 + disparities[m.name] / 2 for m in MARKERS}
+        rejected = {m.name: rng.random() < 0.5 - disparities[m.name] / 2 for m in MARKERS}
+        if chosen == rejected:  # a tie pair teaches nothing; flip the strongest marker's rejected side
+            k = max(MARKERS, key=lambda m: abs(disparities[m.name])).name
+            rejected[k] = not rejected[k]
+        rows.append(PreferenceRow(prompt, with_markers(response, chosen), with_markers(response, rejected), i))
+    return rows
+
+
+def controlled_texts(n: int, seed: str) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    prompts = [f"Q: what about the {rng.choice(WORDS)} and the {rng.choice(WORDS)}?\nA:" for _ in range(n)]
+    responses = [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) + "." for _ in range(n)]
+    return prompts, responses
+
+
+def marker_rates(texts: list[str]) -> dict[str, float]:
+    return {m.name: float(np.mean([m.probe in t for t in texts])) if texts else 0.0 for m in MARKERS}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def pretrain_controlled(sizes: Sizes, seed: int) -> tuple[Any, Any]:
+    """A tiny GPT-2 trained from scratch on marker texts (each marker independently at 50 %)."""
+    from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model("gpt2", vocab_size=len(tok), hidden_size=64, num_layers=3, num_heads=4, seed=seed)
+    prompts, responses = controlled_texts(4096, f"pretrain-{seed}")
+    rng = random.Random(f"pretrain-markers-{seed}")
+    texts = [p + with_markers(r, {m.name: rng.random() < 0.5 for m in MARKERS}) + tok.eos_token
+             for p, r in zip(prompts, responses)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(sizes.pretrain_steps):
+        batch = [texts[int(i)] for i in torch.randint(len(texts), (32,), generator=g)]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok
+
+
+def train_sae(model: Any, tok: Any, hook: str, texts: list[str], sizes: Sizes, seed: int) -> Any:
+    """A StandardSAE (ReLU, L1 on decoder-norm-weighted features) fitted to the hook's activations."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from lightning_anatomy.concepts.hooks import hidden_size_at
+    from lightning_anatomy.concepts.lens import capture_activations
+
+    enc = tok(texts, return_tensors="pt", padding=True)
+    acts = capture_activations(model, [hook], enc["input_ids"], enc["attention_mask"])[hook]
+    x = acts[enc["attention_mask"].bool()].float()
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=hidden_size_at(model, hook), d_sae=sizes.d_sae))
+    with torch.no_grad():
+        sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
+        sae.b_dec.copy_(x.mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
+    for _ in range(sizes.sae_steps):
+        batch = x[torch.randint(len(x), (1024,))]
+        f = sae.encode(batch)
+        loss = ((sae.decode(f) - batch) ** 2).sum(-1).mean() + 0.5 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return sae.eval()
+
+
+def tiny_stand_in(seed: int) -> tuple[Any, Any, Any, str]:
+    """--quick: a random tiny Llama and a random sparse SAE instead of SmolLM2 (paths only)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model("llama", vocab_size=len(tok), hidden_size=64, num_layers=2, seed=seed).eval()
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=128))
+    with torch.no_grad():
+        sae.W_enc.normal_(0.0, 2.0)
+        sae.b_enc.fill_(-1.0)
+    return model, tok, sae, "blocks.0.hook_resid_post"
+
+
+# ------------------------------------------------------------------------------------------ one setting
+
+
+def fit_dpo(base: Any, rows: list[Any], tok: Any, *, steps: int, lr: float, sizes: Sizes, seed: int) -> tuple[Any, float]:
+    from real_model import fit
+
+    started = time.perf_counter()
+    after, _ = fit(base, rows, tok, SimpleNamespace(beta=0.1, warmup_steps=min(5, steps)), lr=lr, steps=steps,
+                   batch=sizes.batch, seed=seed, callbacks=[], max_length=sizes.max_length,
+                   max_prompt_length=sizes.max_prompt_length)
+    return after, time.perf_counter() - started
+
+
+def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any], prompts: list[str],
+                  sizes: Sizes, seed: int, shards: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both audits of `rows` (one extraction in `shards`, shared) and their prediction checks;
+    returns (methods summary, checks)."""
+    from lightning_anatomy.audit import audit_dataset, check_prediction
+    from lightning_anatomy.concepts.lens import ConceptLens
+
+    lens = ConceptLens(base, saes, fidelity_check=False)
+    # held-out prompts cut like the audit cuts prompts: their last max_prompt_length tokens
+    prompts = [tok(p, add_special_tokens=False)["input_ids"][-sizes.max_prompt_length:] for p in prompts]
+    methods, checks = {}, {}
+    for method in METHODS:
+        started = time.perf_counter()
+        audit = audit_dataset(rows, lens, tok, method=method, max_length=sizes.max_length,
+                              max_prompt_length=sizes.max_prompt_length, batch_size=sizes.batch,
+                              n_bootstrap=min(200, sizes.n_bootstrap), progress=False, label_concepts=False,
+                              out_dir=shards, seed=seed)
+        audit_s = time.perf_counter() - started
+        n_clusters = int(audit.feature_clusters["cluster"].nunique())
+        if len(audit.cluster_predictions) < 2:  # nothing to correlate: record the miss, not a number
+            common.log(f"  {method}: {len(audit.cluster_predictions)} feature clusters, no R²")
+            methods[method] = {"r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
+                               "n_clusters": len(audit.cluster_predictions), "audit_s": audit_s,
+                               "n_feature_clusters": n_clusters}
+            continue
+        check = check_prediction(audit, base, after, prompts, tokenizer=tok, saes=saes,
+                                 samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
+                                 seed=seed, n_bootstrap=sizes.n_bootstrap)
+        methods[method] = {**check.summary(), "audit_s": audit_s, "n_feature_clusters": n_clusters}
+        checks[method] = (audit, check)
+    return methods, checks
+
+
+def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: Any, lens: Any, hook: str) -> dict[str, Any]:
+    """Marker-level R² (d_k vs the change in rollouts carrying marker k) and per-marker predicted signs."""
+    from lightning_anatomy.audit.agreement import r_squared, sign_agreement
+
+    texts = {side: [tok.decode(r.response_ids) for r in check.rollouts[side]] for side in ("before", "after")}
+    before, after = marker_rates(texts["before"]), marker_rates(texts["after"])
+    d = np.array([disparities[m.name] for m in MARKERS])
+    observed = np.array([after[m.name] - before[m.name] for m in MARKERS])
+    r2 = r_squared(d, observed)
+    predicted = marker_cluster_predictions(audit, check, lens, tok, hook)
+    per = {m.name: {"disparity": disparities[m.name], "rate_before": before[m.name], "rate_after": after[m.name],
+                    "cluster": predicted[m.name][0], "cluster_predicted": predicted[m.name][1]} for m in MARKERS}
+    signs = [np.sign(p["cluster_predicted"]) == np.sign(p["disparity"]) for p in per.values()
+             if p["cluster_predicted"] is not None]
+    return {"r2_markers": r2, "sign_agreement_markers_observed": sign_agreement(d, observed),
+            "all_marker_signs_predicted": bool(signs) and all(signs) and len(signs) == len(MARKERS), "markers": per}
+
+
+@torch.no_grad()
+def marker_cluster_predictions(audit: Any, check: Any, lens: Any, tok: Any, hook: str) -> dict[str, tuple[Any, Any]]:
+    """Per marker the audit cluster whose members fire most on the marker's tokens, and its predicted shift."""
+    assign = audit.feature_clusters
+    preds = audit.cluster_predictions.set_index("cluster")["predicted_shift"]
+    part = assign[assign["hook"] == hook]
+    out: dict[str, tuple[Any, Any]] = {}
+    for m in MARKERS:
+        ids = torch.tensor([tok(m.text.strip() or m.text, add_special_tokens=False)["input_ids"]])
+        f = lens.encode(ids)[hook][0].amax(0).cpu().numpy()
+        scores = part.assign(a=f[part["feature"].to_numpy()]).groupby("cluster")["a"].mean()
+        scores = scores[scores.index.isin(preds.index)]
+        if scores.empty or scores.max() <= 0:
+            out[m.name] = (None, None)
+        else:
+            c = int(scores.idxmax())
+            out[m.name] = (c, float(preds.loc[c]))
+    return out
+
+
+def reward_accuracy(base: Any, after: Any, tok: Any, rows: list[Any], sizes: Sizes) -> float:
+    from real_model import pair_logps
+
+    from lightning_anatomy.data import tokenize_rows
+    from lightning_anatomy.data.tokenize import resolve_pad_token_id
+
+    pairs = tokenize_rows(rows, tok, max_length=sizes.max_length, max_prompt_length=sizes.max_prompt_length)
+    pad = resolve_pad_token_id(tok)
+    lb, la = pair_logps(base, pairs, pad), pair_logps(after, pairs, pad)
+    return float(np.mean((la[:, 0] - lb[:, 0]) - (la[:, 1] - lb[:, 1]) > 0))
+
+
+def graded(name: str, base: Any, tok: Any, sae: Any, hook: str, prompts: list[str], responses: list[str],
+           heldout: list[str], *, steps: int, lr: float, sizes: Sizes, seed: int, work: Path) -> dict[str, Any]:
+    from lightning_anatomy.concepts.lens import ConceptLens
+
+    order = np.random.default_rng(seed).permutation(len(MARKERS))
+    disparities = {MARKERS[i].name: DISPARITIES[j] for j, i in enumerate(order)}
+    rows = graded_rows(prompts, responses, disparities, seed)
+    after, train_s = fit_dpo(base, rows, tok, steps=steps, lr=lr, sizes=sizes, seed=seed)
+    methods, checks = check_methods(base, after, tok, {hook: sae}, rows, heldout, sizes, seed, work / name)
+    lens = ConceptLens(base, {hook: sae}, fidelity_check=False)
+    for method, (audit, check) in checks.items():
+        methods[method].update(marker_summary(check, tok, disparities, audit, lens, hook))
+    common.log(f"  {name}: " + ", ".join(f"{m} R² {methods[m]['r2']}" for m in METHODS))
+    return {"methods": methods, "disparities": disparities, "n_train": len(rows), "n_heldout_prompts": len(heldout),
+            "dpo_steps": steps, "lr": lr, "train_s": train_s}
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def run_setting(name: str, sizes: Sizes, quick: bool, seed: int, hh_path: Path, work: Path) -> dict[str, Any]:
+    if name == "graded_controlled":
+        base, tok = pretrain_controlled(sizes, seed)
+        hook = "blocks.1.hook_resid_post"
+        prompts, responses = controlled_texts(sizes.n_train + sizes.n_heldout, f"graded-{seed}")
+        rng = random.Random(f"sae-{seed}")
+        sae_texts = [p + with_markers(r, {m.name: rng.random() < 0.5 for m in MARKERS})
+                     for p, r in zip(*controlled_texts(256, f"sae-{seed}"))]
+        sae = train_sae(base, tok, hook, sae_texts, sizes, seed)
+        return graded(name, base, tok, sae, hook, prompts[:sizes.n_train], responses[:sizes.n_train],
+                      prompts[sizes.n_train:], steps=sizes.dpo_steps, lr=sizes.lr, sizes=sizes, seed=seed, work=work)
+    if quick:
+        base, tok, sae, hook = tiny_stand_in(seed)
+    else:
+        from lightning_anatomy.models.embedded import EMBEDDED_HOOK, load_embedded, load_embedded_sae
+
+        base, tok = load_embedded()
+        base, sae, hook = base.eval(), load_embedded_sae(), EMBEDDED_HOOK
+    if not hh_path.is_file():
+        return {"skipped": f"{hh_path} is absent (the shared data sits beside the repo)"}
+    from lightning_anatomy.data import read_preferences
+
+    rows = list(read_preferences(hh_path, on_bad_rows="skip"))
+    order = list(range(len(rows)))
+    random.Random(f"prediction-{name}-{seed}").shuffle(order)
+    if name == "graded_smollm2":
+        picked = [rows[i] for i in order[:sizes.smol_n_train + sizes.n_heldout]]
+        prompts = [r.prompt for r in picked]
+        responses = [" " + r.chosen.strip()[:200] for r in picked]
+        return graded(name, base, tok, sae, hook, prompts[:sizes.smol_n_train], responses[:sizes.smol_n_train],
+                      prompts[sizes.smol_n_train:], steps=sizes.smol_dpo_steps, lr=sizes.smol_lr, sizes=sizes,
+                      seed=seed, work=work)
+    audit_rows = [rows[i] for i in order[:sizes.hh_n_audit]]
+    heldout = [rows[i] for i in order[sizes.hh_n_audit:sizes.hh_n_audit + sizes.hh_n_heldout]]
+    train_rows = audit_rows[:sizes.hh_n_train]
+    after, train_s = fit_dpo(base, train_rows, tok, steps=sizes.hh_dpo_steps, lr=sizes.hh_lr, sizes=sizes, seed=seed)
+    methods, _ = check_methods(base, after, tok, {hook: sae}, audit_rows, [r.prompt for r in heldout], sizes, seed,
+                               work / name)
+    accuracy = reward_accuracy(base, after, tok, heldout, sizes)
+    common.log(f"  {name}: held-out reward accuracy {accuracy:.3f} after {train_s:.0f} s; "
+               + ", ".join(f"{m} R² {methods[m]['r2']}" for m in METHODS))
+    return {"methods": methods, "heldout_reward_accuracy": accuracy, "train_s": train_s, "n_audit": len(audit_rows),
+            "n_train": len(train_rows), "n_heldout": len(heldout), "dpo_steps": sizes.hh_dpo_steps, "lr": sizes.hh_lr}
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def tables(results: dict[str, Any]) -> str:
+    rows = []
+    for name, part in results["settings"].items():
+        for method, m in part.get("methods", {}).items():
+            ci = m.get("r2_ci") or [None, None]
+            rows.append([name, method, _fmt(m.get("r2")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]", _fmt(m.get("r2_ols")),
+                         _fmt(m.get("sign_agreement")), _fmt(m.get("n_clusters")), _fmt(m.get("r2_markers"))])
+    return common.markdown_table(["setting", "method", "R²", "95% CI", "OLS R² (no intercept)", "sign agreement",
+                                  "clusters", "marker R²"], rows)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="random tiny stand-ins and small sizes (smoke run)")
+    parser.add_argument("--parts", nargs="*", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hh", type=Path, default=common.HH_RLHF, help="the HH-RLHF JSONL sample")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="DPO learning rate of graded_controlled (default 1e-4)")
+    parser.add_argument("--steps", type=int, default=None, help="DPO steps of graded_controlled (default 30)")
+    parser.add_argument("--name", default=None, help="output file stem (default prediction, or prediction.quick)")
+    args = parser.parse_args(argv)
+    common.setup_offline(args.threads)
+    common.quiet_libraries()
+    sizes = QUICK if args.quick else FULL
+    sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
+                    dpo_steps=sizes.dpo_steps if args.steps is None else args.steps)
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="anatomy-prediction-"))
+    results: dict[str, Any] = {"format": FORMAT, "version": VERSION, "quick": args.quick, "seed": args.seed,
+                               "sizes": asdict(sizes), "machine": common.machine_info("cpu"), "settings": {}}
+    try:
+        for name in args.parts:
+            common.log(f"{name} ...")
+            results["settings"][name] = run_setting(name, sizes, args.quick, args.seed, args.hh, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["wall_s"] = time.time() - started
+    results = _plain(copy.deepcopy(results))
+    common.publish(results, args.out, args.name or ("prediction.quick" if args.quick else "prediction"), tables)
+    return results
+
+
+if __name__ == "__main__":
+    main()
