@@ -11,7 +11,9 @@ forward, backward, optimizer and every callback hook), the first step of a block
    amortised = (49 · t_between + t_probing) / 50) and all three together.
 2. TRL: `DPOModule` vs. TRL's `DPOTrainer` on identical token batches (same pairs per step,
    frozen reference copy, fp32, AdamW, no gradient checkpointing, no eval, no logging, no
-   precomputed reference); steps/s ratio and step-memory ratio.
+   precomputed reference); steps/s ratio and step-memory ratio, for DPOModule's default chunked
+   log-probs (LM head over chunks of completion positions) and for its full-logits path
+   (`logps_chunk_size=None`, the path before chunking), all three interleaved.
 
 Memory: peak RSS inside each block (freed heap returned to the OS before each block, so a block
 never inherits another's garbage) and the rise above the RSS resident at block start (gradients,
@@ -20,6 +22,7 @@ allocated bytes, which is then the basis of the memory ratios.
 
     python benchmarks/cost.py            # full settings (~6 min on 2 CPU cores)
     python benchmarks/cost.py --quick    # tiny sizes, for the smoke test
+    python benchmarks/cost.py --models smollm2-135m --groups trl   # group 2 only -> cost.trl.json
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class ModelSetting:
     """One model and the batch it is trained on."""
 
     name: str
-    source: str  # "tiny:<family>" or "embedded"
+    source: str  # "tiny:<family>", "embedded" or "random:<RANDOM_SHAPES key>"
     pairs_per_step: int
     prompt_tokens: int
     completion_tokens: int  # per response, eos included
@@ -77,6 +80,7 @@ class ModelSetting:
     warmup: int = 1
     trl: bool = True
     conditions: tuple[str, ...] = CALLBACK_CONDITIONS
+    precision: str = "32-true"  # Lightning's; TRL gets bf16=True for "bf16-*"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.conditions) - set(CALLBACK_CONDITIONS))
@@ -124,8 +128,39 @@ def random_pairs(n: int, setting: ModelSetting, vocab: int, eos: int, seed: int)
     return [TokenizedPair(i, ids(setting.prompt_tokens), ids(c) + [eos], ids(c) + [eos]) for i in range(n)]
 
 
-def build_model(setting: ModelSetting) -> tuple[Any, Any, str]:
+# Random models of real shapes (benchmarks/gpu.py): Qwen2-0.5B / 1.5B configurations.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def build_random_model(shape: str, device: str, dtype: torch.dtype) -> Any:
+    """A randomly initialised model of a `RANDOM_SHAPES` shape, built on `device` in `dtype` (SDPA attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
+    spec = dict(RANDOM_SHAPES[shape])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+                               pad_token_id=2, use_cache=False, **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def build_model(setting: ModelSetting, device: str = "cpu") -> tuple[Any, Any, str]:
     """(model, tokenizer, provenance) for a setting; the tokenizer is only needed by TRL."""
+    if setting.source.startswith("random:"):
+        from lightning_anatomy.models.tiny import build_tiny_tokenizer
+
+        dtype = torch.bfloat16 if setting.precision.startswith("bf16") else torch.float32
+        shape = setting.source.split(":", 1)[1]
+        # the byte tokenizer only gives TRL its special ids; the batches are random ids of the model's vocabulary
+        return build_random_model(shape, device, dtype), build_tiny_tokenizer(), f"random {shape} ({dtype})"
     if setting.source.startswith("tiny:"):
         from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -138,7 +173,7 @@ def build_model(setting: ModelSetting) -> tuple[Any, Any, str]:
 
         model, tokenizer = load_embedded()
         return model, tokenizer, "SmolLM2-135M-Instruct (embedded, fp32)"
-    raise ValueError(f"unknown model source {setting.source!r}; use 'tiny:<family>' or 'embedded'")
+    raise ValueError(f"unknown model source {setting.source!r}; use 'tiny:<family>', 'embedded' or 'random:<shape>'")
 
 
 def build_sae(setting: ModelSetting, model: Any) -> tuple[Any, str, str]:
@@ -222,7 +257,8 @@ def _lightning_block(module: Any, pairs: list[Any], callbacks: list[Any], settin
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, precision="32-true", callbacks=[*callbacks, StepTimer(clock)],
+        num_sanity_val_steps=0, limit_val_batches=0, precision=setting.precision,
+        callbacks=[*callbacks, StepTimer(clock)],
     )
     with common.PeakMemory(device) as peak:
         trainer.fit(module, train_dataloaders=loader)
@@ -253,7 +289,8 @@ def _trl_block(policy: Any, reference: Any, tokenizer: Any, pairs: list[Any], se
         output_dir=out_dir, per_device_train_batch_size=setting.pairs_per_step, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", beta=0.1, loss_type="sigmoid", max_length=setting.seq_len,
-        precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=False, fp16=False,
+        precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=setting.precision.startswith("bf16"),
+        fp16=False,
         use_cpu=not device.startswith("cuda"), logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0,
     )
@@ -346,11 +383,11 @@ def _memory_summary(blocks: list[common.PeakMemory]) -> dict[str, Any]:
     return out
 
 
-def run_model(setting: ModelSetting, device: str, with_trl: bool) -> dict[str, Any]:
+def run_model(setting: ModelSetting, device: str, with_trl: bool, with_callbacks: bool = True) -> dict[str, Any]:
     from lightning_anatomy.module import DPOModule
 
     common.log(f"== {setting.name}: {setting.pairs_per_step} pairs x {setting.seq_len} tokens per step on {device}")
-    model, tokenizer, provenance = build_model(setting)
+    model, tokenizer, provenance = build_model(setting, device)
     sae, hook, sae_provenance = build_sae(setting, model)
     sae = sae.to(device)
     if tokenizer.pad_token_id is None:
@@ -364,17 +401,18 @@ def run_model(setting: ModelSetting, device: str, with_trl: bool) -> dict[str, A
     with warnings.catch_warnings():  # one untimed fit first: lazy initialisation stays out of every block
         warnings.simplefilter("ignore")
         _lightning_block(module, pairs, [], replace(setting, steps_per_block=1), device, pad_id)
-    common.log("  group 1: concept callbacks")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        measured = measure({name: partial(_lightning_block, module, pairs, cbs, setting, device, pad_id)
-                            for name, cbs in callbacks.items()}, setting)
     result: dict[str, Any] = {
         "setting": asdict(setting), "model": provenance,
         "parameters": sum(p.numel() for p in module.policy.parameters()), "sae": sae_provenance, "hook": hook,
         "d_sae": int(sae.W_dec.shape[0]), "tokens_per_step": 2 * setting.pairs_per_step * setting.seq_len,
-        "callbacks": {"conditions": measured, "ratios": _callback_ratios(measured, device)},
     }
+    if with_callbacks:
+        common.log("  group 1: concept callbacks")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            measured = measure({name: partial(_lightning_block, module, pairs, cbs, setting, device, pad_id)
+                                for name, cbs in callbacks.items()}, setting)
+        result["callbacks"] = {"conditions": measured, "ratios": _callback_ratios(measured, device)}
     if with_trl and setting.trl:
         result["trl"] = _run_trl(setting, module, pairs, tokenizer, device, pad_id)
     return result
@@ -382,25 +420,44 @@ def run_model(setting: ModelSetting, device: str, with_trl: bool) -> dict[str, A
 
 def _run_trl(setting: ModelSetting, module: Any, pairs: list[Any], tokenizer: Any, device: str,
              pad_id: int) -> dict[str, Any]:
-    common.log("  group 2: DPOModule vs TRL DPOTrainer")
+    common.log("  group 2: DPOModule (chunked log-probs, full logits) vs TRL DPOTrainer")
     trl_policy = copy.deepcopy(module.policy).train()  # same architecture and (near-)initial weights
     trl_reference = copy.deepcopy(module.reference).eval()
+
+    def full_logits_block() -> Block:
+        chunk = module.hparams.logps_chunk_size
+        module.hparams.logps_chunk_size = None  # DPOModule's path before chunking: the full [2B, T, V] logits
+        try:
+            return _lightning_block(module, pairs, [], setting, device, pad_id)
+        finally:
+            module.hparams.logps_chunk_size = chunk
+
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         measured = measure({
             "dpomodule": partial(_lightning_block, module, pairs, [], setting, device, pad_id),
+            "dpomodule_full_logits": full_logits_block,
             "trl": partial(_trl_block, trl_policy, trl_reference, tokenizer, pairs, setting, device, tmp),
         }, setting)
     basis = _time_basis(device)
-    dpo, trl = measured["dpomodule"], measured["trl"]
+    dpo, full, trl = measured["dpomodule"], measured["dpomodule_full_logits"], measured["trl"]
     out = {
         "conditions": measured, "time_basis": basis,
         "steps_per_s_ratio": common.ratio(trl[basis]["median"], dpo[basis]["median"]),
         "steps_per_s_ratio_wall": common.ratio(trl["wall_s"]["median"], dpo["wall_s"]["median"]),
-        "step_memory_ratio": common.ratio(dpo["memory"]["step_rss_increase_mb"], trl["memory"]["step_rss_increase_mb"])
-        if trl["memory"]["step_rss_increase_mb"] > 0 else None,
+        "step_memory_ratio": _step_memory_ratio(dpo, trl),
+        "full_logits": {  # the same ratios for logps_chunk_size=None
+            "steps_per_s_ratio": common.ratio(trl[basis]["median"], full[basis]["median"]),
+            "steps_per_s_ratio_wall": common.ratio(trl["wall_s"]["median"], full["wall_s"]["median"]),
+            "step_memory_ratio": _step_memory_ratio(full, trl),
+        },
+        "chunked_vs_full_logits": {
+            "steps_per_s_ratio": common.ratio(full[basis]["median"], dpo[basis]["median"]),
+            "step_memory_ratio": _step_memory_ratio(dpo, full),
+        },
+        "logps_chunk_size": module.hparams.logps_chunk_size,
         "settings": {
-            "pairs_per_step": setting.pairs_per_step, "max_length": setting.seq_len, "precision": "fp32",
+            "pairs_per_step": setting.pairs_per_step, "max_length": setting.seq_len, "precision": setting.precision,
             "reference": "frozen copy of the policy (both)", "trl_precompute_ref_log_probs": False,
             "gradient_checkpointing": False, "optimizer": "torch AdamW (TRL optim=adamw_torch), lr 1e-6 constant",
             "loss": "sigmoid, beta 0.1", "eval": "none", "logging": "off (Lightning logger=False; TRL "
@@ -411,7 +468,13 @@ def _run_trl(setting: ModelSetting, module: Any, pairs: list[Any], tokenizer: An
     }
     if "peak_cuda_mb" in trl["memory"]:
         out["peak_cuda_ratio"] = common.ratio(dpo["memory"]["peak_cuda_mb"], trl["memory"]["peak_cuda_mb"])
+        out["full_logits"]["peak_cuda_ratio"] = common.ratio(full["memory"]["peak_cuda_mb"], trl["memory"]["peak_cuda_mb"])
     return out
+
+
+def _step_memory_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    base = b["memory"]["step_rss_increase_mb"]
+    return common.ratio(a["memory"]["step_rss_increase_mb"], base) if base > 0 else None
 
 
 def _time_basis(device: str) -> str:
@@ -472,6 +535,8 @@ def tables(results: dict[str, Any]) -> str:
     machine = results["machine"]
     rows = []
     for name, r in results["models"].items():
+        if "callbacks" not in r:  # a --groups trl run
+            continue
         ratios = r["callbacks"]["ratios"]
         vanilla = r["callbacks"]["conditions"]["vanilla"]
         basis = ratios["time_basis"]
@@ -483,27 +548,34 @@ def tables(results: dict[str, Any]) -> str:
             rows.append([name, label, "", _fmt(ratios["step_time"][key]), _fmt(ratios.get("step_time_wall", {}).get(key)),
                          _fmt(ratios["peak_memory"].get(mem_key)), _fmt(ratios["step_memory"].get(mem_key)), target])
     basis_words = "process CPU time" if results["time_basis"] == "cpu_s" else "wall time"
-    out = [f"Concept callbacks: step cost relative to vanilla DPOModule on {machine['device']} ({machine['cpu']}, "
-           f"{machine['torch_threads']} threads). Medians of interleaved blocks; time × uses {basis_words} (step column: "
-           "that, then wall), wall × alongside. Targets are the issue's GPU targets (memory: ≤ 1.05).", "",
-           common.markdown_table(["model", "condition", "step", "time ×", "wall ×", "peak mem ×", "step mem ×",
-                                  "target (GPU)"], rows)]
+    out = []
+    if rows:
+        out = [f"Concept callbacks: step cost relative to vanilla DPOModule on {machine['device']} ({machine['cpu']}, "
+               f"{machine['torch_threads']} threads). Medians of interleaved blocks; time × uses {basis_words} (step "
+               "column: that, then wall), wall × alongside. Targets are the issue's GPU targets (memory: ≤ 1.05).", "",
+               common.markdown_table(["model", "condition", "step", "time ×", "wall ×", "peak mem ×", "step mem ×",
+                                      "target (GPU)"], rows)]
     trl_rows = []
     for name, r in results["models"].items():
         t = r.get("trl")
         if not t:
             continue
-        dpo, trl = t["conditions"]["dpomodule"], t["conditions"]["trl"]
-        basis = t["time_basis"]
-        trl_rows.append([name, f"{dpo[basis]['median']:.3f}", f"{trl[basis]['median']:.3f}",
-                         _fmt(t["steps_per_s_ratio"]), _fmt(t["steps_per_s_ratio_wall"]),
-                         f"{dpo['memory']['step_rss_increase_mb']:.0f}", f"{trl['memory']['step_rss_increase_mb']:.0f}",
-                         _fmt(t["step_memory_ratio"])])
+        trl, basis = t["conditions"]["trl"], t["time_basis"]
+        paths = [("chunked log-probs (default)", "dpomodule", t)]
+        if "dpomodule_full_logits" in t["conditions"]:  # results from before the chunked path have one row
+            paths.append(("full logits (logps_chunk_size=None)", "dpomodule_full_logits", t["full_logits"]))
+        for label, key, ratios in paths:
+            dpo = t["conditions"][key]
+            trl_rows.append([name, label, f"{dpo[basis]['median']:.3f}", f"{trl[basis]['median']:.3f}",
+                             _fmt(ratios["steps_per_s_ratio"]), _fmt(ratios["steps_per_s_ratio_wall"]),
+                             f"{dpo['memory']['step_rss_increase_mb']:.0f}",
+                             f"{trl['memory']['step_rss_increase_mb']:.0f}", _fmt(ratios["step_memory_ratio"])])
     if trl_rows:
         out += ["", f"DPOModule vs TRL 1.16 DPOTrainer on identical batches ({basis_words} per step; steps/s ratio ≥ 1.0 "
-                "means DPOModule is at least as fast; step memory = peak RSS above the loaded models).", "",
-                common.markdown_table(["model", "DPOModule s/step", "TRL s/step", "steps/s ratio", "wall ratio",
-                                       "DPOModule step MB", "TRL step MB", "memory ratio"], trl_rows)]
+                "means DPOModule is at least as fast; step memory = peak RSS above the loaded models; memory ratio "
+                "= DPOModule / TRL, target ≤ 0.8).", "",
+                common.markdown_table(["model", "DPOModule log-probs", "DPOModule s/step", "TRL s/step", "steps/s ratio",
+                                       "wall ratio", "DPOModule step MB", "TRL step MB", "memory ratio"], trl_rows)]
     return "\n".join(out)
 
 
@@ -572,6 +644,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="*", help="only these model settings (by name)")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--groups", nargs="+", choices=("callbacks", "trl"), default=["callbacks", "trl"],
+                        help="which groups to measure; a subset is written to cost.<group>.json, not cost.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, cores))")
     parser.add_argument("--report", type=Path, help="only re-print the tables (and redraw the plot) of a saved cost.json")
     args = parser.parse_args(argv)
@@ -589,10 +663,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {},
     }
     for setting in settings:
-        results["models"][setting.name] = run_model(setting, args.device, with_trl=not args.no_trl)
+        results["models"][setting.name] = run_model(setting, args.device, with_trl=not args.no_trl and "trl" in args.groups,
+                                                    with_callbacks="callbacks" in args.groups)
     results["wall_s"] = time.time() - started
     name = "cost.quick" if args.quick else "cost"
-    common.publish(results, args.out, name, tables, plot)
+    subset = sorted(set(args.groups)) != ["callbacks", "trl"]
+    if subset:
+        name += "." + ".".join(sorted(set(args.groups)))
+    common.publish(results, args.out, name, tables, None if "callbacks" not in args.groups else plot)
     return results
 
 

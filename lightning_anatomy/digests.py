@@ -45,3 +45,41 @@ def pairs_digest(pairs: Sequence[Any]) -> str:
 def combined_digest(*parts: Any, length: int = 24) -> str:
     """A short key from digests and JSON-able settings."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+@torch.no_grad()
+def full_model_digest(module: nn.Module, fsdp_root: nn.Module | None = None) -> str:
+    """`model_digest` of the whole weights of a module that may be sharded (FSDP1 or FSDP2).
+
+    A sharded weight is gathered one tensor at a time (a collective: call this on every rank) and
+    FSDP1 wrapper prefixes are dropped from names, so the digest equals `model_digest` of the same
+    weights unsharded, and a cache written by a 1-process run is found by a sharded one. Under
+    FSDP1, `fsdp_root` is the outermost FSDP unit owning any of the module's parameters (under
+    Lightning's FSDPStrategy, `trainer.model`); by default the module itself.
+    """
+    from lightning_anatomy.sharding import has_fsdp1_units
+
+    root = module if fsdp_root is None else fsdp_root
+    if has_fsdp1_units(root):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(root, writeback=False):
+            return _gathered_digest(module)
+    return _gathered_digest(module)
+
+
+def _gathered_digest(module: nn.Module) -> str:
+    import itertools
+
+    from lightning_anatomy.sharding import clean_name, is_sharded_tensor
+
+    h = hashlib.sha256()
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        t = t.full_tensor() if is_sharded_tensor(t) else t
+        flat = t.detach().reshape(-1)
+        h.update(f"{clean_name(name)}:{tuple(t.shape)}:{t.dtype}".encode())
+        if flat.numel():
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()

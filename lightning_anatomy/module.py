@@ -4,6 +4,12 @@ Chosen and rejected share one forward (`[chosen; rejected]`, see docs/ARCHITECTU
 installed by concept callbacks see both halves of a batch in one pass. Metrics follow TRL's
 DPOTrainer names so dashboards carry over; they are accumulated with torchmetrics over the
 micro-batches of an optimizer step, which keeps them right under gradient accumulation and DDP.
+
+Log-probs come from the LM head run over chunks of completion positions only
+(`lightning_anatomy.logprobs`), never from the full `[2B, T, V]` logits. Under
+`ModelParallelStrategy` (FSDP2) `configure_model` shards the policy and a copy reference; under
+`FSDPStrategy` (FSDP1) Lightning wraps the policy and the copy reference is wrapped on its own
+(see `configure_model`).
 """
 
 from __future__ import annotations
@@ -25,10 +31,18 @@ from transformers import PreTrainedModel
 
 from lightning_anatomy.concepts.hooks import reference_pass, unwrap_model
 from lightning_anatomy.data import TokenizedPair, collate_pairs
-from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
+from lightning_anatomy.digests import combined_digest, full_model_digest, model_digest, pairs_digest
 from lightning_anatomy.files import atomic_directory, atomic_write_file
+from lightning_anatomy.logprobs import DEFAULT_CHUNK_SIZE, completion_logps, masked_logit_mean, sequence_logps
 from lightning_anatomy.losses import preference_loss, validate_loss_options
 from lightning_anatomy.models.loading import load_model, max_positions
+from lightning_anatomy.sharding import (
+    has_fsdp1_units,
+    is_fsdp2_module,
+    is_sharded_module,
+    is_sharded_strategy,
+    shard_fsdp2,
+)
 
 REFERENCE_MODES = ("copy", "precomputed", "peft")
 CHECKPOINT_KEY = "lightning_anatomy"
@@ -37,33 +51,6 @@ METRIC_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
     "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
 )
-
-
-def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of the completion tokens and the count of those tokens, per sequence.
-
-    Token t is scored by the logits at t-1. The log-softmax is taken in fp32 one row at a time,
-    so a bf16 run never materialises the whole fp32 [2B, T, V] tensor.
-    """
-    labels = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(torch.float32)
-    shifted = logits[:, :-1]
-    rows = []
-    for row_logits, row_labels in zip(shifted, labels):
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    token_logps = torch.stack(rows)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
-def _masked_logit_mean(logits: Tensor, completion_mask: Tensor) -> Tensor:
-    """Mean logit over the completion positions and the vocabulary (TRL's `logits/*`)."""
-    mask = completion_mask[:, 1:].unsqueeze(-1)
-    shifted = logits[:, :-1].detach()
-    total = (shifted.float() * mask).sum()
-    count = mask.sum() * shifted.shape[-1]
-    return total / count.clamp_min(1)
 
 
 class DPOModule(L.LightningModule):
@@ -79,6 +66,9 @@ class DPOModule(L.LightningModule):
         peft_config: LoRA settings (a dict for `peft.LoraConfig`); wraps the policy.
         rpo_alpha: weight of an NLL term on the chosen completions (RPO); None disables it.
         scheduler: `"cosine"`, `"linear"` or `"constant"` decay after `warmup_steps`.
+        logps_chunk_size: completion positions per LM-head chunk (peak memory holds one chunk's
+            logits, fp32); None scores from the model's full logits (the path before chunking,
+            for architectures whose logits `lightning_anatomy.logprobs` cannot reproduce).
     """
 
     def __init__(
@@ -101,10 +91,11 @@ class DPOModule(L.LightningModule):
         peft_config: dict[str, Any] | None = None,
         reference_cache_dir: str | None = ".anatomy_cache/reference",
         dtype: str | None = None,
+        logps_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
         self._validate(reference, loss_type, beta, label_smoothing, rpo_alpha, lr, warmup_steps, scheduler,
-                       peft_config, policy)
+                       peft_config, policy, logps_chunk_size)
         self.save_hyperparameters(ignore=["policy"] if not isinstance(policy, str) else None)
         model = load_model(policy, dtype=dtype)
         if peft_config is not None:
@@ -125,9 +116,12 @@ class DPOModule(L.LightningModule):
             if peft_config is not None:
                 self.policy.enable_input_require_grads()
         self.reference: nn.Module | None = None
+        self._reference_digest: str | None = None
         if reference == "copy":
             self.reference = copy.deepcopy(model).eval()
             self.reference.requires_grad_(False)
+            # Frozen: its digest never changes, and read now it needs no gather once sharded.
+            self._reference_digest = model_digest(self.reference)
         self._ref_cache: dict[int, tuple[float, float]] = {}
         self._auxiliary_losses: dict[str, Callable[[], Tensor | None]] = {}
         self._ref_from_checkpoint = False
@@ -137,7 +131,7 @@ class DPOModule(L.LightningModule):
     # ------------------------------------------------------------------ validation of options
     @staticmethod
     def _validate(reference, loss_type, beta, label_smoothing, rpo_alpha, lr, warmup_steps, scheduler,
-                  peft_config, policy) -> None:
+                  peft_config, policy, logps_chunk_size) -> None:
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r} is not one of {REFERENCE_MODES}")
         if reference == "peft" and peft_config is None and isinstance(policy, str):
@@ -150,24 +144,34 @@ class DPOModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if rpo_alpha is not None and rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0 or None, got {rpo_alpha}")
+        if logps_chunk_size is not None and (isinstance(logps_chunk_size, bool) or not isinstance(logps_chunk_size, int)
+                                             or logps_chunk_size < 1):
+            raise ValueError(f"logps_chunk_size must be an integer >= 1 or None (full logits), got {logps_chunk_size!r}")
         validate_loss_options(loss_type, beta, label_smoothing)
 
     # ------------------------------------------------------------------ forward passes
     def concatenated_forward(self, model: nn.Module, batch: dict[str, Tensor], *, with_stats: bool = False
                              ) -> dict[str, Tensor]:
         """One forward over `[chosen; rejected]`: per-pair log-probs (+ logit means and NLL for the policy)."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits
-        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
-        n = batch["input_ids"].shape[0] // 2
+        ids, mask = batch["input_ids"], batch["completion_mask"]
+        n = ids.shape[0] // 2
+        chunk = self.hparams.get("logps_chunk_size", DEFAULT_CHUNK_SIZE)
+        if chunk is None:  # the full-logits path
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+            logps, lengths = sequence_logps(logits, ids, mask)
+            if with_stats:
+                means = masked_logit_mean(logits[:n], mask[:n]), masked_logit_mean(logits[n:], mask[n:])
+        else:
+            out = completion_logps(model, ids, batch["attention_mask"], mask, chunk_size=chunk, logit_sums=with_stats)
+            logps, lengths = out.logps, out.lengths
+            if with_stats:
+                means = out.logit_mean(slice(None, n)), out.logit_mean(slice(n, None))
         result = {
             "chosen_logps": logps[:n], "rejected_logps": logps[n:],
             "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:],
         }
         if with_stats:
-            mask = batch["completion_mask"]
-            result["chosen_logits"] = _masked_logit_mean(logits[:n], mask[:n])
-            result["rejected_logits"] = _masked_logit_mean(logits[n:], mask[n:])
+            result["chosen_logits"], result["rejected_logits"] = means
             if self.hparams.rpo_alpha is not None:
                 result["nll"] = -logps[:n].sum() / lengths[:n].sum().clamp_min(1)
         return result
@@ -192,7 +196,8 @@ class DPOModule(L.LightningModule):
             with self.policy.disable_adapter(), reference_pass():
                 ref = self.concatenated_forward(self.policy, batch)
         else:
-            ref = self.concatenated_forward(self.reference, batch)
+            with reference_pass():  # a separate model, but the same rule: no edit acts on it
+                ref = self.concatenated_forward(self.reference, batch)
         return ref["chosen_logps"], ref["rejected_logps"]
 
     # ------------------------------------------------------------------ steps
@@ -301,8 +306,8 @@ class DPOModule(L.LightningModule):
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
         extra: dict[str, Any] = {"reference": self.hparams.reference}
-        if self.reference is not None:
-            extra["reference_digest"] = model_digest(self.reference)
+        if self._reference_digest is not None:
+            extra["reference_digest"] = self._reference_digest
         if self._ref_cache:
             ids = sorted(self._ref_cache)
             extra["reference_logps"] = {
@@ -315,15 +320,16 @@ class DPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY, {})
         state = checkpoint.get("state_dict")
+        saved = extra.get("reference_digest")
+        if self._reference_digest is not None and saved is not None and saved != self._reference_digest:
+            raise ValueError(
+                "this DPOModule's reference model is not the one the checkpoint was trained against "
+                "(the weights differ); build DPOModule with the same initial policy the run started from"
+            )
         if self.reference is not None and state is not None:
-            saved = extra.get("reference_digest")
-            if saved is not None and saved != model_digest(self.reference):
-                raise ValueError(
-                    "this DPOModule's reference model is not the one the checkpoint was trained against "
-                    "(the weights differ); build DPOModule with the same initial policy the run started from"
-                )
-            # Old checkpoints carry the reference; new ones get it from this module.
-            if not any(k.startswith("reference.") for k in state):
+            # Old checkpoints carry the reference; new ones get it from this module (a sharded
+            # reference lives outside the module tree, see configure_model: nothing to add).
+            if "reference" in self._modules and not any(k.startswith("reference.") for k in state):
                 state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
         table = extra.get("reference_logps")
         if self.hparams.reference == "precomputed":
@@ -349,6 +355,52 @@ class DPOModule(L.LightningModule):
                 f"max_length={asked} is longer than the model's {limit} positions "
                 f"({type(unwrap_model(self.policy)).__name__}); set max_length <= {limit} on the data module"
             )
+
+    # ------------------------------------------------------------------ sharding (FSDP)
+    def configure_model(self) -> None:
+        """Shard for the Trainer's strategy; other strategies need nothing.
+
+        `ModelParallelStrategy` (FSDP2): `fully_shard` on every decoder block and on the root, for
+        the policy (a PEFT policy's reference is that same sharded model) and the copy reference,
+        over the data-parallel mesh (no tensor parallelism: `tensor_parallel_size=1`).
+        `FSDPStrategy` (FSDP1): Lightning wraps the module itself (pass
+        `auto_wrap_policy=decoder_block_classes(policy)`); the copy reference is wrapped here as
+        its own FSDP unit with the strategy's settings. Either way a sharded reference is taken
+        out of the module tree: checkpoints hold no reference weights, so a strict load of a
+        sharded or full checkpoint must not expect any.
+        """
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        kind = {c.__name__ for c in type(strategy).__mro__}
+        if "ModelParallelStrategy" in kind:
+            mesh = strategy.device_mesh
+            if mesh["tensor_parallel"].size() != 1:
+                raise ValueError(
+                    f"DPOModule shards with FSDP2 over the data-parallel mesh and applies no tensor parallelism, but "
+                    f"the strategy has tensor_parallel_size={mesh['tensor_parallel'].size()}; use "
+                    f"ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1)"
+                )
+            if not is_fsdp2_module(self.policy):
+                shard_fsdp2(self.policy, mesh["data_parallel"])
+            if self.reference is not None and not is_fsdp2_module(self.reference):
+                reference = self.trainer.precision_plugin.convert_module(self.reference)
+                self._keep_outside_module_tree(shard_fsdp2(reference, mesh["data_parallel"]))
+        elif "FSDPStrategy" in kind and self.reference is not None and not has_fsdp1_units(self.reference):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            reference = self.trainer.precision_plugin.convert_module(self.reference)
+            wrapped = FullyShardedDataParallel(
+                reference, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
+                sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device.index,
+                **strategy.kwargs,
+            )
+            self._keep_outside_module_tree(wrapped)
+
+    def _keep_outside_module_tree(self, reference: nn.Module) -> None:
+        """`self.reference` stays an attribute, but no longer a submodule (state_dict, parameters, `.to`)."""
+        self._modules.pop("reference", None)
+        self.__dict__["reference"] = reference
 
     # ------------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:
@@ -378,7 +430,9 @@ class DPOModule(L.LightningModule):
 
         The cache key hashes the policy weights and the tokenized pairs, so a changed model, data
         or tokenization never reuses stale numbers. A cache file that cannot be read or lacks rows
-        is recomputed. Rank 0 computes and writes; others wait and read.
+        is recomputed. Rank 0 computes and writes; others wait and read. Under a sharded strategy
+        (FSDP) every forward is a collective, so every rank computes when rank 0 found no valid
+        cache (as without a cache folder).
         """
         todo = [p for p in pairs if p.row_id not in self._ref_cache]
         if not todo:
@@ -387,17 +441,20 @@ class DPOModule(L.LightningModule):
         path = Path(cache_dir) / f"{self._fingerprint(todo)}.safetensors" if cache_dir else None
         strategy = self.trainer.strategy if self._trainer is not None else None
         is_zero = strategy is None or strategy.is_global_zero
+        every_rank = strategy is not None and (is_sharded_strategy(strategy) or path is None)
         wanted = [p.row_id for p in todo]
         table = None
-        if is_zero:
-            if path is not None and path.exists():
-                table, problem = _read_reference_table(path, wanted)
-                if problem:
-                    warnings.warn(f"reference cache {path} {problem}; recomputing it", stacklevel=2)
-            if table is None:
-                table = self._compute_reference(todo, pad_token_id, batch_size)
-                if path is not None:
-                    atomic_write_file(path, lambda tmp: save_file(table, str(tmp)))
+        if is_zero and path is not None and path.exists():
+            table, problem = _read_reference_table(path, wanted)
+            if problem:
+                warnings.warn(f"reference cache {path} {problem}; recomputing it", stacklevel=2)
+        compute = table is None
+        if every_rank:
+            compute = strategy.broadcast(compute, src=0)
+        if compute and (is_zero or every_rank):
+            table = self._compute_reference(todo, pad_token_id, batch_size)
+            if is_zero and path is not None:
+                atomic_write_file(path, lambda tmp: save_file(table, str(tmp)))
         if strategy is not None and path is not None:
             strategy.barrier("anatomy_reference_cache")
         if table is None:  # another rank: read what rank 0 wrote
@@ -437,6 +494,12 @@ class DPOModule(L.LightningModule):
         if tokenizer is None and self._trainer is not None:
             tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         model = self.policy
+        if is_sharded_module(model):  # callers (the CLI) save from rank 0 alone: a gather would hang
+            raise ValueError(
+                "save_pretrained needs the policy's full weights, but they are sharded (FSDP); save a full "
+                "checkpoint (ModelParallelStrategy(save_distributed_checkpoint=False) or FSDPStrategy("
+                "state_dict_type='full')), load it into an unsharded DPOModule and call save_pretrained there"
+            )
         is_peft = hasattr(model, "merge_and_unload")
         if is_peft and merge_adapters:
             model = copy.deepcopy(model).merge_and_unload()
@@ -449,7 +512,9 @@ class DPOModule(L.LightningModule):
         return atomic_directory(Path(path), write)
 
     def _fingerprint(self, pairs: list[TokenizedPair]) -> str:
-        return combined_digest("reference-logps", model_digest(self.policy), pairs_digest(pairs))
+        root = self.trainer.model if self._trainer is not None else None  # FSDP1: the unit owning the root weights
+        digest = full_model_digest(self.policy, fsdp_root=root if root is not None and has_fsdp1_units(root) else None)
+        return combined_digest("reference-logps", digest, pairs_digest(pairs))
 
 
 def _read_reference_table(path: Path, row_ids: list[int]) -> tuple[dict[str, Tensor] | None, str | None]:

@@ -22,6 +22,7 @@ from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
 HOOK = "blocks.0.hook_resid_post"
 N_ROWS = 40  # 36 training pairs, batch 4: 9 batches per epoch
 BATCH = 4
+TRACK = {f"f{i}": (HOOK, i) for i in range(16)}  # enough features that some fire
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.0}
 
 
@@ -56,8 +57,8 @@ def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = N
     batches: list[list[int]] = []
     logger = MemoryLogger()
     callbacks: list[Any] = [
-        ConceptAttribution({HOOK: sae}, every_n_steps=1, track={"f3": (HOOK, 3)}),
-        ConceptDriftMonitor({HOOK: sae}, probe_pairs, every_n_steps=2, track={"f3": (HOOK, 3)}),
+        ConceptAttribution({HOOK: sae}, every_n_steps=1, track=TRACK),
+        ConceptDriftMonitor({HOOK: sae}, probe_pairs, every_n_steps=2, track=TRACK),
         LambdaCallback(on_train_batch_start=lambda tr, pl, batch, i: batches.append(batch["row_ids"].tolist())),
     ]
     if stop_at is not None:

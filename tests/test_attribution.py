@@ -20,7 +20,7 @@ from concept_callback_helpers import (
     trainer,
 )
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lightning_anatomy.callbacks.attribution import TABLE_COLUMNS, ConceptAttribution, feature_attribution
 from lightning_anatomy.concepts.hooks import reference_pass
@@ -310,7 +310,7 @@ def test_bad_options_name_the_problem():
         ConceptAttribution({POST0: sae}, labels={"nope": "x"})
 
 
-def test_setup_refuses_unknown_hooks_wrong_widths_bad_batches_and_sharded_strategies():
+def test_setup_refuses_unknown_hooks_wrong_widths_bad_batches_and_deepspeed():
     module = make_module()
     tr = trainer([])
     with pytest.raises(ValueError, match="unknown hook 'blocks.7.hook_resid_post'"):
@@ -320,7 +320,8 @@ def test_setup_refuses_unknown_hooks_wrong_widths_bad_batches_and_sharded_strate
     cb = ConceptAttribution({POST0: random_sae()})
     with pytest.raises(ValueError, match="completion_mask"):
         cb.on_train_batch_start(tr, module, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}, 0)
-    fsdp = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="not FSDPStrategy .* allow_untested_strategy=True"):
-        cb.setup(fsdp, module, "fit")
-    ConceptAttribution({POST0: random_sae()}, allow_untested_strategy=True).setup(fsdp, module, "fit")
+    cb.setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")  # FSDP is tested (tests/test_fsdp.py)
+    deepspeed = SimpleNamespace(strategy=object.__new__(DeepSpeedStrategy))
+    with pytest.raises(ValueError, match="not DeepSpeedStrategy .* allow_untested_strategy=True"):
+        cb.setup(deepspeed, module, "fit")
+    ConceptAttribution({POST0: random_sae()}, allow_untested_strategy=True).setup(deepspeed, module, "fit")

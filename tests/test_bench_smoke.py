@@ -71,11 +71,17 @@ def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
     assert trl["steps_per_s_ratio"] == pytest.approx(ref["cpu_s"]["median"] / dpo["cpu_s"]["median"])
     assert trl["settings"]["trl_precompute_ref_log_probs"] is False
     _finite_positive(trl["step_memory_ratio"], "trl.step_memory_ratio")
+    full = trl["conditions"]["dpomodule_full_logits"]  # the path before chunked log-probs, interleaved with both
+    assert trl["full_logits"]["steps_per_s_ratio"] == pytest.approx(ref["cpu_s"]["median"] / full["cpu_s"]["median"])
+    assert trl["logps_chunk_size"] == 512
+    for key in ("steps_per_s_ratio", "step_memory_ratio"):
+        _finite_positive(trl["chunked_vs_full_logits"][key], f"trl.chunked_vs_full_logits.{key}")
 
     out = capsys.readouterr().out
     assert out.startswith("Concept callbacks:")  # stdout carries only the tables
     assert "| gpt2-2x64-byte | ConceptAttribution (every step) |" in out
     assert "DPOModule vs TRL 1.16 DPOTrainer" in out
+    assert "| gpt2-2x64-byte | full logits (logps_chunk_size=None) |" in out
     assert cost.main(["--report", str(tmp_path / "cost.quick.json")]) == on_disk  # re-print without measuring
     assert capsys.readouterr().out.strip() == out.strip()
     (tmp_path / "other.json").write_text(json.dumps({"format": "lightning-anatomy/bench-throughput"}))

@@ -28,7 +28,7 @@ from concept_callback_helpers import (
 )
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lightning_anatomy.callbacks.drift import TABLE_COLUMNS, ConceptDriftMonitor, parse_predicted, r_squared
 from lightning_anatomy.data import collate_pairs
@@ -287,8 +287,10 @@ def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match=r"track\[0\]: feature 999 is out of range"):
         ConceptDriftMonitor({HOOK: sae}, probe, track=[999])
     cb = ConceptDriftMonitor({HOOK: sae}, probe)
-    with pytest.raises(ValueError, match="not FSDPStrategy .* allow_untested_strategy=True"):
-        cb.setup(SimpleNamespace(strategy=FSDPStrategy()), DPOModule(build_tiny_model("gpt2")), "fit")
+    cb.setup(SimpleNamespace(strategy=FSDPStrategy()), DPOModule(build_tiny_model("gpt2")), "fit")  # tested FSDP
+    with pytest.raises(ValueError, match="not DeepSpeedStrategy .* allow_untested_strategy=True"):
+        cb.setup(SimpleNamespace(strategy=object.__new__(DeepSpeedStrategy)), DPOModule(build_tiny_model("gpt2")),
+                 "fit")
     val = ConceptDriftMonitor({HOOK: sae}, "val")
     with pytest.raises(ValueError, match="probe='val' needs a datamodule with val_pairs"):
         trainer([val]).fit(DPOModule(build_tiny_model("gpt2")), loader(random_pairs(2), 2))

@@ -403,8 +403,9 @@ def test_setup_refuses_bad_hooks_widths_and_untested_strategies():
         ConceptProjection(_concepts(), layers=["blocks.9.hook_resid_post"]).setup(t, module, "fit")
 
     fsdp = SimpleNamespace(strategy=FSDPStrategy(), training=False)
-    with pytest.raises(ValueError, match="not FSDPStrategy.*allow_untested_strategy=True"):
-        ConceptProjection(_concepts()).setup(fsdp, module, "fit")
+    accepted = ConceptProjection(_concepts())
+    accepted.setup(fsdp, module, "fit")  # FSDP is supported (activation hooks; bases replicated)
+    assert list(accepted._targets) == [HOOK]
     # DeepSpeedStrategy subclasses DDPStrategy; built without __init__ (deepspeed is not installed)
     deepspeed = SimpleNamespace(strategy=object.__new__(DeepSpeedStrategy), training=False)
     with pytest.raises(ValueError, match="not DeepSpeedStrategy"):

@@ -32,8 +32,8 @@ def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(tmp_path, refe
     assert full["batches"][9] != full["batches"][0]  # epoch 1 has its own order
     expected, got = after(full["records"], stop), after(resumed["records"], stop)
     assert {k for k in expected if k[1].startswith("train/")} and {k for k in expected if k[1].startswith("val/")}
-    assert {k for k in expected if k[1].startswith("concepts/drift")}
-    assert {k for k in expected if k[1].startswith("concepts/attribution")}
+    assert any(v != 0 for k, v in expected.items() if k[1].startswith("concepts/drift/"))  # probes that moved
+    assert any(v != 0 for k, v in expected.items() if k[1].startswith("concepts/attribution/"))
     assert got.keys() == expected.keys()
     assert [k for k in expected if got[k] != expected[k]] == []  # exact in fp32 on CPU
 

@@ -16,13 +16,24 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
+
+from lightning_anatomy.sharding import is_sharded_strategy
 
 ConceptRef = tuple[str, int]
 
-# Strategies the concept callbacks are tested under. FSDP/DeepSpeed shard the weights (a
-# rank-0-only probe forward would deadlock; SAE directions would meet sharded activations).
-TESTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+# Strategies the concept callbacks are tested under. Under FSDP (FSDPStrategy, FSDP2 through
+# ModelParallelStrategy) activations and their gradients at the hooks are whole; only weights are
+# sharded, so a measuring forward runs on every rank (`measures_on_every_rank`). DeepSpeed ZeRO
+# and tensor parallelism (which shards activations too) stay refused.
+TESTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
+# The callbacks tested under the FSDP strategies (2 CPU processes, tests/test_fsdp.py).
+SHARDED_TESTED = ("ConceptProjection", "ConceptAttribution", "ConceptDriftMonitor", "ConceptSteering")
 
 
 # --------------------------------------------------------------------------- logging
@@ -158,21 +169,51 @@ def load_saes(saes: Mapping[str, Any] | Any, owner: str) -> tuple[dict[str, Any]
 # --------------------------------------------------------------------------- guards
 
 
+def measures_on_every_rank(trainer: Trainer) -> bool:
+    """True when a measuring forward (drift probe, ablation means) must run on every rank, not
+    on rank zero alone: with sharded weights each forward is a collective."""
+    return is_sharded_strategy(trainer.strategy)
+
+
 def check_strategy(trainer: Trainer, owner: str, allow_untested: bool) -> None:
     """Refuse strategies the callback was not tested under, before any work starts.
 
     DeepSpeedStrategy subclasses DDPStrategy in Lightning, so it is refused by name on top of the
-    type check: ZeRO shards the weights that hooks and concept bases assume are whole.
+    type check: ZeRO shards the weights that hooks and concept bases assume are whole. FSDP is
+    accepted for the callbacks in `SHARDED_TESTED`, without tensor parallelism.
     """
-    strategy = trainer.strategy
-    deepspeed = any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
-    if allow_untested or (isinstance(strategy, TESTED_STRATEGIES) and not deepspeed):
+    if allow_untested:
         return
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    deepspeed = any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
+    sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+    if isinstance(strategy, TESTED_STRATEGIES) and not deepspeed and (not sharded or owner in SHARDED_TESTED):
+        problem = _sharded_problem(trainer, owner) if sharded else None
+        if problem is None:
+            return
+        raise ValueError(f"{owner} under {name}: {problem}")
+    tested = "single-device, DDP and FSDP" if owner in SHARDED_TESTED else "single-device and DDP"
     raise ValueError(
-        f"{owner} is tested with single-device and DDP strategies only, not {type(strategy).__name__} "
-        "(sharded weights: FSDP/DeepSpeed); use strategy='ddp', or pass allow_untested_strategy=True "
-        "to run it anyway"
+        f"{owner} is tested with {tested} strategies only, not {name} (sharded weights: "
+        f"{'DeepSpeed' if owner in SHARDED_TESTED else 'FSDP/DeepSpeed'}); use strategy='ddp', or pass "
+        "allow_untested_strategy=True to run it anyway"
     )
+
+
+def _sharded_problem(trainer: Trainer, owner: str) -> str | None:
+    """What makes a tested callback unusable under this sharded strategy, or None."""
+    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        return ("tensor parallelism shards the activations the concept hooks read; use "
+                "ModelParallelStrategy(tensor_parallel_size=1) (FSDP2 only)")
+    if owner == "ConceptProjection":
+        mean = [cb for cb in getattr(trainer, "callbacks", []) if type(cb).__name__ == owner
+                and getattr(cb, "ablation", None) == "mean"]
+        if mean:
+            return ("ablation='mean' measures its means with a forward on rank 0 alone, which sharded weights "
+                    "cannot run; use ablation='zero', or strategy='ddp'")
+    return None
 
 
 def check_resumed_widths(saved: Mapping[str, int], widths: Mapping[str, int], owner: str) -> None:

@@ -12,6 +12,11 @@ column of `audit_dataset`), R² is the squared Pearson correlation between predi
 observed drift over those features: 1 when drift is an exact positive *or negative* linear
 function of the prediction, blind to scale and offset (the paper's agreement measure). It is
 undefined, and not logged, while every observed drift is equal (as at step 0).
+
+Given the audit's feature clusters (`clusters=`, e.g. a `method="paper"` audit), the monitor also
+measures what `check_prediction` measures, live: per greedy rollout each cluster's mean over
+members of 1{firing frequency > τ} (`audit.rollouts`), its change from step 0, and the R² of
+those changes against the clusters' predicted shifts (`concepts/drift_cluster_r2`).
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from lightning_anatomy.audit.agreement import r_squared
 from lightning_anatomy.callbacks._logging import (
     ConceptRef,
     check_every,
@@ -33,6 +40,7 @@ from lightning_anatomy.callbacks._logging import (
     load_saes,
     log_scalars,
     log_wandb,
+    measures_on_every_rank,
     parse_concept,
     parse_labels,
     parse_track,
@@ -47,20 +55,30 @@ TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "dri
 ProbeBatch = tuple[Tensor, Tensor, Tensor]
 
 
-def r_squared(predicted: Sequence[float] | np.ndarray, observed: Sequence[float] | np.ndarray) -> float | None:
-    """Squared Pearson correlation of two equal-length series; None where it is undefined
-    (fewer than two points, or either series constant)."""
-    x = np.asarray(predicted, dtype=np.float64)
-    y = np.asarray(observed, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"r_squared needs two 1-d series of equal length, got shapes {x.shape} and {y.shape}")
-    if x.size < 2:
-        return None
-    xc, yc = x - x.mean(), y - y.mean()
-    sxx, syy = float(xc @ xc), float(yc @ yc)
-    if sxx == 0.0 or syy == 0.0:
-        return None
-    return float(xc @ yc) ** 2 / (sxx * syy)
+def parse_clusters(clusters: Any, widths: Mapping[str, int]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(feature clusters, cluster predictions, audit options) from an AuditResult or its saved directory."""
+    import os
+
+    if isinstance(clusters, str | os.PathLike):
+        from lightning_anatomy.audit.result import AuditResult
+
+        clusters = AuditResult.load(clusters)
+    if not (hasattr(clusters, "feature_clusters") and hasattr(clusters, "cluster_predictions")):
+        raise ValueError("clusters must be an AuditResult (or the directory AuditResult.save wrote), e.g. "
+                         f"audit_dataset(..., method='paper'); got {type(clusters).__name__}")
+    assign, predictions = clusters.feature_clusters, clusters.cluster_predictions
+    if len(predictions) == 0:
+        raise ValueError("clusters: the audit has no feature clusters with a prediction; nothing to measure")
+    unknown = sorted(set(assign["hook"]) - set(widths))
+    if unknown:
+        raise ValueError(f"clusters: the audit's feature clusters use hook(s) {unknown} that the monitor has no SAE "
+                         f"for (it has {sorted(widths)}); pass the audit's SAEs")
+    for hook, part in assign.groupby("hook"):
+        if int(part["feature"].max()) >= widths[hook] or int(part["feature"].min()) < 0:
+            raise ValueError(f"clusters: a feature of hook {hook!r} is out of range for d_sae={widths[hook]}; "
+                             "pass the SAE the audit ran with")
+    predictions = predictions[np.isfinite(predictions["predicted_shift"].to_numpy(np.float64))].reset_index(drop=True)
+    return assign, predictions, dict(getattr(clusters, "options", {}) or {})
 
 
 def parse_predicted(predicted: Any, widths: Mapping[str, int]) -> tuple[dict[ConceptRef, float], dict[ConceptRef, str]]:
@@ -130,6 +148,9 @@ class ConceptDriftMonitor(Callback):
         rollouts: greedy-decode this many probe prompts (the first ones) at each evaluation and
             measure drift on the generated tokens too (0: teacher-forced only).
         rollout_max_new_tokens: length limit of each rollout (cut after the first eos).
+        clusters: the audit's feature clusters and their predicted shifts (an `AuditResult` or
+            its saved directory); needs `rollouts > 0`; enables `concepts/drift_cluster_r2`.
+        cluster_tau: activity threshold of the cluster measure (None: the audit's τ, else 0.01).
         labels: `{(hook, feature) | "hook:feature": label}` for the tables.
         responses: which completions are teacher-forced: "chosen", "rejected" or "both".
         batch_size: probe sequences per forward.
@@ -139,10 +160,13 @@ class ConceptDriftMonitor(Callback):
 
     Logged at the number of optimizer steps taken: `concepts/drift/<name>` per tracked concept,
     `concepts/drift_r2` (when `predicted` is set and R² is defined), with rollouts also
-    `concepts/drift_rollout/<name>` and `concepts/drift_rollout_r2`; W&B only:
+    `concepts/drift_rollout/<name>` and `concepts/drift_rollout_r2`, with `clusters` also
+    `concepts/drift_cluster_r2` (cluster firing on rollouts vs the audit's cluster predictions);
+    W&B only:
     `concepts/drift_hist` (all features' drift), and after step 0 `concepts/drift_top` and
     `concepts/drift_scatter` (predicted vs observed). Runs on global rank zero only (no
-    collective calls, so other ranks never wait on it beyond the step it takes).
+    collective calls, so other ranks never wait on it beyond the step it takes); with sharded
+    weights (FSDP) on every rank, since each probe forward is a collective, logged from rank zero.
     """
 
     def __init__(
@@ -156,6 +180,8 @@ class ConceptDriftMonitor(Callback):
         rollouts: int = 0,
         rollout_max_new_tokens: int = 32,
         labels: Mapping[Any, str] | None = None,
+        clusters: Any = None,
+        cluster_tau: float | None = None,
         responses: str = "chosen",
         batch_size: int = 8,
         evaluate_on_train_end: bool = True,
@@ -187,6 +213,23 @@ class ConceptDriftMonitor(Callback):
         self.labels = {**predicted_labels, **parse_labels(labels, self.widths)}
         self.evaluate_on_train_end = bool(evaluate_on_train_end)
         self.allow_untested_strategy = bool(allow_untested_strategy)
+        self.cluster_reader = None
+        self.cluster_predictions: pd.DataFrame | None = None
+        self.cluster_threshold = 0.0
+        if clusters is not None:
+            from lightning_anatomy.audit.rollouts import ClusterReader
+
+            if not self.rollouts:
+                raise ValueError("clusters= measures cluster firing on the model's own rollouts; pass rollouts=N (> 0)")
+            assign, self.cluster_predictions, audit_options = parse_clusters(clusters, self.widths)
+            tau = float(audit_options.get("tau", 0.01) if cluster_tau is None else cluster_tau)
+            if not 0 <= tau < 1:
+                raise ValueError(f"cluster_tau={cluster_tau!r} is invalid: the activity threshold must be in [0, 1)")
+            self.cluster_threshold = float(audit_options.get("threshold", 0.0))
+            self.cluster_reader = ClusterReader(assign, self.widths, self.cluster_predictions["cluster"].to_numpy(),
+                                                tau=tau)
+        elif cluster_tau is not None:
+            raise ValueError("cluster_tau only applies with clusters=<AuditResult>; pass clusters or drop cluster_tau")
 
         # State that survives a resume.
         self.baseline: dict[str, Tensor] | None = None
@@ -197,6 +240,9 @@ class ConceptDriftMonitor(Callback):
         self.last_drift: dict[str, Tensor] = {}
         self.last_rollout_drift: dict[str, Tensor] = {}
         self.last_r2: float | None = None
+        self.baseline_cluster: np.ndarray | None = None
+        self.last_cluster_drift: np.ndarray | None = None
+        self.last_cluster_r2: float | None = None
 
         self._lens: Any = None
         self._batches: list[ProbeBatch] | None = None
@@ -205,9 +251,11 @@ class ConceptDriftMonitor(Callback):
     # ------------------------------------------------------------------ identity and state
     @property
     def state_key(self) -> str:
+        extra = {} if self.cluster_reader is None else {
+            "clusters": [int(c) for c in self.cluster_reader.clusters], "cluster_tau": self.cluster_reader.tau}
         return self._generate_state_key(
             hooks=sorted(self.widths.items()), every_n_steps=self.every_n_steps, responses=self.responses,
-            rollouts=self.rollouts, rollout_max_new_tokens=self.rollout_max_new_tokens,
+            rollouts=self.rollouts, rollout_max_new_tokens=self.rollout_max_new_tokens, **extra,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,6 +265,7 @@ class ConceptDriftMonitor(Callback):
             "baseline_rollout": None if self.baseline_rollout is None
             else {h: t.clone() for h, t in self.baseline_rollout.items()},
             "last_evaluated_step": self.last_evaluated_step,
+            "baseline_cluster": None if self.baseline_cluster is None else torch.from_numpy(self.baseline_cluster.copy()),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -224,6 +273,8 @@ class ConceptDriftMonitor(Callback):
         self.baseline = _cpu(state_dict["baseline"])
         self.baseline_rollout = _cpu(state_dict["baseline_rollout"])
         self.last_evaluated_step = int(state_dict["last_evaluated_step"])
+        cluster = state_dict.get("baseline_cluster")
+        self.baseline_cluster = None if cluster is None else cluster.double().numpy().copy()
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -318,16 +369,29 @@ class ConceptDriftMonitor(Callback):
             raise ValueError("the probe has no completion tokens to measure (completion_mask is all False)")
 
     # ------------------------------------------------------------------ measuring
-    def _feature_means(self, batches: list[ProbeBatch]) -> dict[str, Tensor]:
-        """Mean SAE activation per feature over the masked tokens of all `batches` (float64, CPU)."""
+    def _feature_means(self, batches: list[ProbeBatch], clusters: bool = False
+                       ) -> tuple[dict[str, Tensor], np.ndarray | None]:
+        """Mean SAE activation per feature over the masked tokens of all `batches` (float64, CPU) and,
+        with `clusters`, the mean cluster value per sequence (`audit.rollouts.ClusterReader`)."""
+        from lightning_anatomy.audit.rollouts import csr_of
+        from lightning_anatomy.concepts.lens import span_stats
+
         sums = {h: torch.zeros(w, dtype=torch.float64) for h, w in self.widths.items()}
         count = 0
+        reader = self.cluster_reader if clusters else None
+        cluster_sum, rows = None, 0
         for ids, attn, mask in batches:
             feats = self._lens.encode(ids, attn)
             for hook, f in feats.items():
                 sums[hook] += f[mask.to(f.device)].double().sum(0).cpu()
             count += int(mask.sum())
-        return {h: s / max(count, 1) for h, s in sums.items()}
+            if reader is not None:
+                freqs = {h: csr_of(span_stats(f, mask, self.cluster_threshold)["freq"]) for h, f in feats.items()}
+                values = reader.values(freqs).sum(axis=0)
+                cluster_sum = values if cluster_sum is None else cluster_sum + values
+                rows += ids.shape[0]
+        means = {h: s / max(count, 1) for h, s in sums.items()}
+        return means, None if cluster_sum is None else cluster_sum / max(rows, 1)
 
     def _rollout_batches(self) -> list[ProbeBatch]:
         """Greedy continuations of the rollout prompts, as teacher-forcing batches over the new tokens."""
@@ -361,7 +425,7 @@ class ConceptDriftMonitor(Callback):
         return batches
 
     def _evaluate(self, trainer: Trainer, step: int, first: bool = False) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero and not measures_on_every_rank(trainer):
             self.last_evaluated_step = step
             return
         if self._batches is None:
@@ -374,13 +438,18 @@ class ConceptDriftMonitor(Callback):
                 if first:
                     ids, attn, _ = self._batches[0]
                     self._lens.attach_check(ids, attn)
-                means = self._feature_means(self._batches)
-                rollout = self._feature_means(self._rollout_batches()) if self.rollouts else None
+                means, _ = self._feature_means(self._batches)
+                rollout, cluster = (self._feature_means(self._rollout_batches(), clusters=True) if self.rollouts
+                                    else (None, None))
         finally:
             for module, mode in modes.items():
                 module.training = mode
         if self.baseline is None:
             self.baseline, self.baseline_rollout = means, rollout
+        if cluster is not None and self.baseline_cluster is None:
+            self.baseline_cluster = cluster
+        self.last_cluster_drift = None if cluster is None or self.baseline_cluster is None else (
+            cluster - self.baseline_cluster)
         self.last_means = means
         self.last_drift = {h: means[h] - self.baseline[h] for h in self.widths}
         self.last_rollout_drift = {} if rollout is None or self.baseline_rollout is None else {
@@ -407,6 +476,12 @@ class ConceptDriftMonitor(Callback):
         rollout_r2 = self._r2(self.last_rollout_drift)
         if rollout_r2 is not None:
             scalars["concepts/drift_rollout_r2"] = rollout_r2
+        self.last_cluster_r2 = None
+        if self.last_cluster_drift is not None and self.cluster_predictions is not None:
+            self.last_cluster_r2 = r_squared(self.cluster_predictions["predicted_shift"].to_numpy(np.float64),
+                                             self.last_cluster_drift)
+            if self.last_cluster_r2 is not None:
+                scalars["concepts/drift_cluster_r2"] = self.last_cluster_r2
         log_scalars(trainer, scalars, step)
         log_wandb(trainer, lambda wandb: self._wandb_payload(wandb, step), step)
 
@@ -423,6 +498,14 @@ class ConceptDriftMonitor(Callback):
             r2 = "n/a" if self.last_r2 is None else f"{self.last_r2:.3f}"
             payload["concepts/drift_scatter"] = wandb.plot.scatter(
                 table, "predicted", "observed", title=f"predicted shift vs observed drift (R²={r2})")
+        if self.last_cluster_drift is not None and self.cluster_predictions is not None:
+            rows = [[h, int(c), float(p), float(o)] for (h, c, p), o in zip(
+                self.cluster_predictions[["hook", "cluster", "predicted_shift"]].itertuples(index=False),
+                self.last_cluster_drift)]
+            table = wandb_table(wandb, ("hook", "cluster", "predicted", "observed"), rows)
+            r2 = "n/a" if self.last_cluster_r2 is None else f"{self.last_cluster_r2:.3f}"
+            payload["concepts/drift_cluster_scatter"] = wandb.plot.scatter(
+                table, "predicted", "observed", title=f"cluster predicted shift vs rollout change (R²={r2})")
         return payload
 
     def top_rows(self) -> list[list[Any]]:
@@ -447,4 +530,4 @@ def _cpu(tensors: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
     return None if tensors is None else {h: t.detach().cpu().to(torch.float64).clone() for h, t in tensors.items()}
 
 
-__all__ = ["ConceptDriftMonitor", "r_squared", "parse_predicted", "TABLE_COLUMNS"]
+__all__ = ["ConceptDriftMonitor", "r_squared", "parse_clusters", "parse_predicted", "TABLE_COLUMNS"]

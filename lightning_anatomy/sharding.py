@@ -1,0 +1,84 @@
+"""Sharded weights (FSDP): which strategies shard, how DPOModule shards, and what must gather.
+
+Under FSDP a parameter outside its unit's forward holds only this rank's shard (a `DTensor` for
+FSDP2, a flat view for FSDP1), and every forward through a sharded unit is a collective. Two
+rules follow for the package: code that reads weights (digests, the logit lens) gathers them on
+every rank or refuses, and a forward that measures the model (drift probes, ablation means, the
+precomputed reference) runs on every rank, not on rank zero alone. Activations and gradients at
+hook points are never sharded, so the concept hooks need nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_anatomy.concepts.hooks import find_blocks
+
+_FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def is_sharded_strategy(strategy: Any) -> bool:
+    """True for Lightning strategies that shard weights: FSDP1, FSDP2 (`ModelParallelStrategy`), DeepSpeed."""
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return bool(names & {"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"})
+
+
+def is_sharded_tensor(t: Tensor) -> bool:
+    """An FSDP2 `DTensor` (FSDP1 shards are plain tensors; see `has_fsdp1_units`)."""
+    return type(t).__name__ == "DTensor" or any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+def has_fsdp1_units(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def is_sharded_module(module: nn.Module) -> bool:
+    """True when any weight of `module` is sharded (FSDP2 DTensors or FSDP1 units)."""
+    return any(is_sharded_tensor(p) for p in module.parameters()) or has_fsdp1_units(module)
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without FSDP1 / activation-checkpoint wrapper prefixes."""
+    for prefix in _FSDP1_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def decoder_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The decoder block classes of `model`, for `FSDPStrategy(auto_wrap_policy=...)`.
+
+    FSDP1 must wrap the blocks and leave the embeddings, final norm and LM head in the root unit:
+    the chunked log-probs call the head after the model's forward, when only the root's
+    parameters are still gathered.
+    """
+    _, blocks = find_blocks(model)
+    return {type(block) for block in blocks}
+
+
+def shard_fsdp2(model: nn.Module, mesh: Any, **kwargs: Any) -> nn.Module:
+    """`fully_shard` each decoder block, then the root (embeddings, final norm, LM head, PEFT wrapper).
+
+    The root's parameters stay gathered between its forward and backward (FSDP2's default for a
+    root), which is what lets the LM head run over completion chunks after the forward.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def is_fsdp2_module(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+__all__ = ["clean_name", "decoder_block_classes", "has_fsdp1_units", "is_fsdp2_module", "is_sharded_module",
+           "is_sharded_strategy", "is_sharded_tensor", "shard_fsdp2"]

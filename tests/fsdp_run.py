@@ -1,0 +1,209 @@
+"""The runs tests/test_fsdp.py compares: 1 process (no sharding) against 2 CPU processes under
+FSDP2 (`ModelParallelStrategy`, gloo), with the concept callbacks attached, every reference mode,
+and a sharded and a full checkpoint resumed.
+
+    python tests/fsdp_run.py DEVICES OUT_DIR
+
+writes OUT_DIR/result.json (rank 0): every logged value per run, the precomputed reference's
+cache file name (it hashes the gathered weights) and the trained parameters' norm.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_anatomy import DPOModule, PreferenceDataModule
+from lightning_anatomy.callbacks import (
+    ConceptAttribution,
+    ConceptDriftMonitor,
+    ConceptProjection,
+    ConceptSteering,
+    RewardShaping,
+)
+from lightning_anatomy.concepts import ConceptSet
+from lightning_anatomy.data import read_preferences, tokenize_rows
+from lightning_anatomy.data.toy import make_toy_preferences
+from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
+from lightning_anatomy.sharding import is_sharded_module
+
+HOOK0, HOOK1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+TRACK = {"f0": (HOOK0, 0), "f7": (HOOK0, 7), "f8": (HOOK0, 8)}  # features of the SAE that fire
+ROWS, PAIRS_PER_STEP, STEPS = 24, 8, 4
+PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc", "lm_head"], "lora_dropout": 0.0}
+
+
+class MemoryLogger(Logger):
+    """Every `log_metrics` call as (step, {key: float})."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((int(step or 0), {k: float(v) for k, v in metrics.items() if k != "epoch"}))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _sae() -> Any:
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=64))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return sae
+
+
+def callbacks(tok: Any) -> list[Any]:
+    sae = _sae()
+    probe = tokenize_rows(read_preferences(make_toy_preferences(6, seed=9)), tok, max_length=48, max_prompt_length=32)
+    return [
+        ConceptAttribution({HOOK0: sae}, every_n_steps=1, track=TRACK),
+        ConceptDriftMonitor({HOOK0: sae}, probe, every_n_steps=2, track=TRACK),
+        ConceptProjection(ConceptSet.from_sae_features(sae, HOOK0, [1, 2]), mode="both"),
+        ConceptSteering(ConceptSet.from_sae_features(sae, HOOK1, [5]), alpha=0.5),
+        RewardShaping({i: 0.1 * (i % 3) for i in range(ROWS)}, lam=1.0),
+    ]
+
+
+def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks: bool = True,
+        stop_at: int | None = None, ckpt_path: str | None = None, full_checkpoint: bool = False) -> dict[str, Any]:
+    L.seed_everything(0, verbose=False)
+    tok = build_tiny_tokenizer()
+    module = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)), reference=reference, lr=1e-3,
+                       adam_eps=1e-4, warmup_steps=1, peft_config=dict(PEFT) if reference == "peft" else None,
+                       reference_cache_dir=str(root / "refcache"))
+    data = PreferenceDataModule(make_toy_preferences(ROWS, seed=0), tok, batch_size=PAIRS_PER_STEP // devices,
+                                val_fraction=0.0, max_length=48, max_prompt_length=32, seed=0, shuffle=False)
+    logger = MemoryLogger()
+    cbs = callbacks(tok) if concept_callbacks else []
+    if stop_at is not None:
+        def interrupt(trainer: L.Trainer, *_: Any) -> None:
+            if trainer.global_step == stop_at:
+                trainer.should_stop = True
+
+        cbs += [LambdaCallback(on_train_batch_end=interrupt),
+                ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=stop_at, save_top_k=-1)]
+    strategy: Any = "auto"
+    if devices > 1:
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=not full_checkpoint)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=logger,
+                        callbacks=cbs, enable_checkpointing=stop_at is not None, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                        default_root_dir=str(root), deterministic=True)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    saved = sorted((root / "ckpt").glob("*.ckpt")) if stop_at is not None else []
+    with torch.no_grad():
+        norm = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().pow(2).sum())
+                   for p in module.policy.parameters())
+    return {"records": logger.records, "ckpt": str(saved[0]) if saved else None, "param_norm": norm ** 0.5,
+            "sharded": is_sharded_module(module.policy),
+            "reference_sharded": module.reference is not None and is_sharded_module(module.reference),
+            "reference_in_state_dict": any(k.startswith("reference.") for k in module.state_dict()),
+            "refcache": sorted(p.name for p in (root / "refcache").glob("*.safetensors"))}
+
+
+def fsdp1_step() -> dict[str, Any]:
+    """DPOModule's step under raw FSDP1 on the 2 gloo processes Lightning left initialised (Lightning's
+    FSDPStrategy refuses a CPU): the whole module wrapped like FSDPStrategy wraps it, blocks as units
+    (`decoder_block_classes`), every rank on the same batch, against the unsharded step."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lightning_anatomy.data import collate_pairs
+    from lightning_anatomy.digests import full_model_digest, model_digest
+    from lightning_anatomy.sharding import decoder_block_classes
+
+    class Step(torch.nn.Module):
+        def __init__(self, dpo: DPOModule) -> None:
+            super().__init__()
+            self.dpo = dpo
+
+        def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.dpo._step(batch)[0]
+
+    tok = build_tiny_tokenizer()
+    pairs = tokenize_rows(read_preferences(make_toy_preferences(8, seed=1)), tok, max_length=48, max_prompt_length=32)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    plain = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)), reference="copy")
+    with torch.no_grad():  # policy != reference, so the loss has a gradient
+        for p in plain.policy.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    sharded = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)), reference="copy")
+    sharded.policy.load_state_dict(plain.policy.state_dict())
+    digest = model_digest(plain.policy)
+    loss = plain._step(batch)[0]
+    loss.backward()
+    grad_norm = float(torch.cat([p.grad.flatten() for p in plain.policy.parameters()]).norm())
+    wrapped = FullyShardedDataParallel(Step(sharded), device_id=torch.device("cpu"), use_orig_params=True,
+                                       auto_wrap_policy=ModuleWrapPolicy(decoder_block_classes(sharded.policy)))
+    sharded_loss = wrapped(batch)
+    sharded_loss.backward()
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        sharded_norm = float(torch.cat([p.grad.flatten() for p in sharded.policy.parameters()]).norm())
+        shard_sizes = [p.numel() for p in sharded.policy.parameters()]
+    return {"loss": float(loss), "sharded_loss": float(sharded_loss), "grad_norm": grad_norm,
+            "sharded_grad_norm": sharded_norm, "digest_equal": full_model_digest(sharded.policy, fsdp_root=wrapped) == digest,
+            "full_sizes": [p.numel() for p in plain.policy.parameters()] == shard_sizes}
+
+
+def refusals(root: Path) -> dict[str, str | None]:
+    """What must not read sharded weights says so: a freshly sharded policy (head a DTensor)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_anatomy.concepts.labels import logit_lens_tokens
+    from lightning_anatomy.sharding import shard_fsdp2
+
+    tok = build_tiny_tokenizer()
+    module = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)))
+    shard_fsdp2(module.policy, init_device_mesh("cpu", (torch.distributed.get_world_size(),)))
+    out: dict[str, str | None] = {}
+    for name, call in (("save_pretrained", lambda: module.save_pretrained(root / "final")),
+                       ("logit_lens", lambda: logit_lens_tokens(module.policy, tok, torch.ones(64)))):
+        try:
+            call()
+            out[name] = None
+        except ValueError as err:
+            out[name] = str(err)
+    return out
+
+
+def main(devices: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    runs: dict[str, Any] = {"copy": fit(devices, out / "copy")}
+    for reference in ("precomputed", "peft"):
+        runs[reference] = fit(devices, out / reference, reference=reference, concept_callbacks=False)
+    if devices > 1:
+        for kind, full in (("sharded", False), ("full", True)):
+            first = fit(devices, out / kind, stop_at=2, full_checkpoint=full)
+            runs[f"resumed_{kind}"] = fit(devices, out / kind, ckpt_path=first["ckpt"], full_checkpoint=full)
+            runs[f"resumed_{kind}"]["ckpt_is_dir"] = Path(first["ckpt"]).is_dir()
+        runs["fsdp1"] = fsdp1_step()
+        runs["refusals"] = refusals(out)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        (out / "result.json").write_text(json.dumps(runs))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]))
