@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import random
 import shutil
 import tempfile
@@ -233,6 +234,8 @@ def run_demo_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setti
                    f"{(record['runs'][name]['eval']['conflict'] > 0).mean():.3f} "
                    f"(base {(record['base']['conflict'] > 0).mean():.3f}), {step_s:.2f} s/step")
         del policy
+        gc.collect()
+        common.release_free_memory()  # the first 5-condition run grew to 19.7 GB RSS and was OOM-killed
     return record
 
 
@@ -403,6 +406,8 @@ def run_hh_seed(base: Any, tokenizer: Any, sae: Any, hook: str, setting: Setting
                              seed=seed, callbacks=make(), **lengths)
         record["runs"][name] = {"eval": hh_eval(policy, sae, hook, pairs, features, pad_id), "step_s": step_s}
         del policy
+        gc.collect()
+        common.release_free_memory()  # the first 5-condition run grew to 19.7 GB RSS and was OOM-killed
         common.log(f"  hh seed {seed} {name}: {step_s:.1f} s/step")
     return record
 
