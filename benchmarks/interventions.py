@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 import numpy as np  # noqa: E402
 import spurious as task  # noqa: E402  (the controlled task, base pretraining, SAE, evaluation)
-import torch  # noqa: E402
 
 FORMAT = "lightning-anatomy/bench-interventions"
 VERSION = 1
@@ -194,41 +193,6 @@ def later_directions(scenario: str, base: Any, tok: Any, cfg: Config, questions:
                                                  label=concept_of(scenario))
 
 
-# ---------------------------------------------------------------------------------------- DPO
-def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any], pad_token_id: int
-            ) -> tuple[Any, float]:
-    """DPO from a copy of the base with `callbacks`, the same data order for every condition of a seed.
-
-    A small DataModule carries `train_pairs` (mean ablation measures its mean there)."""
-    import copy
-
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from lightning_anatomy import DPOModule
-    from lightning_anatomy.data import collate_pairs
-
-    class Pairs(L.LightningDataModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.train_pairs, self.pad_token_id = list(pairs), pad_token_id
-
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.train_pairs, batch_size=cfg.dpo_batch, shuffle=True,
-                              generator=torch.Generator().manual_seed(seed),
-                              collate_fn=lambda b: collate_pairs(b, pad_token_id))
-
-    L.seed_everything(seed, verbose=False)
-    module = DPOModule(copy.deepcopy(base), reference="copy", beta=cfg.beta, lr=cfg.dpo_lr, scheduler="constant",
-                       warmup_steps=max(1, cfg.dpo_steps // 10), reference_cache_dir=None)
-    trainer = L.Trainer(max_steps=cfg.dpo_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=list(callbacks))
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=Pairs())
-    return module.policy.eval(), time.perf_counter() - started
-
-
 @dataclass(frozen=True)
 class Knobs:
     """What the tuning seed picks (the config's first values when there is no tuning)."""
@@ -326,15 +290,10 @@ def run_conditions(ctx: SeedContext, names: Sequence[str], knobs: Knobs, cfg: Co
             prep_s = time.perf_counter() - prep
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model, fit_s = run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, ctx.tok.pad_token_id)
+                model, fit_s = task.run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, pad_token_id=ctx.tok.pad_token_id)
             after = task.behaviour(model, ctx.tok, concept_of(ctx.scenario), ctx.ev)
-            before = ctx.base_metrics
-            done[key] = {
-                "seed": ctx.seed, "spurious_before": before["spurious"], "spurious_after": after["spurious"],
-                "ontarget_before": before["ontarget"], "ontarget_after": after["ontarget"],
-                "d_spurious": after["spurious"] - before["spurious"], "d_ontarget": after["ontarget"] - before["ontarget"],
-                "candidate_mass_after": after["candidate_mass"], "wall_s": fit_s, "prep_s": prep_s, "n_pairs": len(pairs),
-            }
+            done[key] = task.run_record(ctx.seed, ctx.base_metrics, after, fit_s=fit_s, prep_s=prep_s,
+                                        n_pairs=len(pairs))
             common.log(f"    {ctx.scenario}/{ctx.variant} seed {ctx.seed} {name:<24} Δspurious "
                        f"{100 * done[key]['d_spurious']:+.1f} Δon-target {100 * done[key]['d_ontarget']:+.1f} ({fit_s:.1f} s)")
         out[name] = dict(done[key])

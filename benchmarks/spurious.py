@@ -598,24 +598,34 @@ def concept_sets(concept: str, base: Any, tok: Any, sae: Any, audit: Any, cfg: C
 # ---------------------------------------------------------------------------------------- DPO
 def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any] = (), *,
             pad_token_id: int) -> tuple[Any, float]:
-    """Vanilla DPO (plus `callbacks`) from a copy of the base; returns (trained policy, fit seconds)."""
+    """Vanilla DPO (plus `callbacks`) from a copy of the base; returns (trained policy, fit seconds).
+
+    Every condition of a seed sees the same data order. A small DataModule carries `train_pairs`
+    (mean ablation measures its mean there)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
     from lightning_anatomy import DPOModule
     from lightning_anatomy.data import collate_pairs
 
+    class Pairs(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_pairs, self.pad_token_id = list(pairs), pad_token_id
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.train_pairs, batch_size=cfg.dpo_batch, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed),
+                              collate_fn=lambda b: collate_pairs(b, pad_token_id))
+
     L.seed_everything(seed, verbose=False)
-    policy = copy.deepcopy(base)
-    module = DPOModule(policy, reference="copy", beta=cfg.beta, lr=cfg.dpo_lr, scheduler="constant",
+    module = DPOModule(copy.deepcopy(base), reference="copy", beta=cfg.beta, lr=cfg.dpo_lr, scheduler="constant",
                        warmup_steps=max(1, cfg.dpo_steps // 10), reference_cache_dir=None)
-    loader = DataLoader(list(pairs), batch_size=cfg.dpo_batch, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed), collate_fn=lambda b: collate_pairs(b, pad_token_id))
     trainer = L.Trainer(max_steps=cfg.dpo_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=list(callbacks))
     started = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, datamodule=Pairs())
     return module.policy.eval(), time.perf_counter() - started
 
 
@@ -783,13 +793,7 @@ def run_conditions(ctx: SeedContext, names: Sequence[str], choice: Choice, cfg: 
                 model, fit_s = run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, pad_token_id=ctx.tok.pad_token_id)
             after = behaviour(model, ctx.tok, ctx.scenario, ctx.ev)
             before = ctx.base_metrics
-            record = {
-                "seed": ctx.seed, "spurious_before": before["spurious"], "spurious_after": after["spurious"],
-                "ontarget_before": before["ontarget"], "ontarget_after": after["ontarget"],
-                "d_spurious": after["spurious"] - before["spurious"], "d_ontarget": after["ontarget"] - before["ontarget"],
-                "candidate_mass_after": after["candidate_mass"], "wall_s": fit_s, "prep_s": prep_s,
-                "n_pairs": len(pairs),
-            }
+            record = run_record(ctx.seed, before, after, fit_s=fit_s, prep_s=prep_s, n_pairs=len(pairs))
             if "conflict_correct" in after:
                 record["d_conflict_correct"] = after["conflict_correct"] - before["conflict_correct"]
             monitors = [c for c in callbacks if isinstance(c, ConceptDriftMonitor)]
@@ -800,6 +804,17 @@ def run_conditions(ctx: SeedContext, names: Sequence[str], choice: Choice, cfg: 
                        f"Δon-target {record['d_ontarget']:+.3f} ({fit_s:.1f} s)")
         out[name] = dict(done[key])
     return out
+
+
+def run_record(seed: int, before: dict[str, float], after: dict[str, float], *, fit_s: float, prep_s: float,
+               n_pairs: int) -> dict[str, Any]:
+    """One condition's record on one seed: the rates before and after DPO, their changes, the cost."""
+    return {
+        "seed": seed, "spurious_before": before["spurious"], "spurious_after": after["spurious"],
+        "ontarget_before": before["ontarget"], "ontarget_after": after["ontarget"],
+        "d_spurious": after["spurious"] - before["spurious"], "d_ontarget": after["ontarget"] - before["ontarget"],
+        "candidate_mass_after": after["candidate_mass"], "wall_s": fit_s, "prep_s": prep_s, "n_pairs": n_pairs,
+    }
 
 
 # ---------------------------------------------------------------------------------------- (c) R²

@@ -1,10 +1,11 @@
 """Import a script of `benchmarks/` as a module (the folder is not a package; its scripts import
-`_common` by name, so the folder goes on sys.path first)."""
+`_common` by name, so the folder goes on sys.path first), and walk a results document."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -19,3 +20,15 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+def floats_in(obj: object, where: str = "doc") -> Iterator[tuple[str, float]]:
+    """Every float of a results document with its path (`doc.a[0].b`), to check they are finite."""
+    if isinstance(obj, float):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from floats_in(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from floats_in(v, f"{where}[{i}]")

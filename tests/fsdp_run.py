@@ -17,8 +17,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from concept_callback_helpers import random_sae
+from intervention_helpers import MemoryLogger
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_anatomy import DPOModule, PreferenceDataModule
@@ -41,41 +42,8 @@ ROWS, PAIRS_PER_STEP, STEPS = 24, 8, 4
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc", "lm_head"], "lora_dropout": 0.0}
 
 
-class MemoryLogger(Logger):
-    """Every `log_metrics` call as (step, {key: float})."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), {k: float(v) for k, v in metrics.items() if k != "epoch"}))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def _sae() -> Any:
-    from sae_lens import StandardSAE, StandardSAEConfig
-
-    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=64))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return sae
-
-
 def callbacks(tok: Any) -> list[Any]:
-    sae = _sae()
+    sae = random_sae(64, 64, seed=5)
     probe = tokenize_rows(read_preferences(make_toy_preferences(6, seed=9)), tok, max_length=48, max_prompt_length=32)
     return [
         ConceptAttribution({HOOK0: sae}, every_n_steps=1, track=TRACK),
@@ -117,7 +85,7 @@ def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks:
     with torch.no_grad():
         norm = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().pow(2).sum())
                    for p in module.policy.parameters())
-    return {"records": logger.records, "ckpt": str(saved[0]) if saved else None, "param_norm": norm ** 0.5,
+    return {"records": logger.records(), "ckpt": str(saved[0]) if saved else None, "param_norm": norm ** 0.5,
             "sharded": is_sharded_module(module.policy),
             "reference_sharded": module.reference is not None and is_sharded_module(module.reference),
             "reference_in_state_dict": any(k.startswith("reference.") for k in module.state_dict()),

@@ -71,6 +71,11 @@ class MemoryLogger(Logger):
     def series(self, key: str) -> list[tuple[int | None, float]]:
         return [(step, row[key]) for step, row in self.rows if key in row]
 
+    def records(self) -> list[tuple[int, dict[str, float]]]:
+        """Every call as (step, {key: float}) without Lightning's `epoch` key: what resume and
+        sharding tests compare run against run."""
+        return [(int(step or 0), {k: float(v) for k, v in row.items() if k != "epoch"}) for step, row in self.rows]
+
 
 def token_loader(n: int = 8, length: int = 12, batch_size: int = 4, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
+from concept_callback_helpers import random_sae
 from intervention_helpers import MemoryLogger
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 
@@ -26,17 +26,6 @@ TRACK = {f"f{i}": (HOOK, i) for i in range(16)}  # enough features that some fir
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.0}
 
 
-def _sae() -> Any:
-    from sae_lens import StandardSAE, StandardSAEConfig
-
-    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=64))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return sae
-
-
 def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = None, stop_at: int | None = None,
         devices: int = 1, accumulate: int = 1) -> dict[str, Any]:
     """Train the tiny run to `max_steps` (from `ckpt_path` when given), or interrupt it right after
@@ -49,7 +38,7 @@ def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = N
     module = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)), reference=reference, lr=2e-3,
                        peft_config=copy.deepcopy(PEFT) if reference == "peft" else None,
                        reference_cache_dir=str(root / "refcache"), warmup_steps=2)
-    sae = _sae()
+    sae = random_sae(64, 64, seed=5)
     probe = make_toy_preferences(6, seed=9)
     from lightning_anatomy.data import read_preferences, tokenize_rows
 
@@ -77,7 +66,7 @@ def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = N
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     saved = sorted((root / "ckpt").glob("*.ckpt")) if stop_at is not None else []
-    return {"records": [(int(step or 0), {k: float(v) for k, v in m.items() if k != "epoch"}) for step, m in logger.rows], "batches": batches, "ckpt": str(saved[0]) if saved else None,
+    return {"records": logger.records(), "batches": batches, "ckpt": str(saved[0]) if saved else None,
             "state_keys": list(module.state_dict())}
 
 

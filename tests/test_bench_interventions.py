@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from bench_loader import load_benchmark
+from bench_loader import floats_in, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_quick_run_writes_the_contract_and_numbers_that_follow_from_the_records(
     goals = written["scenarios"]["marker"]["variants"]["corr0.9"]["goals"]
     assert goals["vanilla_rise_points"] == pytest.approx(vanilla["spurious_delta"])
     assert {"meets_goal", "best_within_2_points", "random_projection_within_noise"} <= set(goals)
-    for where, value in _floats(written):
+    for where, value in floats_in(written):
         assert math.isfinite(value), where
     out = capsys.readouterr().out
     assert "| marker | corr0.9 | blocking_sae |" in out and "| marker | corr0.9 | ablation_mean |" in out
@@ -94,16 +94,6 @@ def test_goals_take_the_best_condition_within_two_points_and_check_the_controls(
     assert g["best_within_2_points"] == {"condition": "ablation_mean", "cut": None}  # eliminated beats 13× at −5
     assert g["random_projection_within_noise"] and not g["random_blocking_within_noise"]
 
-
-def _floats(obj, where="doc"):
-    if isinstance(obj, float):
-        yield where, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floats(v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _floats(v, f"{where}[{i}]")
 
 
 def test_readme_tables_are_regenerated_from_the_results_file(bench, tmp_path):

@@ -8,23 +8,13 @@ import random
 
 import pytest
 import torch
-from bench_loader import load_benchmark
+from bench_loader import floats_in, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("spurious")
 
-
-def _floats(obj, where="doc"):
-    if isinstance(obj, float):
-        yield where, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floats(v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _floats(v, f"{where}[{i}]")
 
 
 TINY = ["--pretrain-steps", "30", "--pretrain-examples", "400", "--sae-tokens", "6000", "--n-pairs", "16",
@@ -77,7 +67,7 @@ def test_quick_run_writes_schema_and_finite_numbers(bench, tmp_path, capsys):
         d_on = variant["conditions"][name]["d_ontarget_vs_vanilla"]["mean"]
         assert check["ontarget_within_2_points"] == (abs(d_on) <= 0.02)
     assert written["sae"]["d_sae"] == 256 and 0 < written["sae"]["heldout"]["fve"] <= 1
-    for where, value in _floats(written):
+    for where, value in floats_in(written):
         assert math.isfinite(value), where
     out = capsys.readouterr().out
     assert out.startswith("| scenario | data | condition |") and "| belief | corr0.9 | random_control |" in out
