@@ -459,7 +459,9 @@ def _run_trl(setting: ModelSetting, module: Any, pairs: list[Any], tokenizer: An
         "settings": {
             "pairs_per_step": setting.pairs_per_step, "max_length": setting.seq_len, "precision": setting.precision,
             "reference": "frozen copy of the policy (both)", "trl_precompute_ref_log_probs": False,
-            "gradient_checkpointing": False, "optimizer": "torch AdamW (TRL optim=adamw_torch), lr 1e-6 constant",
+            "gradient_checkpointing": False,
+            "optimizer": "torch AdamW, lr 1e-6 constant, each trainer's default: DPOModule fused=True (one kernel "
+                         "per parameter, no temporaries), TRL optim=adamw_torch (unfused)",
             "loss": "sigmoid, beta 0.1", "eval": "none", "logging": "off (Lightning logger=False; TRL "
             "logging_strategy=no, report_to=none)", "data": "identical token ids, no padding (swapped into TRL's "
             "train_dataset as prompt_ids/chosen_ids/rejected_ids)", "trl_dropout": "disable_dropout=True (models have "

@@ -37,6 +37,7 @@ from lightning_anatomy.logprobs import DEFAULT_CHUNK_SIZE, completion_logps, mas
 from lightning_anatomy.losses import preference_loss, validate_loss_options
 from lightning_anatomy.models.loading import load_model, max_positions
 from lightning_anatomy.sharding import (
+    fsdp2_data_mesh,
     has_fsdp1_units,
     is_fsdp2_module,
     is_sharded_module,
@@ -281,13 +282,15 @@ class DPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fused where torch supports it: see `_fused_adamw_supported`), no decay on 1-d
+        parameters, warm-up then the chosen decay per optimizer step."""
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas),
-                                      eps=hp.adam_eps)
+                                      eps=hp.adam_eps, fused=_fused_adamw_supported(params))
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
         schedule = _lr_lambda(hp.scheduler, hp.warmup_steps, total)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -373,19 +376,13 @@ class DPOModule(L.LightningModule):
             return
         strategy = self.trainer.strategy
         kind = {c.__name__ for c in type(strategy).__mro__}
-        if "ModelParallelStrategy" in kind:
-            mesh = strategy.device_mesh
-            if mesh["tensor_parallel"].size() != 1:
-                raise ValueError(
-                    f"DPOModule shards with FSDP2 over the data-parallel mesh and applies no tensor parallelism, but "
-                    f"the strategy has tensor_parallel_size={mesh['tensor_parallel'].size()}; use "
-                    f"ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1)"
-                )
+        mesh = fsdp2_data_mesh(strategy, "DPOModule")
+        if mesh is not None:
             if not is_fsdp2_module(self.policy):
-                shard_fsdp2(self.policy, mesh["data_parallel"])
+                shard_fsdp2(self.policy, mesh)
             if self.reference is not None and not is_fsdp2_module(self.reference):
                 reference = self.trainer.precision_plugin.convert_module(self.reference)
-                self._keep_outside_module_tree(shard_fsdp2(reference, mesh["data_parallel"]))
+                self._keep_outside_module_tree(shard_fsdp2(reference, mesh))
         elif "FSDPStrategy" in kind and self.reference is not None and not has_fsdp1_units(self.reference):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -531,6 +528,17 @@ def _read_reference_table(path: Path, row_ids: list[int]) -> tuple[dict[str, Ten
     if not (torch.isfinite(table["chosen"]).all() and torch.isfinite(table["rejected"]).all()):
         return None, "holds non-finite log-probs"
     return table, None
+
+
+def _fused_adamw_supported(params: list[Tensor]) -> bool | None:
+    """True where torch's fused AdamW kernel serves every parameter (floating point, CPU or CUDA).
+
+    The fused step updates each parameter in one kernel: the default paths allocate temporaries
+    of the largest parameter (CPU, twice: 226 MB for SmolLM2's tied embedding) or of all of them
+    (CUDA's foreach path). The same update up to fp32 rounding (1 ulp). None: torch's default.
+    """
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
 
 
 def _key(name: str) -> str:

@@ -59,6 +59,21 @@ def decoder_block_classes(model: nn.Module) -> set[type[nn.Module]]:
     return {type(block) for block in blocks}
 
 
+def fsdp2_data_mesh(strategy: Any, owner: str) -> Any | None:
+    """The data-parallel mesh to `fully_shard` over under `ModelParallelStrategy` (None under any
+    other strategy). Only FSDP2 is applied, so a tensor-parallel mesh is refused, naming the fix."""
+    if "ModelParallelStrategy" not in {c.__name__ for c in type(strategy).__mro__}:
+        return None
+    mesh = strategy.device_mesh
+    if mesh["tensor_parallel"].size() != 1:
+        raise ValueError(
+            f"{owner} shards with FSDP2 over the data-parallel mesh and applies no tensor parallelism, but the "
+            f"strategy has tensor_parallel_size={mesh['tensor_parallel'].size()}; use "
+            f"ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1)"
+        )
+    return mesh["data_parallel"]
+
+
 def shard_fsdp2(model: nn.Module, mesh: Any, **kwargs: Any) -> nn.Module:
     """`fully_shard` each decoder block, then the root (embeddings, final norm, LM head, PEFT wrapper).
 
@@ -74,6 +89,26 @@ def shard_fsdp2(model: nn.Module, mesh: Any, **kwargs: Any) -> nn.Module:
     return model
 
 
+def rank_batches(n_batches: int, rank: int, world: int) -> list[int | None]:
+    """The batch indices this rank measures when the work is split over sharded ranks: `rank`,
+    `rank + world`, ..., then `None` (a dummy forward whose result is dropped) up to
+    ceil(n_batches / world), because under FSDP every forward is a collective that every rank must
+    join the same number of times."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world} processes")
+    mine: list[int | None] = list(range(rank, n_batches, world))
+    return mine + [None] * (-(-n_batches // world) - len(mine))
+
+
+def unsharded_class_name(module: nn.Module) -> str:
+    """The model's class name as before `fully_shard`, which swaps the class for an `FSDP<name>`
+    subclass: digests and fingerprints must not change with sharding."""
+    cls = type(module)
+    if is_fsdp2_module(module):
+        cls = next((c for c in cls.__mro__[1:] if not c.__name__.startswith("FSDP")), cls)
+    return cls.__name__
+
+
 def is_fsdp2_module(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -81,4 +116,4 @@ def is_fsdp2_module(module: nn.Module) -> bool:
 
 
 __all__ = ["clean_name", "decoder_block_classes", "has_fsdp1_units", "is_fsdp2_module", "is_sharded_module",
-           "is_sharded_strategy", "is_sharded_tensor", "shard_fsdp2"]
+           "is_sharded_strategy", "is_sharded_tensor", "rank_batches", "shard_fsdp2", "unsharded_class_name"]

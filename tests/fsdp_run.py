@@ -1,11 +1,12 @@
 """The runs tests/test_fsdp.py compares: 1 process (no sharding) against 2 CPU processes under
-FSDP2 (`ModelParallelStrategy`, gloo), with the concept callbacks attached, every reference mode,
-and a sharded and a full checkpoint resumed.
+FSDP2 (`ModelParallelStrategy`, gloo), with the concept callbacks attached (mean ablation included),
+every reference mode, ConceptBlocking on both reference forwards it reads (the sharded copy, the
+PEFT adapters-off pass), a sharded and a full checkpoint resumed, and span-feature extraction.
 
     python tests/fsdp_run.py DEVICES OUT_DIR
 
 writes OUT_DIR/result.json (rank 0): every logged value per run, the precomputed reference's
-cache file name (it hashes the gathered weights) and the trained parameters' norm.
+cache file name (it hashes the gathered weights), the trained parameters' norm and the ablation means.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_anatomy import DPOModule, PreferenceDataModule
 from lightning_anatomy.callbacks import (
     ConceptAttribution,
+    ConceptBlocking,
     ConceptDriftMonitor,
     ConceptProjection,
     ConceptSteering,
@@ -42,19 +44,29 @@ ROWS, PAIRS_PER_STEP, STEPS = 24, 8, 4
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc", "lm_head"], "lora_dropout": 0.0}
 
 
-def callbacks(tok: Any) -> list[Any]:
+def blocking(sae: Any, lam: float) -> ConceptBlocking:
+    """Two features that fire, one growing and one shrinking in each run: the one-sided hinge acts on
+    one of them. `lam` puts the penalty at about 1% of the loss (excess is ~100x smaller under LoRA)."""
+    return ConceptBlocking({"f0": (HOOK0, 0), "f7": (HOOK0, 7)}, saes={HOOK0: sae}, lam=lam)
+
+
+def callbacks(tok: Any, kind: str = "all") -> list[Any]:
     sae = random_sae(64, 64, seed=5)
+    if kind == "blocking":
+        return [blocking(sae, lam=2000.0)]
     probe = tokenize_rows(read_preferences(make_toy_preferences(6, seed=9)), tok, max_length=48, max_prompt_length=32)
     return [
         ConceptAttribution({HOOK0: sae}, every_n_steps=1, track=TRACK),
         ConceptDriftMonitor({HOOK0: sae}, probe, every_n_steps=2, track=TRACK),
-        ConceptProjection(ConceptSet.from_sae_features(sae, HOOK0, [1, 2]), mode="both"),
+        # mean ablation: μ from the 24 train pairs in 3 batches, under FSDP 2 on rank 0 and 1 (+ a dummy) on rank 1
+        ConceptProjection(ConceptSet.from_sae_features(sae, HOOK0, [1, 2]), mode="both", ablation="mean"),
         ConceptSteering(ConceptSet.from_sae_features(sae, HOOK1, [5]), alpha=0.5),
         RewardShaping({i: 0.1 * (i % 3) for i in range(ROWS)}, lam=1.0),
+        blocking(sae, lam=20.0),
     ]
 
 
-def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks: bool = True,
+def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks: str | None = "all",
         stop_at: int | None = None, ckpt_path: str | None = None, full_checkpoint: bool = False) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
     tok = build_tiny_tokenizer()
@@ -64,7 +76,7 @@ def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks:
     data = PreferenceDataModule(make_toy_preferences(ROWS, seed=0), tok, batch_size=PAIRS_PER_STEP // devices,
                                 val_fraction=0.0, max_length=48, max_prompt_length=32, seed=0, shuffle=False)
     logger = MemoryLogger()
-    cbs = callbacks(tok) if concept_callbacks else []
+    cbs = callbacks(tok, concept_callbacks) if concept_callbacks else []
     if stop_at is not None:
         def interrupt(trainer: L.Trainer, *_: Any) -> None:
             if trainer.global_step == stop_at:
@@ -85,7 +97,9 @@ def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks:
     with torch.no_grad():
         norm = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().pow(2).sum())
                    for p in module.policy.parameters())
+    means = [cb.means for cb in cbs if isinstance(cb, ConceptProjection)]
     return {"records": logger.records(), "ckpt": str(saved[0]) if saved else None, "param_norm": norm ** 0.5,
+            "means": {hook: mu.tolist() for hook, mu in means[0].items()} if means else {},
             "sharded": is_sharded_module(module.policy),
             "reference_sharded": module.reference is not None and is_sharded_module(module.reference),
             "reference_in_state_dict": any(k.startswith("reference.") for k in module.state_dict()),
@@ -136,6 +150,26 @@ def fsdp1_step() -> dict[str, Any]:
             "full_sizes": [p.numel() for p in plain.policy.parameters()] == shard_sizes}
 
 
+def extraction(devices: int, root: Path) -> dict[str, Any]:
+    """`extract_span_features` of 10 pairs in shards of 2, 2 and 1 batches: under FSDP2 rank 0 runs 3
+    batches and rank 1 runs 2 plus a dummy forward. Dense values per (hook, span, stat)."""
+    from lightning_anatomy.concepts import ConceptLens
+    from lightning_anatomy.concepts.extraction import extract_span_features
+
+    tok = build_tiny_tokenizer()
+    pairs = tokenize_rows(read_preferences(make_toy_preferences(10, seed=3)), tok, max_length=48, max_prompt_length=32)
+    model = build_tiny_model("gpt2", seed=0, vocab_size=len(tok)).eval()
+    lens = ConceptLens(model, {HOOK0: random_sae(64, 64, seed=5), HOOK1: random_sae(64, 64, seed=6)},
+                       fidelity_check=False)
+    strategy: Any = "auto" if devices == 1 else ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    features = extract_span_features(pairs, lens, batch_size=2, shard_size=4, out_dir=root / "extraction",
+                                     progress=False, pad_token_id=tok.pad_token_id,
+                                     trainer_kwargs={"accelerator": "cpu", "devices": devices, "strategy": strategy})
+    return {"row_ids": features.row_ids.tolist(), "fingerprint": features.meta["fingerprint"],
+            "sharded": is_sharded_module(model), "lengths": {k: v.tolist() for k, v in features.lengths.items()},
+            "values": {"|".join(key): m.toarray().tolist() for key, m in features.matrices.items()}}
+
+
 def refusals(root: Path) -> dict[str, str | None]:
     """What must not read sharded weights says so: a freshly sharded policy (head a DTensor)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -160,8 +194,9 @@ def refusals(root: Path) -> dict[str, str | None]:
 def main(devices: int, out: Path) -> None:
     torch.set_num_threads(1)
     runs: dict[str, Any] = {"copy": fit(devices, out / "copy")}
-    for reference in ("precomputed", "peft"):
-        runs[reference] = fit(devices, out / reference, reference=reference, concept_callbacks=False)
+    runs["precomputed"] = fit(devices, out / "precomputed", reference="precomputed", concept_callbacks=None)
+    runs["peft"] = fit(devices, out / "peft", reference="peft", concept_callbacks="blocking")
+    runs["extraction"] = extraction(devices, out)
     if devices > 1:
         for kind, full in (("sharded", False), ("full", True)):
             first = fit(devices, out / kind, stop_at=2, full_checkpoint=full)

@@ -33,7 +33,8 @@ ConceptRef = tuple[str, int]
 # and tensor parallelism (which shards activations too) stay refused.
 TESTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
 # The callbacks tested under the FSDP strategies (2 CPU processes, tests/test_fsdp.py).
-SHARDED_TESTED = ("ConceptProjection", "ConceptAttribution", "ConceptDriftMonitor", "ConceptSteering")
+SHARDED_TESTED = ("ConceptProjection", "ConceptAttribution", "ConceptDriftMonitor", "ConceptSteering",
+                  "ConceptBlocking")
 
 
 # --------------------------------------------------------------------------- logging
@@ -145,18 +146,22 @@ def parse_labels(labels: Mapping[Any, str] | None, widths: Mapping[str, int]) ->
 
 
 def load_saes(saes: Mapping[str, Any] | Any, owner: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """`({hook: SAE}, {hook: d_sae})` from a ConceptLens or `{hook: SAE | directory | registry spec}`.
+    """`({hook: SAE}, {hook: d_sae})` from a ConceptLens or `{hook: SAE | any SAE spec}`.
 
-    Specs load through `concepts.sae.load_sae`, so a YAML config can name SAE directories.
+    Specs resolve through `concepts.sae.load_sae`, so a YAML config can name SAEs as strings;
+    a `random:<d_sae>` spec stays a `RandomSAESpec` until `build_pending_saes` sees the model.
     """
-    from lightning_anatomy.concepts.sae import load_sae
+    from lightning_anatomy.concepts.sae import RandomSAESpec, load_sae
 
     saes = getattr(saes, "saes", saes)
     if not isinstance(saes, Mapping) or not saes:
-        raise ValueError(f"{owner}: saes must be a non-empty dict {{hook_name: SAE}} or a ConceptLens")
+        raise ValueError(f"{owner}: saes must be a non-empty dict {{hook_name: SAE or SAE spec}} or a ConceptLens")
     loaded, widths = {}, {}
     for hook, spec in saes.items():
-        sae = spec if hasattr(spec, "W_dec") or not isinstance(spec, str | dict) else load_sae(spec)
+        sae = spec if hasattr(spec, "W_dec") or not isinstance(spec, str | dict | RandomSAESpec) else load_sae(spec)
+        if isinstance(sae, RandomSAESpec) and isinstance(hook, str):
+            loaded[hook], widths[hook] = sae, sae.d_sae
+            continue
         w_dec = getattr(sae, "W_dec", None)
         if not isinstance(hook, str) or not isinstance(w_dec, torch.Tensor) or w_dec.dim() != 2:
             raise ValueError(
@@ -164,6 +169,15 @@ def load_saes(saes: Mapping[str, Any] | Any, owner: str) -> tuple[dict[str, Any]
             )
         loaded[hook], widths[hook] = sae, int(w_dec.shape[0])
     return loaded, widths
+
+
+def build_pending_saes(saes: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """`saes` with every `RandomSAESpec` built at the model's width at its hook (at setup)."""
+    from lightning_anatomy.concepts.hooks import hidden_size_at
+    from lightning_anatomy.concepts.sae import RandomSAESpec
+
+    return {hook: sae.build(hidden_size_at(model, hook)) if isinstance(sae, RandomSAESpec) else sae
+            for hook, sae in saes.items()}
 
 
 # --------------------------------------------------------------------------- guards
@@ -207,12 +221,6 @@ def _sharded_problem(trainer: Trainer, owner: str) -> str | None:
     if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
         return ("tensor parallelism shards the activations the concept hooks read; use "
                 "ModelParallelStrategy(tensor_parallel_size=1) (FSDP2 only)")
-    if owner == "ConceptProjection":
-        mean = [cb for cb in getattr(trainer, "callbacks", []) if type(cb).__name__ == owner
-                and getattr(cb, "ablation", None) == "mean"]
-        if mean:
-            return ("ablation='mean' measures its means with a forward on rank 0 alone, which sharded weights "
-                    "cannot run; use ablation='zero', or strategy='ddp'")
     return None
 
 

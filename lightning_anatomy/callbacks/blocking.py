@@ -19,15 +19,20 @@ costs), T the selected tokens (completion tokens of the chosen and/or rejected h
 (zero value, zero gradient) wherever the policy is at or on the allowed side of the reference, so
 blocking never pushes a concept below where the reference model has it, only stops it growing.
 Normalising by tokens × concepts is this package's choice, so λ is not on the paper's scale
-(λ = 13×10³ there).
+(λ = 13×10³ there). Under data parallelism (DDP, FSDP) T is the selected tokens of every rank's
+batch together: each rank's term is scaled by W·n_rank/n_all (W ranks, n tokens), so the averaged
+gradient, the logged loss and the penalty equal those of one process on the whole batch, however
+the tokens fall on the ranks. Gradient accumulation keeps one mean per micro-batch, like the loss.
 
 The reference activation comes from the reference forward DPOModule already runs, captured by a
 forward hook at the same hook point: on `pl_module.reference` for `reference="copy"`, on the
 policy's own modules inside `reference_pass()` for `reference="peft"` (adapters off).
-`reference="precomputed"` keeps only log-probs, so it is refused. The penalty reaches the loss
-through `DPOModule.register_auxiliary_loss`: it sits in the same graph as the DPO loss, so AMP
-scaling, gradient accumulation (each micro-batch's term is divided like its loss) and DDP
-averaging treat it like the loss.
+`reference="precomputed"` keeps only log-probs, so it is refused. Under FSDP the hooks sit on the
+sharded blocks (activations are whole there) and a copy reference is sharded like the policy:
+the captures are the same. The penalty reaches the loss through
+`DPOModule.register_auxiliary_loss`: it sits in the same graph as the DPO loss, so AMP scaling,
+gradient accumulation (each micro-batch's term is divided like its loss) and DDP/FSDP averaging
+treat it like the loss.
 
 Logged (every `trainer.log_every_n_steps` optimizer steps, rank 0, averaged over the step's
 micro-batches and the DDP ranks): `concepts/blocking/<name>` — mean excess e_c over the selected
@@ -130,7 +135,7 @@ class ConceptBlocking(HookedCallback):
         sides: `"both"`, `"chosen"` or `"rejected"` half of the `[chosen; rejected]` batch.
         tokens: `"completion"` (the batch's `completion_mask`) or `"all"` (every non-pad token).
         warmup_steps: grow λ linearly over this many optimizer steps (0: full λ from the start).
-        allow_untested_strategy: run under strategies other than single-device and DDP.
+        allow_untested_strategy: run under strategies other than single-device, DDP and FSDP.
 
     Needs a LightningModule with `register_auxiliary_loss` (DPOModule) whose reference runs as a
     forward each training step (`reference="copy"` or `"peft"`). Captures happen only between a
@@ -186,6 +191,7 @@ class ConceptBlocking(HookedCallback):
         self._seen: set[tuple[str, str]] = set()
         self._captures: dict[tuple[str, str], Tensor] = {}
         self._versions: dict[str, int] = {}
+        self._scale: Tensor | float = 1.0  # rank_share of the current micro-batch
         self._reset_step()
 
     # ------------------------------------------------------------------ identity and resume
@@ -344,6 +350,7 @@ class ConceptBlocking(HookedCallback):
         elif self.sides == "rejected":
             select[:half] = False
         self._select = select
+        self._scale = rank_share(trainer, select.sum())
         self._seen = set()
         self._captures = {}
         self._armed = True
@@ -361,6 +368,7 @@ class ConceptBlocking(HookedCallback):
     def _disarm(self) -> None:
         self._armed = False
         self._select = None
+        self._scale = 1.0
         self._seen = set()
         self._captures = {}
         self._versions = {}
@@ -407,7 +415,7 @@ class ConceptBlocking(HookedCallback):
         if not self._armed:
             return None
         captures = self._captures
-        versions, select = self._versions, self._select
+        versions, select, scale = self._versions, self._select, self._scale
         self._disarm()  # from here on, recomputed forwards (checkpointing) capture nothing
         policy, reference = [], []
         for hook, plan in self.plans.items():
@@ -436,7 +444,7 @@ class ConceptBlocking(HookedCallback):
             reference.append(ref.to(pol.device))
         excess = torch.cat(policy, dim=1) - torch.cat(reference, dim=1)
         signs = torch.tensor([s for plan in self.plans.values() for s in plan.signs], device=excess.device)
-        value = (self.lam * self.warmup_factor()) * blocking_penalty(excess, signs, self.one_sided)
+        value = (self.lam * self.warmup_factor()) * blocking_penalty(excess, signs, self.one_sided) * scale
         with torch.no_grad():
             summed = excess.detach().double().sum(0)
             self._excess_sum = summed if self._excess_sum is None else self._excess_sum + summed
@@ -472,6 +480,20 @@ class ConceptBlocking(HookedCallback):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def rank_share(trainer: Trainer, local_tokens: Tensor) -> Tensor | float:
+    """W·n_rank/n_all, the factor that turns this rank's token mean into its share of the mean over
+    every rank's tokens (DDP and FSDP average the W ranks' gradients). 1.0 on one process.
+
+    An all-reduce: every rank calls it once per training micro-batch, before the forward.
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world == 1:
+        return 1.0
+    local = local_tokens.detach().to(torch.float64).reshape(1)
+    total = trainer.strategy.reduce(local.clone(), reduce_op="sum")
+    return (world * local / total.clamp_min(1.0)).squeeze(0).float()
 
 
 def _capture_hook(point: HookPoint, capture) -> Any:

@@ -9,7 +9,9 @@ stream has no preferred origin, so moving every activation to Qᵀh = 0 acts as 
 (Persona vectors, App. J.1). Amplified concepts get `GradientAmplification` instead. Because the
 edit sits on the activation path and is linear in the gradient, AMP loss scaling, gradient
 accumulation, DDP averaging and activation checkpointing need no special handling; the bases
-(and the means) are broadcast from rank 0 so every rank edits identically.
+(and the means) are broadcast from rank 0 so every rank edits identically. Under FSDP the means'
+forwards run on every rank (each is a collective), each rank measuring its share of the pairs;
+sums and counts are all-reduced.
 
 Logged (every `trainer.log_every_n_steps` optimizer steps, rank 0):
 `concepts/projection/<hook>/grad_fraction` — the share of the squared gradient norm arriving at
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +32,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
-from lightning_anatomy.callbacks._logging import check_strategy, log_scalars
+from lightning_anatomy.callbacks._logging import check_strategy, log_scalars, measures_on_every_rank
 from lightning_anatomy.concepts.hooks import (
     HookPoint,
     find_blocks,
@@ -49,6 +51,7 @@ from lightning_anatomy.interventions.projection import (
     mean_ablate,
     project_out,
 )
+from lightning_anatomy.sharding import rank_batches
 
 MODES = ("gradient", "ablate", "both")
 LAYER_MODES = ("own", "all_later")
@@ -96,7 +99,7 @@ class ConceptProjection(HookedCallback):
         amplify_factor: gradient factor (> 1) along amplified concepts.
         ablation: what the ablated component is replaced by: `"zero"` (CAFT, h − QQᵀh) or
             `"mean"` (h − QQᵀh + Qμ, μ the mean of Qᵀh over the completion tokens of the first
-            `mean_pairs` training pairs, measured at fit start with the initial weights in a
+            `mean_pairs` training pairs, measured at fit start (FSDP: train start) with the initial weights in a
             `measurement_pass()`; broadcast from rank 0 and kept in checkpoints, so a resumed run
             uses the same μ). Needs `mode="ablate"` or `"both"` and a datamodule with
             `train_pairs` (`PreferenceDataModule`).
@@ -235,7 +238,7 @@ class ConceptProjection(HookedCallback):
             check_strategy(trainer, "ConceptProjection", self.allow_untested_strategy)
             self._targets = self._plan(find_causal_lm(pl_module))
         self.remove_hooks()  # before measuring the means: none of this callback's edits may act
-        means = self._ablation_means(trainer, pl_module)
+        means = {} if _restores_after_fit_start(trainer) else self._ablation_means(trainer, pl_module)
         shared = trainer.strategy.broadcast(
             {name: (t.suppress, t.amplify, means.get(name)) for name, t in self._targets.items()}, src=0
         )
@@ -245,6 +248,18 @@ class ConceptProjection(HookedCallback):
             target.on_device.clear()
         for target in self._targets.values():
             self._handles.append(register_activation_edit(target.point, self._edit_for(target, trainer)))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The ablation means under strategies that restore a checkpoint after on_fit_start (FSDP):
+        here they come from the checkpoint, and a forward before the restore would run on weights
+        about to be replaced. Ablation acts only while training, so the edits wait for nothing;
+        the hooks skip this measurement pass."""
+        if self.ablation != "mean" or not _restores_after_fit_start(trainer):
+            return
+        shared = trainer.strategy.broadcast(self._ablation_means(trainer, pl_module), src=0)
+        for name, mean in shared.items():
+            self._targets[name].mean = mean
+            self._targets[name].on_device.clear()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
@@ -266,19 +281,12 @@ class ConceptProjection(HookedCallback):
     # ------------------------------------------------------------------ mean ablation
     def _ablation_means(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
         """μ per suppressed target: from the checkpoint on resume, else measured on rank 0 (other
-        ranks get it by broadcast)."""
+        ranks get it by broadcast), or under FSDP on every rank, each on its share of the pairs."""
         if self.ablation != "mean":
             return {}
         wanted = sorted(name for name, t in self._targets.items() if t.suppress is not None)
         if self._resumed_means is not None:
-            if sorted(self._resumed_means) != wanted or any(
-                    self._resumed_means[n].shape != (self._targets[n].suppress.shape[1],) for n in wanted):
-                raise ValueError(
-                    f"ConceptProjection: the checkpoint's ablation means are for hooks {sorted(self._resumed_means)}, "
-                    f"this callback ablates at {wanted}; resume with the same concepts and layers"
-                )
-            means, self._resumed_means = dict(self._resumed_means), None  # a later fit measures anew
-            return means
+            return self._checked_resumed_means()
         datamodule = getattr(trainer, "datamodule", None)
         pairs = list(getattr(datamodule, "train_pairs", None) or [])[: self.mean_pairs]
         if not pairs:
@@ -287,11 +295,28 @@ class ConceptProjection(HookedCallback):
                 f"{type(datamodule).__name__ if datamodule is not None else 'the trainer'} has none; fit with a "
                 "PreferenceDataModule (trainer.fit(module, datamodule=...)) or use ablation='zero'"
             )
-        if not trainer.is_global_zero:
+        every_rank = measures_on_every_rank(trainer)
+        if not trainer.is_global_zero and not every_rank:
             return {}
         pad = getattr(datamodule, "pad_token_id", None)
+        split = {}
+        if every_rank:
+            strategy = trainer.strategy
+            split = {"rank": trainer.global_rank, "world": trainer.world_size,
+                     "all_reduce": lambda t: strategy.reduce(t, reduce_op="sum")}
         return reference_means(find_causal_lm(pl_module), {n: self._targets[n] for n in wanted}, pairs,
-                               pad_token_id=0 if pad is None else int(pad))
+                               pad_token_id=0 if pad is None else int(pad), **split)
+
+    def _checked_resumed_means(self) -> dict[str, Tensor]:
+        """The checkpoint's means, once (a later fit measures anew), if they fit this callback's targets."""
+        means, self._resumed_means = dict(self._resumed_means or {}), None
+        wanted = sorted(name for name, t in self._targets.items() if t.suppress is not None)
+        if sorted(means) != wanted or any(means[n].shape != (self._targets[n].suppress.shape[1],) for n in wanted):
+            raise ValueError(
+                f"ConceptProjection: the checkpoint's ablation means are for hooks {sorted(means)}, "
+                f"this callback ablates at {wanted}; resume with the same concepts and layers"
+            )
+        return means
 
     @property
     def hooked(self) -> list[str]:
@@ -393,11 +418,15 @@ class ConceptProjection(HookedCallback):
 
 @torch.no_grad()
 def reference_means(model: torch.nn.Module, targets: dict[str, _Target], pairs: list, *, pad_token_id: int = 0,
-                    batch_size: int = 8) -> dict[str, Tensor]:
+                    batch_size: int = 8, rank: int = 0, world: int = 1,
+                    all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """Mean of Qᵀh over the completion tokens (chosen and rejected) of `pairs`, per target, fp32.
 
     Runs in eval mode inside `measurement_pass()`, so no callback's training-time edit acts on the
-    measured activations; the model's train/eval mode is restored afterwards.
+    measured activations; the model's train/eval mode is restored afterwards. With `world` > 1
+    (sharded weights) this rank runs its share of the batches (`rank_batches`: every rank joins
+    the same number of forwards) and `all_reduce` (a sum over ranks) joins the fp64 sums and
+    counts, so every rank returns the same means.
     """
     from lightning_anatomy.data import collate_pairs
 
@@ -416,16 +445,21 @@ def reference_means(model: torch.nn.Module, targets: dict[str, _Target], pairs: 
             handles.append(target.point.module.register_forward_hook(
                 lambda _m, _args, out, keep=keep: keep(hook_output(out)[0])))
     device = next(model.parameters()).device
+    starts = list(range(0, len(pairs), batch_size))
+    mine = rank_batches(len(starts), rank, world) if world > 1 else list(range(len(starts)))
     was_training = model.training
     model.eval()
     try:
         with measurement_pass():
-            for start in range(0, len(pairs), batch_size):
+            for index in mine:
+                start = starts[0 if index is None else index]  # None: a dummy forward, dropped
                 batch = collate_pairs(pairs[start:start + batch_size], pad_token_id)
                 mask = batch["completion_mask"].bool().to(device)
                 state.clear()
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       use_cache=False)
+                if index is None:
+                    continue
                 for name, target in targets.items():
                     coords = component_along(state[name][mask], target.suppress)
                     sums[name] += coords.double().sum(0).cpu()
@@ -434,9 +468,33 @@ def reference_means(model: torch.nn.Module, targets: dict[str, _Target], pairs: 
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if world > 1:
+        if all_reduce is None:
+            raise ValueError(f"reference_means over {world} ranks needs all_reduce (a sum over the ranks)")
+        sums, counts = _summed_over_ranks(sums, counts, all_reduce, device)
     if not all(counts.values()):
         raise ValueError("ConceptProjection: the mean-ablation pairs have no completion tokens to measure the mean on")
     return {name: (sums[name] / counts[name]).float() for name in targets}
+
+
+def _restores_after_fit_start(trainer: Trainer) -> bool:
+    """ModelParallelStrategy and FSDPStrategy load a checkpoint (module and callback states) after
+    the on_fit_start hooks; the other strategies before."""
+    return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+
+
+def _summed_over_ranks(sums: dict[str, Tensor], counts: dict[str, int], all_reduce: Callable[[Tensor], Tensor],
+                       device: torch.device) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Every rank's sums and counts added up, in one collective (fp64 on the model's device, which
+    the process group's backend serves)."""
+    names = list(sums)
+    flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(counts[n]) for n in names], dtype=torch.float64)])
+    flat = all_reduce(flat.to(device)).double().cpu()
+    out, offset = {}, 0
+    for name in names:
+        size = sums[name].numel()
+        out[name], offset = flat[offset:offset + size], offset + size
+    return out, {name: int(flat[offset + i]) for i, name in enumerate(names)}
 
 
 def _same_subspace(a: Tensor, b: Tensor) -> bool:

@@ -12,6 +12,12 @@ Multi-process runs go through `Trainer.predict`: shard k of the pending ones goe
 k mod world_size (no DistributedSampler), each rank writes its own shard files and records them
 in its own journal (no two processes ever write one file), and rank 0 merges the journals into
 the single manifest after a barrier.
+
+Under `ModelParallelStrategy` (FSDP2) the model is sharded in place with `fully_shard` (as
+`DPOModule` shards for training; it stays sharded afterwards) and every forward is a collective:
+a rank with fewer pending batches pads its stream with dummy forwards (the plan's shortest batch)
+whose results are dropped, and the forward runs to the end instead of stopping after the deepest
+hook. The fingerprint hashes the gathered weights, so a sharded run resumes a 1-process one.
 """
 
 from __future__ import annotations
@@ -39,9 +45,16 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_anatomy.concepts.lens import ConceptLens, span_stats
 from lightning_anatomy.concepts.span_features import SPANS, STATS, SpanFeatures
 from lightning_anatomy.data.tokenize import TokenizedPair, collate_pairs
-from lightning_anatomy.digests import model_digest, pairs_digest
+from lightning_anatomy.digests import full_model_digest, model_digest, pairs_digest
 from lightning_anatomy.files import atomic_write_bytes
 from lightning_anatomy.models.loading import max_positions
+from lightning_anatomy.sharding import (
+    fsdp2_data_mesh,
+    is_fsdp2_module,
+    is_sharded_module,
+    shard_fsdp2,
+    unsharded_class_name,
+)
 
 __all__ = ["ExtractionError", "extract_span_features", "load_span_features"]
 
@@ -109,13 +122,19 @@ def _settings(
         "pairs_sha256": pairs_digest(pairs),
         "hooks": {h: int(lens.d_sae(h)) for h in lens.hooks},
         "sae_digests": {h: f"{type(saes[h]).__name__}:{model_digest(saes[h])}" for h in lens.hooks},
-        "model_digest": f"{type(lens.model).__name__}:{model_digest(lens.model)}",
+        "model_digest": f"{unsharded_class_name(lens.model)}:{_weights_digest(lens.model)}",
         "threshold": float(threshold),
         "stats": list(stats),
         "spans": list(SPANS),
         "batch_size": batch_size,
         "batches_per_shard": batches_per_shard,
     }
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """`model_digest`, of the gathered weights when the model is already sharded (a collective:
+    every rank computes the settings)."""
+    return full_model_digest(model) if is_sharded_module(model) else model_digest(model)
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -259,25 +278,33 @@ def _csr_from(arrays: dict[str, np.ndarray], i: int, d_sae: int) -> sp.csr_matri
 
 
 class _BatchStream(IterableDataset):
-    """This rank's batches, collated lazily (memory bounded by one batch). Iterable, so Lightning
-    never injects a DistributedSampler that would re-split them."""
+    """This rank's batches, collated lazily (memory bounded by one batch), then `n_dummy` copies of
+    the plan's shortest batch marked `dummy` (sharded models: every rank runs as many forwards).
+    Iterable, so Lightning never injects a DistributedSampler that would re-split them."""
 
-    def __init__(self, pairs: Sequence[TokenizedPair], plan: _Plan, shard_ids: list[int], pad_token_id: int):
+    def __init__(self, pairs: Sequence[TokenizedPair], plan: _Plan, shard_ids: list[int], pad_token_id: int,
+                 n_dummy: int = 0):
         self.pairs, self.plan, self.shard_ids, self.pad_token_id = pairs, plan, shard_ids, pad_token_id
+        self.n_dummy = n_dummy
 
     def __len__(self) -> int:
-        return sum(len(self.plan.shards[k]) for k in self.shard_ids)
+        return sum(len(self.plan.shards[k]) for k in self.shard_ids) + self.n_dummy
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for k in self.shard_ids:
             batch_ids = self.plan.shards[k]
             for j, b in enumerate(batch_ids):
-                pos = self.plan.batches[b]
-                batch = collate_pairs([self.pairs[i] for i in pos], self.pad_token_id)
-                batch["positions"] = torch.as_tensor(pos, dtype=torch.long)
+                batch = self._collate(self.plan.batches[b])
                 batch["shard"] = k
                 batch["last_of_shard"] = j == len(batch_ids) - 1
                 yield batch
+        for _ in range(self.n_dummy):
+            yield {**self._collate(self.plan.batches[-1]), "dummy": True}
+
+    def _collate(self, pos: np.ndarray) -> dict[str, Any]:
+        batch = collate_pairs([self.pairs[i] for i in pos], self.pad_token_id)
+        batch["positions"] = torch.as_tensor(pos, dtype=torch.long)
+        return batch
 
 
 @dataclass
@@ -335,17 +362,33 @@ class _ExtractionModule(pl.LightningModule):
                 path.unlink()
         return [k for k in range(job.plan.n_shards) if k not in done]
 
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, shard the model with FSDP2 over the data-parallel mesh (SAEs
+        stay replicated); other strategies need nothing."""
+        try:
+            mesh = fsdp2_data_mesh(self.trainer.strategy, "extraction")
+        except ValueError as err:
+            raise ExtractionError(str(err)) from None
+        if mesh is not None and not is_fsdp2_module(self.lm):
+            shard_fsdp2(self.lm, mesh)
+
     def predict_dataloader(self) -> DataLoader:
-        mine = self._pending[self.global_rank :: self.trainer.world_size]
-        stream = _BatchStream(self.job.pairs, self.job.plan, mine, self.job.pad_token_id)
+        world = self.trainer.world_size
+        shares = [self._pending[r::world] for r in range(world)]
+        counts = [sum(len(self.job.plan.shards[k]) for k in share) for share in shares]
+        mine = shares[self.global_rank]
+        dummies = max(counts) - counts[self.global_rank] if world > 1 and is_sharded_module(self.lm) else 0
+        stream = _BatchStream(self.job.pairs, self.job.plan, mine, self.job.pad_token_id, n_dummy=dummies)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     # -- the work --------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        feats = self.lens.encode(batch["input_ids"], batch["attention_mask"])
+        if batch.get("dummy"):
+            return  # a sharded model's forward that only keeps the ranks in step
         k = batch["shard"]
         buf = self._buffers.setdefault(k, _ShardBuffer())
         b = batch["positions"].shape[0]
-        feats = self.lens.encode(batch["input_ids"], batch["attention_mask"])
         masks = {
             "prompt": (slice(0, b), batch["prompt_mask"][:b]),
             "chosen": (slice(0, b), batch["completion_mask"][:b]),

@@ -22,6 +22,7 @@ from lightning_anatomy.concepts.hooks import (
     resolve_hook,
 )
 from lightning_anatomy.concepts.sae import check_width, load_sae, measure_fidelity
+from lightning_anatomy.sharding import is_sharded_module
 
 __all__ = ["ConceptLens", "capture_activations", "span_stats"]
 
@@ -49,8 +50,11 @@ def capture_activations(
 
     The forward is a `measurement_pass()`: training-time edits of attached callbacks stay off.
 
-    With `stop_at_deepest` the forward stops as soon as every hook has fired. A module that runs
-    more than once in a forward keeps its first activation. Hooks are removed on every exit path.
+    With `stop_at_deepest` the forward stops as soon as every hook has fired, except on a sharded
+    model (FSDP): an exception out of a sharded forward would leave FSDP's root state mid-forward
+    for the next one (on GPU it then skips the root's stream synchronisation), so it runs to the
+    end. A module that runs more than once in a forward keeps its first activation. Hooks are
+    removed on every exit path.
     """
     points: dict[str, HookPoint] = {}
     for hook in hooks:
@@ -59,6 +63,7 @@ def capture_activations(
     if not points:
         raise ValueError("capture_activations needs at least one hook name")
     captured: dict[str, torch.Tensor] = {}
+    stop_at_deepest = stop_at_deepest and not is_sharded_module(model)
 
     def keep(name: str, hidden: torch.Tensor) -> None:
         if name not in captured:

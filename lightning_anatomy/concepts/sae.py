@@ -18,9 +18,14 @@ from torch import nn
 
 from lightning_anatomy.concepts.hooks import HookPoint, hidden_size_at
 
-__all__ = ["SAELoadError", "load_sae", "check_width", "measure_fidelity", "sae_d_in", "sae_d_sae"]
+__all__ = ["SAELoadError", "load_sae", "check_sae_spec", "RandomSAESpec", "check_width", "measure_fidelity",
+           "sae_d_in", "sae_d_sae", "SAE_SPECS"]
 
-SAESpec = Any  # an sae_lens.SAE, a directory, "release/sae_id", or {"release": ..., "sae_id": ...}
+# an sae_lens.SAE, a directory, "release/sae_id", {"release": ..., "sae_id": ...}, "embedded", "random:<d_sae>"
+SAESpec = Any
+SAE_SPECS = ("an sae_lens.SAE object, a directory written by sae.save_model, 'release/sae_id' (sae-lens registry), "
+             "{release: ..., sae_id: ...}, 'embedded' (the project's SAE for the embedded SmolLM2) or "
+             "'random:<d_sae>' (a seeded random SAE for smoke runs: its features mean nothing)")
 
 
 class SAELoadError(ValueError):
@@ -86,16 +91,88 @@ def _from_registry(release: str, sae_id: str, device: str | None, shown: str) ->
         raise SAELoadError(f"could not load SAE release={release!r} sae_id={sae_id!r}: {err}") from err
 
 
-def load_sae(spec: SAESpec, *, device: str | torch.device | None = None) -> Any:
-    """An inference `sae_lens.SAE` from an SAE object, a local directory or a registry entry.
+class RandomSAESpec:
+    """`random:<d_sae>` before its model is known: its width is, its `d_in` comes from the hook.
+
+    Callbacks are built (from YAML) before they see the policy, so they hold this and call
+    `build(d_in)` at setup; the seed makes every rank and every rerun draw the same SAE.
+    """
+
+    def __init__(self, d_sae: int, seed: int = 0) -> None:
+        self.d_sae, self.seed = int(d_sae), int(seed)
+
+    def build(self, d_in: int) -> Any:
+        from sae_lens import StandardSAE, StandardSAEConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return StandardSAE(StandardSAEConfig(d_in=int(d_in), d_sae=self.d_sae))
+
+    def __repr__(self) -> str:
+        return f"random:{self.d_sae}"
+
+
+def _random_spec(text: str, seed: int) -> RandomSAESpec:
+    width = text.split(":", 1)[1]
+    if not width.isdigit() or int(width) < 1:
+        raise SAELoadError(f"SAE spec {text!r}: random:<d_sae> needs a positive integer width, e.g. 'random:256'")
+    return RandomSAESpec(int(width), seed)
+
+
+def check_sae_spec(spec: SAESpec, where: str = "SAE spec") -> None:
+    """Refuse a spec that cannot name an SAE, without loading anything (configs are checked
+    before any model loads). Registry specs are only checked for their form."""
+    if hasattr(spec, "W_dec") or isinstance(spec, RandomSAESpec):
+        return
+    if isinstance(spec, dict):
+        if set(spec) != {"release", "sae_id"}:
+            raise SAELoadError(f"{where}: an SAE spec dict must have exactly the keys release and sae_id, got "
+                               f"{sorted(spec)}")
+        return
+    if not isinstance(spec, str | Path) or not str(spec):
+        raise SAELoadError(f"{where}: cannot load an SAE from {spec!r}; pass {SAE_SPECS}")
+    text = str(spec)
+    if text == "embedded":
+        return
+    if text.startswith("random:"):
+        try:
+            _random_spec(text, 0)
+        except SAELoadError as err:
+            raise SAELoadError(f"{where}: {err}") from None
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "cfg.json").is_file():
+            raise SAELoadError(f"{where}: SAE directory {text!r} has no cfg.json; write one with sae.save_model(dir)")
+        return
+    if isinstance(spec, Path) or text.startswith(("/", "./", "../", "~")) or "/" not in text.strip("/"):
+        raise SAELoadError(f"{where}: {text!r} is not an existing SAE directory; pass {SAE_SPECS}")
+
+
+def load_sae(spec: SAESpec, *, device: str | torch.device | None = None, d_in: int | None = None,
+             seed: int = 0) -> Any:
+    """An inference `sae_lens.SAE` from any SAE spec (`SAE_SPECS`): the one resolver of SAE specs.
 
     `spec` may be an `SAE` (training SAEs are converted to their inference form), a directory
     written by `sae.save_model` (`SAE.load_from_disk`), `{"release": ..., "sae_id": ...}` or
-    `"release/sae_id"` (`SAE.from_pretrained`, needs network; fails at once under HF_HUB_OFFLINE).
+    `"release/sae_id"` (`SAE.from_pretrained`, needs network; fails at once under HF_HUB_OFFLINE),
+    `"embedded"`, or `"random:<d_sae>"`, which needs `d_in` (the model's width at the hook) and
+    uses `seed`; without `d_in` it returns a `RandomSAESpec` to build later.
     """
     from sae_lens import SAE, TrainingSAE
 
     dev = str(device) if device is not None else None
+    if isinstance(spec, str) and spec.startswith("random:"):
+        spec = _random_spec(spec, seed)
+    if isinstance(spec, RandomSAESpec):
+        if d_in is None:
+            return spec
+        sae = spec.build(d_in)
+        return sae.to(dev) if dev is not None else sae
+    if isinstance(spec, str) and spec == "embedded":
+        from lightning_anatomy.models.embedded import load_embedded_sae
+
+        return load_embedded_sae(device=dev or "cpu")
     if isinstance(spec, SAE):
         sae = _to_inference(spec) if isinstance(spec, TrainingSAE) else spec
         return sae.to(dev) if dev is not None else sae
@@ -122,10 +199,7 @@ def load_sae(spec: SAESpec, *, device: str | torch.device | None = None) -> Any:
         else:
             release, sae_id = _split_release(text)
         return _from_registry(release, sae_id, dev, repr(text))
-    raise SAELoadError(
-        f"cannot load an SAE from a {type(spec).__name__}; pass an sae_lens.SAE, a directory, "
-        "'release/sae_id' or {'release': ..., 'sae_id': ...}"
-    )
+    raise SAELoadError(f"cannot load an SAE from a {type(spec).__name__}; pass {SAE_SPECS}")
 
 
 def sae_d_in(sae: Any) -> int:
