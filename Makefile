@@ -9,7 +9,7 @@ export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench docs-images clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check lightning_anatomy tests benchmarks
+
+# docs/audit_report.png from a real audit (configs/audit/embedded.yaml), drawn from the report's content
+docs-images: venv
+	$(PY) scripts/docs_images.py
 
 bench: venv
 	WANDB_MODE=offline $(PY) benchmarks/run_all.py

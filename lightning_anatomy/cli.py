@@ -1,189 +1,380 @@
-"""The `anatomy` command: `fit`, `audit`, `demo`, driven by omegaconf YAML configs.
+"""The `anatomy` command: `fit` / `validate` (LightningCLI), `audit`, `demo`, `check-prediction`.
 
-Every option of a config can be overridden on the command line as `key.sub=value`
-(omegaconf dotlist). Configs are validated before any model is loaded.
+Every subcommand parses with jsonargparse (`parser_mode="omegaconf"`), the parser Lightning users
+know from LightningCLI: `--config file.yaml`, `--print_config`, `--help` listing every key with
+its type and default, and overrides as `--key.sub=value` (`key.sub=value` is accepted too and
+read the same way). The whole config is type-checked, and every spec in it (model, data source,
+SAE, ConceptSet) checked for existence, before any model loads.
+
+    anatomy fit --config configs/tiny.yaml --trainer.max_steps=50 --model.loss_type=ipo
+    anatomy fit --config configs/tiny.yaml --print_config
+    anatomy audit --config configs/audit/tiny.yaml --saes '{blocks.1.hook_resid_post: random:256}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import shutil
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-FIT_DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "model": {"policy": "tiny:gpt2", "tokenizer": None},
-    "module": {},
-    "data": {"source": "toy", "toy_size": 64, "batch_size": 8, "val_fraction": 0.125, "max_length": 128,
-             "max_prompt_length": 64, "on_bad_rows": "error"},
-    "trainer": {"max_steps": 30, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
-                "val_check_interval": None},
-    "logger": {"kind": "csv", "save_dir": "runs", "name": "fit", "project": "lightning-anatomy"},
-    # Lightning checkpoints in <run>/checkpoints: last.ckpt, and every N optimizer steps (null: last only).
-    "checkpoint": {"every_n_steps": 100, "save_last": True},
-    # The trained policy as a Hugging Face model folder in <run>/final (PEFT: merged, or adapter-only).
-    "save": {"final": True, "merge_adapters": True},
-    "callbacks": [],
+FIT_COMMANDS = ("fit", "validate")
+JOBS = {  # subcommand -> (module, config dataclass, run function, help)
+    "audit": ("lightning_anatomy.audit.job", "AuditJob", "run_audit",
+              "audit a preference dataset: ranked concepts, HTML report, ConceptSet export"),
+    "demo": ("lightning_anatomy.demo.run", "DemoJob", "run_demo",
+             "the main job on the embedded SmolLM2: audit -> vanilla vs concept-shaped DPO"),
+    "check-prediction": ("lightning_anatomy.audit.prediction_job", "CheckPredictionJob", "run_check_prediction",
+                         "rollouts before vs after training: R² of the audit's cluster predictions"),
 }
+# Keys whose value is a {hook: spec} mapping: `--saes.<hook>=<spec>` would be split at the hook's dots.
+HOOK_MAPPINGS = ("saes",)
 
 
-def load_config(path: str | None, overrides: list[str], defaults: dict[str, Any]) -> DictConfig:
-    base = OmegaConf.create(defaults)
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config file {path!r} not found; configs/ holds ready ones")
-        base = OmegaConf.merge(base, OmegaConf.load(path))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-        for override in overrides:
-            key, value = override.split("=", 1)
-            try:  # update (not merge) so list items can be addressed: callbacks.0.concepts=...
-                OmegaConf.update(base, key, yaml.safe_load(value), merge=True)
-            except Exception as err:  # omegaconf raises several types; name the override either way
-                raise ValueError(f"config override {override!r} does not fit the config: {err}") from err
-    unknown = set(base.keys()) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown top-level config keys {sorted(unknown)}; valid: {sorted(defaults)}")
-    for key, default in defaults.items():
-        kind = {dict: DictConfig, list: ListConfig}.get(type(default))
-        if kind is not None and not isinstance(base[key], kind):
-            raise ValueError(f"config key {key!r} must be a {type(default).__name__}, got {base[key]!r}")
-    return base
+class ConfigError(ValueError):
+    """A config value that cannot work, found before any model loads (the message names the key)."""
 
 
-def build_logger(cfg: DictConfig):
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+@dataclass
+class SaveOptions:
+    """What `anatomy fit` saves when training ends.
 
-    kind = cfg.kind
-    if kind in (None, "none", False):
-        return False
-    if kind == "csv":
-        return CSVLogger(save_dir=cfg.save_dir, name=cfg.name)
-    if kind == "wandb":
-        return WandbLogger(project=cfg.project, name=cfg.name, save_dir=cfg.save_dir)
-    raise ValueError(f"logger.kind={kind!r} is not one of 'csv', 'wandb', 'none'")
+    Args:
+        final: write the trained policy as a Hugging Face model folder (+ tokenizer) in `<run>/final`.
+        merge_adapters: a PEFT policy is merged into its base (False: the adapter only).
+    """
 
-
-def check_fit_config(cfg: DictConfig) -> None:
-    """Options a fit reads itself, checked before any model loads."""
-    every = cfg.checkpoint.get("every_n_steps")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"checkpoint.every_n_steps must be an integer >= 1 or null (last only), got {every!r}")
-    for key in ("save_last",):
-        if not isinstance(cfg.checkpoint.get(key), bool):
-            raise ValueError(f"checkpoint.{key} must be true or false, got {cfg.checkpoint.get(key)!r}")
-    for key in ("final", "merge_adapters"):
-        if not isinstance(cfg.save.get(key), bool):
-            raise ValueError(f"save.{key} must be true or false, got {cfg.save.get(key)!r}")
+    final: bool = True
+    merge_adapters: bool = True
 
 
-def run_dir(logger: Any, cfg: DictConfig) -> Path:
-    """Where this fit's logs, checkpoints and final model go: the logger's version folder
-    (`<save_dir>/<name>/version_N` for CSV, `<save_dir>/<name>/<run id>` for W&B)."""
-    if logger and cfg.logger.kind == "csv":
-        return Path(logger.log_dir)
-    if logger and logger.version is not None:
-        return Path(cfg.logger.save_dir) / str(cfg.logger.name) / str(logger.version)
-    return Path(cfg.logger.save_dir) / str(cfg.logger.name)
+# ------------------------------------------------------------------------------ arguments
 
 
-def build_fit(cfg: DictConfig):
-    """Objects for a fit: (trainer, module, datamodule). Pure construction, no training."""
-    import lightning as L
+def normalize_args(argv: Sequence[str]) -> list[str]:
+    """Read `key.sub=value` as `--key.sub=value`, `--ckpt-path` as `--ckpt_path`, and
+    `--saes.<hook>=<spec>` (one or more) as one `--saes={hook: spec, ...}`."""
+    out: list[str] = []
+    mappings: dict[str, dict[str, str]] = {}
+    for arg in argv:
+        if re.match(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=", arg):
+            arg = "--" + arg
+        if arg.startswith("--ckpt-path"):
+            arg = "--ckpt_path" + arg[len("--ckpt-path"):]
+        head = next((k for k in HOOK_MAPPINGS if arg.startswith(f"--{k}.") and "=" in arg), None)
+        if head is not None:
+            key, value = arg[len(head) + 3:].split("=", 1)
+            mappings.setdefault(head, {})[key] = value
+            continue
+        out.append(arg)
+    for head, values in mappings.items():
+        out.append(f"--{head}=" + "{" + ", ".join(f"{k!r}: {v!r}" for k, v in values.items()) + "}")
+    return out
+
+
+# ------------------------------------------------------------------------------ spec checks
+
+
+def _at(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            return None
+    return node
+
+
+def check_specs(config: Any) -> None:
+    """Every spec of a fit config, checked without loading anything (ConfigError names the key)."""
+    from lightning_anatomy.concepts.concept_set import check_concept_dir
+    from lightning_anatomy.concepts.sae import check_sae_spec
+    from lightning_anatomy.data.sources import check_source
+    from lightning_anatomy.models.loading import check_model_spec
+
+    checks = [("model.init_args.policy", check_model_spec), ("data.init_args.tokenizer", check_model_spec),
+              ("data.init_args.source", check_source)]
+    for key, check in checks:
+        value = _at(config, key)
+        if isinstance(value, str):
+            _named(check, value, key.replace(".init_args", ""))
+    ckpt = config.get("ckpt_path")
+    if ckpt is not None and not Path(str(ckpt)).is_file():
+        raise ConfigError(f"ckpt_path={str(ckpt)!r} is not a file; checkpoints are in <run>/checkpoints "
+                          "(last.ckpt, step<N>.ckpt)")
+    every = _at(config, "checkpoint.every_n_train_steps")
+    if every is not None and every < 0:
+        raise ConfigError(f"checkpoint.every_n_train_steps={every} must be >= 0 (0 or null: only last.ckpt)")
+    for i, cb in enumerate(_at(config, "trainer.callbacks") or []):
+        args = cb.get("init_args") if hasattr(cb, "get") else None
+        if not args:
+            continue
+        where = f"trainer.callbacks[{i}] ({str(cb.get('class_path', '')).rsplit('.', 1)[-1]})"
+        for name in ("concepts",):
+            if isinstance(args.get(name), str):
+                _named(check_concept_dir, args[name], f"{where}.{name}")
+        for name in ("saes", "lens_or_saes"):
+            if hasattr(args.get(name), "items"):
+                for hook, spec in args[name].items():
+                    _named(check_sae_spec, spec, f"{where}.{name}[{hook!r}]")
+
+
+def _named(check: Any, value: Any, key: str) -> None:
+    try:
+        check(value, key)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+
+
+# ------------------------------------------------------------------------------ fit / validate
+
+
+def _cli_class():
+    """The LightningCLI subclass (built lazily: importing Lightning takes seconds)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    from lightning_anatomy.callbacks.factory import build_callbacks
-    from lightning_anatomy.data import PreferenceDataModule
-    from lightning_anatomy.data.toy import make_toy_preferences
-    from lightning_anatomy.models.loading import load_model, load_tokenizer
-    from lightning_anatomy.module import DPOModule
+    class RunConfig(SaveConfigCallback):
+        """The full resolved config with the run: `config.yaml` in the run folder and, with a
+        W&B logger, the run's config (W&B otherwise holds only the module's hyper-parameters)."""
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    source = data.pop("source")
-    toy_size = data.pop("toy_size", 64)
-    if source == "toy":
-        source = make_toy_preferences(toy_size, seed=cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.policy, cfg.model.tokenizer)
-    policy = load_model(cfg.model.policy)
-    module = DPOModule(policy, **OmegaConf.to_container(cfg.module, resolve=True))
-    datamodule = PreferenceDataModule(source, tokenizer, seed=cfg.seed, **data)
-    callbacks = build_callbacks(OmegaConf.to_container(cfg.callbacks, resolve=True))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    logger = build_logger(cfg.logger)
-    if trainer_kwargs.get("enable_checkpointing", True) and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        every = cfg.checkpoint.every_n_steps
-        callbacks.append(ModelCheckpoint(
-            dirpath=run_dir(logger, cfg) / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
-            every_n_train_steps=every, save_top_k=-1 if every else 0, save_last=cfg.checkpoint.save_last))
-    trainer = L.Trainer(logger=logger, callbacks=callbacks, **trainer_kwargs)
-    return trainer, module, datamodule
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            from lightning.pytorch.loggers import WandbLogger
+
+            from lightning_anatomy.files import atomic_write_text
+
+            if not trainer.is_global_zero:
+                return
+            text = self.parser.dump(self.config, skip_none=False)
+            folder = run_folder(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / "config.yaml", text)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.config.update({"anatomy_config": self.config.as_dict()}, allow_val_change=True)
+
+    class AnatomyCLI(LightningCLI):
+        """LightningCLI with the package's defaults: DPOModule + PreferenceDataModule (any
+        LightningModule / LightningDataModule by class_path), a CSV logger in runs/, checkpoints
+        every 100 steps in `<run>/checkpoints`, the trained model in `<run>/final`."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in FIT_COMMANDS}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({
+                "checkpoint.filename": "step{step}", "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.every_n_train_steps": 100, "checkpoint.save_top_k": -1, "checkpoint.save_last": True,
+                "model": {"class_path": "lightning_anatomy.DPOModule"},
+                "data": {"class_path": "lightning_anatomy.PreferenceDataModule", "init_args": {"source": "toy"}},
+                "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": "runs", "name": "fit"}},
+                "trainer.enable_model_summary": False, "trainer.log_every_n_steps": 10, "seed_everything": 0,
+            })
+            parser.add_class_arguments(SaveOptions, "save")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand]
+            data_args = _at(config, "data.init_args")
+            policy = _at(config, "model.init_args.policy")
+            if data_args is not None and data_args.get("tokenizer") is None and isinstance(policy, str):
+                data_args["tokenizer"] = policy  # the policy's own tokenizer unless one is named
+            check_specs(config)
+
+        def instantiate_trainer(self, **kwargs: Any):
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from lightning_anatomy.console import StepProgressBar
+
+            trainer_cfg = self._get(self.config_init, "trainer", default={})
+            given = trainer_cfg.get("callbacks") or []
+            if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar)
+                                                                              for c in given):
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": [StepProgressBar()]}
+            return super().instantiate_trainer(**kwargs)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                remove_if_empty(run_folder(self.trainer))
+                raise
+
+        def after_fit(self) -> None:
+            trainer, cfg = self.trainer, self.config["fit"]
+            metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if "/" in k}
+            if not trainer.is_global_zero:
+                return
+            print("final metrics:", metrics)
+            print(f"logs: {run_folder(trainer)}")
+            if trainer.checkpoint_callback is not None:
+                print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
+            if cfg.save.final and hasattr(self.model, "save_pretrained"):
+                tokenizer = getattr(self.datamodule, "tokenizer", None)
+                final = self.model.save_pretrained(run_folder(trainer) / "final",
+                                                   merge_adapters=cfg.save.merge_adapters, tokenizer=tokenizer)
+                print(f"saved model: {final}")
+
+    return AnatomyCLI, RunConfig
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides, FIT_DEFAULTS)
-    check_fit_config(cfg)
-    if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt-path {args.ckpt_path!r} is not a file; checkpoints are in <run>/checkpoints")
-    trainer, module, datamodule = build_fit(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=args.ckpt_path)
-    metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if "/" in k}
-    print("final metrics:", metrics)
-    if trainer.checkpoint_callback is not None and trainer.is_global_zero:
-        print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
-    if cfg.save.final and trainer.is_global_zero:
-        final = module.save_pretrained(run_dir(trainer.logger, cfg) / "final", merge_adapters=cfg.save.merge_adapters,
-                                       tokenizer=datamodule.tokenizer)
-        print(f"saved model: {final}")
+def run_folder(trainer: Any) -> Path:
+    """Where a fit's logs, config, checkpoints and final model go: the logger's version folder
+    (`<save_dir>/<name>/version_N` for CSV; `<save_dir>/<project>/<run id>` for W&B)."""
+    logger = trainer.logger
+    if logger is not None and type(logger).__name__ == "CSVLogger":
+        return Path(logger.log_dir)
+    if logger is not None and getattr(logger, "version", None) is not None and logger.save_dir is not None:
+        return Path(logger.save_dir) / str(logger.name) / str(logger.version)
+    return Path(trainer.default_root_dir)
+
+
+def remove_if_empty(folder: Path) -> None:
+    """After a failed start, drop a run folder that holds nothing but the config it was given."""
+    if folder.is_dir() and all(p.name in ("config.yaml", "hparams.yaml") for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def tidy_error(message: str) -> str:
+    """jsonargparse's error for a subclass-mode key (`--model.lr=fast`) lists every Union
+    alternative; keep the one that matters, with the full key: `model.lr: Expected a float ...`."""
+    outer = re.search(r'Parser key "([^"]+)":', message)
+    inner = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)\n\s*- Expected a <class 'NoneType'>",
+                      message, flags=re.S)
+    if outer is None or inner is None:
+        return message
+    text = re.sub(r'Parser key "([^"]+)"', lambda m: f'key "{outer.group(1)}.{m.group(1)}"', inner.group(2))
+    text = re.sub(r"\s*\n\s*", " ", text).strip()
+    return f'key "{outer.group(1)}" ({inner.group(1)}): {text}' if not text.startswith("key") else text
+
+
+def run_fit(argv: list[str]) -> int:
+    from lightning_anatomy.console import quiet_lightning
+
+    quiet_lightning()
+    cli_class, run_config = _cli_class()
+
+    def cli(args: list[str]) -> None:
+        cli_class(
+            model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_callback=run_config, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": "anatomy"},
+            args=args, auto_configure_optimizers=False,
+        )
+
+    if any(a in ("-h", "--help") for a in argv):  # the default classes' keys too, not only the trainer's
+        for extra in ([], ["--model.help", "lightning_anatomy.DPOModule"],
+                      ["--data.help", "lightning_anatomy.PreferenceDataModule"]):
+            try:
+                cli([argv[0], *extra] if extra else argv)
+            except SystemExit:
+                pass
+        print("\nConcept callbacks (--trainer.callbacks+=<Name>, or class_path/init_args items in YAML): "
+              "ConceptProjection, ConceptAttribution, ConceptDriftMonitor, ConceptBlocking, ConceptSteering, "
+              "RewardShaping; their keys: --trainer.callbacks.help lightning_anatomy.<Name>")
+        return 0
+    try:
+        cli(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(tidy_error(str(err))) from err
+    finally:
+        finish_wandb()
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from lightning_anatomy.audit.job import AUDIT_DEFAULTS, run_audit
+def finish_wandb() -> None:
+    """Close the command's W&B run, so its files are complete when `main` returns (also when it is
+    called from Python, e.g. a notebook, where the process does not exit)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
-    cfg = load_config(args.config, args.overrides, AUDIT_DEFAULTS)
-    run_audit(cfg)
+
+# ------------------------------------------------------------------------------ jobs
+
+
+def job_parser(name: str):
+    """The jsonargparse parser of a job subcommand, from its config dataclass (types, defaults,
+    help from the docstring), with `--config` and `--print_config`."""
+    import importlib
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    module, config_cls, _, helptext = JOBS[name]
+    parser = ArgumentParser(prog=f"anatomy {name}", description=helptext, parser_mode="omegaconf",
+                            exit_on_error=False)
+    parser.add_argument("--config", "-c", action=ActionConfigFile, help="a YAML config (configs/ holds ready ones)")
+    parser.add_class_arguments(getattr(importlib.import_module(module), config_cls), nested_key=None, fail_untyped=True)
+    return parser
+
+
+def job_config(name: str, argv: list[str]):
+    """A job's config from command-line arguments: parsed, type-checked and spec-checked (no model
+    loads); the DictConfig its run function takes."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    namespace = job_parser(name).parse_args(normalize_args(argv))
+    values = namespace.as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    cfg = OmegaConf.create(json.loads(json.dumps(values)))  # plain types: jsonargparse's PositiveInt is an int subclass
+    try:  # specs and cross-option rules, before any model loads
+        importlib.import_module(JOBS[name][0]).check_job(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
+    return cfg
+
+
+def run_job(name: str, argv: list[str]) -> int:
+    import importlib
+
+    from lightning_anatomy.console import quiet_lightning
+
+    cfg = job_config(name, argv)
+    quiet_lightning()
+    module, _, run, _ = JOBS[name]
+    getattr(importlib.import_module(module), run)(cfg)
     return 0
 
 
-def cmd_check_prediction(args: argparse.Namespace) -> int:
-    from lightning_anatomy.audit.prediction_job import CHECK_DEFAULTS, run_check_prediction
-
-    run_check_prediction(load_config(args.config, args.overrides, CHECK_DEFAULTS))
-    return 0
+# ------------------------------------------------------------------------------ entry point
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from lightning_anatomy.demo.run import DEMO_DEFAULTS, run_demo
-
-    cfg = load_config(args.config, args.overrides, DEMO_DEFAULTS)
-    run_demo(cfg)
-    return 0
+def _usage() -> str:
+    lines = ["usage: anatomy {fit,validate,audit,demo,check-prediction} [--config FILE] [--key.sub=value ...]",
+             "", "  fit / validate     train (or validate) with DPOModule + concept callbacks (LightningCLI)"]
+    lines += [f"  {k:<18} {v[3]}" for k, v in JOBS.items()]
+    lines += ["", "`anatomy <command> --help` lists every key with its type and default; --print_config shows the "
+              "resolved config."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anatomy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, helptext in (
-        ("fit", cmd_fit, "train with DPOModule (+ concept callbacks) from a YAML config"),
-        ("audit", cmd_audit, "audit a preference dataset: ranked concepts, HTML report, ConceptSet export"),
-        ("demo", cmd_demo, "the main job on the embedded SmolLM2: audit -> vanilla vs projected DPO"),
-        ("check-prediction", cmd_check_prediction, "rollouts before vs after training: R² of the audit's cluster predictions"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", "-c", default=None, help="YAML config (configs/ holds ready ones)")
-        p.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
-        if name == "fit":
-            p.add_argument("--ckpt-path", default=None, help="resume from this Lightning checkpoint")
-        p.set_defaults(func=func)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    args = normalize_args(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command in FIT_COMMANDS:
+            return run_fit([command, *rest])
+        if command in JOBS:
+            return run_job(command, rest)
+    except (argparse.ArgumentError, ConfigError) as err:
+        print(f"anatomy {command}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help and --print_config print, then exit
+        return int(done.code or 0)
+    print(f"anatomy: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

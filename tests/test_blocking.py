@@ -475,14 +475,14 @@ grads, logger = GradRecorder(), MemoryLogger()
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=logger, log_every_n_steps=1,
                     callbacks=[cb, keep_rows, grads], enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False)
-trainer.fit(module, loader(random_pairs(8, seed=4), 2))
+trainer.fit(module, loader(random_pairs(8, seed=5), 2))
 torch.save({{"terms": [float(t) for t in terms], "rows": rows[0], "grads": grads.steps[0], "logged": logger.rows,
             "blocked_steps": cb.blocked_steps}}, f"result-{{trainer.global_rank}}.pt")
 """
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_average_the_penalty_and_log_on_rank_zero(tmp_path):
+def test_ddp_two_processes_give_the_one_process_penalty_and_gradient_and_log_on_rank_zero(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
@@ -494,22 +494,25 @@ def test_ddp_two_processes_average_the_penalty_and_log_on_rank_zero(tmp_path):
     assert set(ranks[0]["rows"].tolist()).isdisjoint(ranks[1]["rows"].tolist())
     assert all(r["blocked_steps"] == 1 and len(r["terms"]) == 1 for r in ranks)
 
-    # Each rank's loss carries its own batch's penalty; DDP averages the gradients of the sums.
+    # Each rank's term is its share of the mean over both ranks' tokens (2·n_rank/n_all times its own
+    # batch's mean), so the DDP-averaged gradient and the logged penalty are one process's on all 8 pairs.
     module = make_module()
     perturb(module.policy)
-    pairs = random_pairs(8, seed=4)
+    pairs = random_pairs(8, seed=5)
     _, score, signs = blocking("sae")
     score2, signs2 = (lambda h: score(h)[:, :2]), signs[:2]
-    per_rank = []
-    for r in ranks:
-        batch = collate_pairs([pairs[i] for i in r["rows"].tolist()], PAD)
-        assert r["terms"][0] == pytest.approx(penalty_value(module, batch, score2, signs2, 50.0), rel=1e-5)
-        per_rank.append(hand_grads(module, [batch], lambda m, b: hand_penalty(m, b, score2, signs2, 50.0)))
-    expected = {n: (per_rank[0][n] + per_rank[1][n]) / 2 for n in per_rank[0]}
+    own = [collate_pairs([pairs[i] for i in r["rows"].tolist()], PAD) for r in ranks]
+    tokens = [int(b["completion_mask"].sum()) for b in own]
+    assert tokens[0] != tokens[1], [r["rows"].tolist() for r in ranks]  # else a per-rank mean passes too
+    for r, batch, n in zip(ranks, own, tokens):
+        share = 2 * n / sum(tokens)
+        assert r["terms"][0] == pytest.approx(share * penalty_value(module, batch, score2, signs2, 50.0), rel=1e-5)
+    whole = collate_pairs([pairs[i] for r in ranks for i in r["rows"].tolist()], PAD)
+    expected = hand_grads(module, [whole], lambda m, b: hand_penalty(m, b, score2, signs2, 50.0))
     for r in ranks:
         assert_grads_close(r["grads"], expected, rtol=1e-4, atol=1e-6)
     penalties = [row["concepts/blocking/penalty"] for _, row in ranks[0]["logged"] if "concepts/blocking/penalty" in row]
-    assert penalties == [pytest.approx(sum(r["terms"][0] for r in ranks) / 2, rel=1e-5)]
+    assert penalties == [pytest.approx(penalty_value(module, whole, score2, signs2, 50.0), rel=1e-5)]
     assert not any("concepts/blocking/penalty" in row for _, row in ranks[1]["logged"])  # rank 0 logs
 
 
@@ -549,9 +552,9 @@ def test_bad_options_are_refused_by_name():
     assert ConceptBlocking([(HOOK, 3), f"{HOOK}:5"], saes={HOOK: SAE}).names == [f"{HOOK}:3", f"{HOOK}:5"]
 
 
-def test_setup_refuses_modules_without_the_loss_hook_bad_hooks_widths_and_sharded_strategies():
+def test_setup_refuses_modules_without_the_loss_hook_bad_hooks_widths_and_deepspeed():
     from intervention_helpers import TinyLM
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     t = trainer([])
     with pytest.raises(ValueError, match="register_auxiliary_loss.*TinyLM does not have"):
@@ -565,17 +568,26 @@ def test_setup_refuses_modules_without_the_loss_hook_bad_hooks_widths_and_sharde
     wide_sae = random_sae(d_in=32, d_sae=16)
     with pytest.raises(ValueError, match="SAE d_in=32"):
         ConceptBlocking({"a": (HOOK, 1)}, saes={HOOK: wide_sae}).setup(t, make_module(), "fit")
-    fsdp = SimpleNamespace(strategy=FSDPStrategy(), training=False)
-    with pytest.raises(ValueError, match="not FSDPStrategy.*allow_untested_strategy=True"):
-        ConceptBlocking(directions()).setup(fsdp, make_module(), "fit")
-    ConceptBlocking(directions()).setup(fsdp, make_module(), "validate")  # nothing to refuse outside fit
+    ConceptBlocking(directions()).setup(SimpleNamespace(strategy=FSDPStrategy(), training=False), make_module(), "fit")
+    deepspeed = SimpleNamespace(strategy=object.__new__(DeepSpeedStrategy), training=False)  # deepspeed not installed
+    with pytest.raises(ValueError, match="not DeepSpeedStrategy.*allow_untested_strategy=True"):
+        ConceptBlocking(directions()).setup(deepspeed, make_module(), "fit")
+    ConceptBlocking(directions()).setup(deepspeed, make_module(), "validate")  # nothing to refuse outside fit
 
 
-def test_built_from_a_plain_config_entry(tmp_path):
-    from lightning_anatomy.callbacks.factory import build_callbacks
+def test_built_from_a_yaml_config_entry(tmp_path):
+    """As LightningCLI builds `trainer.callbacks` items: class_path + plain init_args."""
+    import json
+
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import Callback
 
     sae_dir = tmp_path / "sae"
     SAE.save_model(str(sae_dir))
-    (cb,) = build_callbacks([{"class": "ConceptBlocking", "concepts": {"bad": [HOOK, 3]},
-                              "saes": {HOOK: str(sae_dir)}, "lam": 5.0, "warmup_steps": 2, "sides": "rejected"}])
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[Callback])
+    entry = {"class_path": "lightning_anatomy.ConceptBlocking",
+             "init_args": {"concepts": {"bad": [HOOK, 3]}, "saes": {HOOK: str(sae_dir)}, "lam": 5.0,
+                           "warmup_steps": 2, "sides": "rejected"}}
+    (cb,) = parser.instantiate_classes(parser.parse_args(["--callbacks", json.dumps([entry])])).callbacks
     assert isinstance(cb, ConceptBlocking) and cb.names == ["bad"] and cb.lam == 5.0 and cb.sides == "rejected"

@@ -24,6 +24,7 @@ from lightning_anatomy.audit.agreement import (
     r_squared_through_origin,
     sign_agreement,
 )
+from lightning_anatomy.audit.report import SCRIPT_TAG
 from lightning_anatomy.callbacks.drift import ConceptDriftMonitor
 from lightning_anatomy.module import DPOModule
 
@@ -61,7 +62,7 @@ def test_a_policy_raising_exactly_the_flagged_clusters_gives_r2_near_1(case, tmp
     assert (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
     for page in ("prediction.html", "report.html"):
         html = (out / page).read_text()
-        assert "Prediction check" in html and "data:image/png;base64," in html and "<script" not in html
+        assert "Prediction check" in html and "data:image/png;base64," in html and html.count("<script") == 1 and SCRIPT_TAG in html
     assert json.loads((out / "clusters.json").read_text())[0].keys() >= {"cluster", "predicted", "observed"}
 
 
@@ -175,24 +176,25 @@ def test_cli_check_prediction_end_to_end(tmp_path, capsys):
 
     repo = Path(__file__).resolve().parents[1]
     audit_out = tmp_path / "audit"
-    assert main(["audit", "--config", str(repo / "configs/audit/tiny.yaml"), f"output_dir={audit_out}",
-                 "audit.method=paper", "audit.n_bootstrap=0", "data.toy_size=32", "audit.label_concepts=false"]) == 0
+    assert main(["audit", "--config", str(repo / "configs/audit/tiny.yaml"), f"--output_dir={audit_out}",
+                 "--audit.method=paper", "--audit.n_bootstrap=0", "--data.source=toy:32",
+                 "--audit.label_concepts=false"]) == 0
     after = build_tiny_model("gpt2")
     add_block0_bias(after, torch.randn(64, generator=torch.Generator().manual_seed(0)))
     after.save_pretrained(tmp_path / "after")
     capsys.readouterr()
     out = tmp_path / "check"
     cfg = repo / "configs/check_prediction/tiny.yaml"
-    args = ["check-prediction", "--config", str(cfg), f"audit={audit_out / 'audit'}", f"model.after={tmp_path / 'after'}",
-            f"output_dir={out}", "data.toy_size=40", "data.offset=32", "rollouts.max_new_tokens=8",
-            "rollouts.n_bootstrap=50"]
+    args = ["check-prediction", "--config", str(cfg), f"--audit={audit_out / 'audit'}",
+            f"--model.after={tmp_path / 'after'}", f"--output_dir={out}", "--data.source=toy:40", "--data.offset=32",
+            "--rollouts.max_new_tokens=8", "--rollouts.n_bootstrap=50"]
     assert main(args) == 0
     assert "R²" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"prediction.json", "scatter.png", "report.html", "clusters.parquet"}
-    with pytest.raises(ValueError, match="model.after is not set"):
-        main(args[:4] + [f"output_dir={out}"])
-    with pytest.raises(ValueError, match="not a saved audit directory"):
-        main(["check-prediction", "--config", str(cfg), f"audit={tmp_path}", "model.after=x"])
+    assert main(args[:4] + [f"--output_dir={out}"]) == 2
+    assert "model.after is not set" in capsys.readouterr().err
+    assert main(["check-prediction", "--config", str(cfg), f"--audit={tmp_path}", "--model.after=x"]) == 2
+    assert "not a saved audit directory" in capsys.readouterr().err
 
 
 def test_prediction_benchmark_quick_writes_the_contract(tmp_path):

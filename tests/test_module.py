@@ -312,18 +312,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_cli_fit_on_tiny_config(tmp_path):
     from lightning_anatomy.cli import main
 
-    rc = main(["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "trainer.max_steps=3",
-               f"logger.save_dir={tmp_path}", "trainer.enable_progress_bar=false"])
+    rc = main(["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.max_steps=3",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     assert rc == 0
     rows = _read_csv_metrics(tmp_path / "tiny" / "version_0")
     assert len([r for r in rows if r.get("train/loss")]) == 3
 
 
-def test_cli_rejects_unknown_keys(tmp_path):
+def test_cli_rejects_unknown_keys(tmp_path, capsys):
     from lightning_anatomy.cli import main
 
-    with pytest.raises(ValueError, match="unknown top-level config keys"):
-        main(["fit", "modle.policy=tiny:gpt2"])
+    assert main(["fit", "modle.policy=tiny:gpt2"]) == 2
+    assert "modle.policy" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard",

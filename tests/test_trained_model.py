@@ -72,8 +72,8 @@ def test_save_pretrained_loads_back_with_the_trained_log_probs(tmp_path, peft):
 def test_cli_fit_writes_checkpoints_and_a_loadable_model_and_says_where(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "lightning_anatomy.cli", "fit", "--config", str(REPO / "configs/tiny.yaml"),
-           "trainer.max_steps=4", "checkpoint.every_n_steps=2", f"logger.save_dir={tmp_path}",
-           "trainer.enable_progress_bar=false"]
+           "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=2",
+           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
@@ -88,24 +88,24 @@ def test_cli_fit_writes_checkpoints_and_a_loadable_model_and_says_where(tmp_path
     assert state and not [k for k in state if k.startswith("reference.")]
 
     # resume from the step-2 checkpoint to step 6: a new run folder, same checkpoint layout
-    resumed = subprocess.run(cmd[:-4] + ["trainer.max_steps=6", f"logger.save_dir={tmp_path}",
-                                         "trainer.enable_progress_bar=false", "--ckpt-path",
+    resumed = subprocess.run(cmd[:-4] + ["--trainer.max_steps=6", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                                         "--trainer.enable_progress_bar=false", "--ckpt_path",
                                          str(final.parent / "checkpoints" / "step2.ckpt")],
                              capture_output=True, text=True, env=env, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.strip().splitlines()[-1] == f"saved model: {tmp_path / 'tiny' / 'version_1' / 'final'}"
 
 
-def test_cli_checks_checkpoint_and_save_options_before_loading(tmp_path):
+def test_cli_checks_checkpoint_and_save_options_before_loading(tmp_path, capsys):
     from lightning_anatomy.cli import main
 
-    base = ["fit", "--config", str(REPO / "configs/tiny.yaml"), f"logger.save_dir={tmp_path}"]
-    with pytest.raises(ValueError, match="checkpoint.every_n_steps"):
-        main(base + ["checkpoint.every_n_steps=0"])
-    with pytest.raises(ValueError, match="save.merge_adapters"):
-        main(base + ["save.merge_adapters=maybe"])
-    with pytest.raises(FileNotFoundError, match="--ckpt-path"):
-        main(base + ["--ckpt-path", str(tmp_path / "nope.ckpt")])
+    base = ["fit", "--config", str(REPO / "configs/tiny.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert main(base + ["--checkpoint.every_n_train_steps=-3"]) == 2
+    assert "every_n_train_steps" in capsys.readouterr().err
+    assert main(base + ["--save.merge_adapters=maybe"]) == 2
+    assert "save.merge_adapters" in capsys.readouterr().err
+    assert main(base + ["--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2
+    assert "ckpt_path" in capsys.readouterr().err
 
 
 def test_max_length_beyond_the_model_positions_is_refused_at_setup():

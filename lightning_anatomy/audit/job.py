@@ -6,56 +6,113 @@ reuses every complete shard; the audit (tables, report, ConceptSet) goes to `<ou
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-AUDIT_DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "model": {"policy": "tiny:gpt2", "tokenizer": None, "dtype": None},
-    "saes": {},
-    "data": {"source": "toy", "toy_size": 64, "limit": None, "on_bad_rows": "error", "max_length": 256,
-             "max_prompt_length": None},
-    "audit": {"batch_size": 8, "threshold": 0.0},
-    "output_dir": "outputs/audit",
-}
+from lightning_anatomy.audit.run import AuditOptions
 
 
-def resolve_sae(spec: Any, model, hook: str, seed: int = 0):
-    """An SAE for `hook` from a config value: a directory, `release/sae_id`, `embedded` (the SAE
-    the project trained for SmolLM2) or `random:<d_sae>` (a seeded random SAE, for smoke runs only:
-    its features mean nothing)."""
-    import torch
+@dataclass
+class ModelOptions:
+    """The interpreted model.
 
-    if isinstance(spec, str) and spec == "embedded":
-        from lightning_anatomy.models.embedded import load_embedded_sae
+    Args:
+        policy: model spec: 'tiny:<family>', 'embedded', a local directory or a hub id.
+        tokenizer: tokenizer spec (None: the policy's).
+        dtype: load dtype (float32, bfloat16, float16; None: the checkpoint's).
+    """
 
-        return load_embedded_sae()
-    if isinstance(spec, str) and spec.startswith("random:"):
-        from sae_lens import StandardSAE, StandardSAEConfig
+    policy: str = "tiny:gpt2"
+    tokenizer: str | None = None
+    dtype: str | None = None
 
-        from lightning_anatomy.concepts.hooks import hidden_size_at
 
-        torch.manual_seed(seed)
-        return StandardSAE(StandardSAEConfig(d_in=hidden_size_at(model, hook), d_sae=int(spec.split(":", 1)[1])))
-    from lightning_anatomy.concepts.sae import load_sae
+@dataclass
+class AuditData:
+    """The preference pairs to audit.
 
-    return load_sae(spec)
+    Args:
+        source: 'toy' / 'toy:<n>', 'demo', or a path (JSONL, JSON, Parquet, save_to_disk folder).
+        limit: audit only the first `limit` rows (None: all).
+        on_bad_rows: 'error' stops at bad rows (all listed); 'skip' drops and reports them.
+        max_length: tokens per sequence (prompt + response).
+        max_prompt_length: prompt tokens kept (its end); None: min(256, max_length // 2).
+    """
+
+    source: str = "toy"
+    limit: int | None = None
+    on_bad_rows: Literal["error", "skip"] = "error"
+    max_length: int = 256
+    max_prompt_length: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditSection(AuditOptions):
+    """Every audit option (`AuditOptions`), plus how features are extracted.
+
+    Args:
+        batch_size: pairs per extraction forward.
+        threshold: an SAE feature fires when its activation exceeds this.
+        label_concepts: heuristic labels and token contexts for the traced concepts.
+        cofire_max_tokens: method 'paper': co-firing corpus cut to this many tokens (None: all).
+    """
+
+    batch_size: int = 8
+    threshold: float = 0.0
+    label_concepts: bool = True
+    cofire_max_tokens: int | None = None
+
+
+@dataclass
+class AuditJob:
+    """`anatomy audit`: model + SAEs + data -> a saved audit (report.html, concept_set/).
+
+    Args:
+        seed: seed of the built-in data sets and random SAEs.
+        model: the interpreted model.
+        saes: {hook: SAE spec}: a directory, 'release/sae_id', 'embedded' or 'random:<d_sae>'.
+        data: the preference pairs.
+        audit: audit options.
+        output_dir: extraction shards in <output_dir>/features (resumable), the audit in <output_dir>/audit.
+    """
+
+    seed: int = 0
+    model: ModelOptions = field(default_factory=ModelOptions)
+    saes: dict[str, str] = field(default_factory=dict)
+    data: AuditData = field(default_factory=AuditData)
+    audit: AuditSection = field(default_factory=AuditSection)
+    output_dir: str = "outputs/audit"
+
+
+def check_job(cfg: DictConfig) -> None:
+    """Specs and option rules of an audit config, before any model loads."""
+    from lightning_anatomy.concepts.sae import check_sae_spec
+    from lightning_anatomy.data.sources import check_source
+    from lightning_anatomy.models.loading import check_model_spec
+
+    if not cfg.saes:
+        raise ValueError("the audit config needs `saes:` mapping hook names to SAE specs "
+                         "(a directory, release/sae_id, 'embedded' or 'random:<d_sae>'), e.g. "
+                         "--saes '{blocks.12.hook_resid_post: embedded}'")
+    check_model_spec(cfg.model.policy, "model.policy")
+    if cfg.model.tokenizer is not None:
+        check_model_spec(cfg.model.tokenizer, "model.tokenizer")
+    for hook, spec in cfg.saes.items():
+        check_sae_spec(spec, f"saes[{hook!r}]")
+    check_source(cfg.data.source, "data.source")
+    options = OmegaConf.to_container(cfg.audit)
+    AuditOptions(**{k: v for k, v in options.items() if k in AuditOptions.__dataclass_fields__}).validate()
 
 
 def load_rows(data: dict[str, Any], tokenizer, seed: int):
     from lightning_anatomy.data import read_preferences
-    from lightning_anatomy.data.toy import make_toy_preferences
+    from lightning_anatomy.data.sources import resolve_source
 
-    source = data["source"]
-    if source == "toy":
-        source = make_toy_preferences(data.get("toy_size", 64), seed=seed)
-    elif source == "demo":
-        from lightning_anatomy.demo.data import make_demo_data
-
-        source = make_demo_data(seed=seed).train
-    rows = read_preferences(source, on_bad_rows=data.get("on_bad_rows", "error"), tokenizer=tokenizer)
+    rows = read_preferences(resolve_source(data["source"], seed=seed, where="data.source"),
+                            on_bad_rows=data.get("on_bad_rows", "error"), tokenizer=tokenizer)
     if data.get("limit"):
         rows = rows[: int(data["limit"])]
     return rows
@@ -63,25 +120,28 @@ def load_rows(data: dict[str, Any], tokenizer, seed: int):
 
 def run_audit(cfg: DictConfig):
     from lightning_anatomy.audit import audit_dataset
+    from lightning_anatomy.audit.report import train_command
     from lightning_anatomy.concepts import ConceptLens
+    from lightning_anatomy.concepts.hooks import hidden_size_at
+    from lightning_anatomy.concepts.sae import load_sae
     from lightning_anatomy.models.loading import load_model, load_tokenizer
 
-    if not cfg.saes:
-        raise ValueError("the audit config needs `saes:` mapping hook names to SAE specs "
-                         "(a directory, release/sae_id, 'embedded' or 'random:<d_sae>')")
+    check_job(cfg)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.tokenizer)
     rows = load_rows(OmegaConf.to_container(cfg.data, resolve=True), tokenizer, cfg.seed)
     model = load_model(cfg.model.policy, dtype=cfg.model.dtype).eval()
-    saes = {hook: resolve_sae(spec, model, hook, cfg.seed) for hook, spec in cfg.saes.items()}
+    saes = {hook: load_sae(spec, d_in=hidden_size_at(model, hook), seed=cfg.seed) for hook, spec in cfg.saes.items()}
     lens = ConceptLens(model, saes)
     options = OmegaConf.to_container(cfg.audit, resolve=True)
     result = audit_dataset(rows, lens, tokenizer, max_length=cfg.data.max_length,
                            max_prompt_length=cfg.data.max_prompt_length, out_dir=str(out / "features"), **options)
-    saved = result.save(out / "audit")
+    command = train_command(str(out / "audit" / "concept_set"), policy=cfg.model.policy, source=cfg.data.source)
+    saved = result.save(out / "audit", next_command=command)
     print(f"audited {len(rows)} pairs; strongest concepts:")
     cols = [c for c in ("hook", "feature", "label", "delta", "cohens_d", "q_value", "split_half_agree",
                         "predicted_direction") if c in result.concepts.columns]
     print(result.concepts[cols].head(10).to_string(index=False))
     print(f"report: {saved / 'report.html'}\nConceptSet to edit (suppress/amplify/allow): {saved / 'concept_set'}")
+    print(f"then train with it: {command}")
     return result

@@ -1,47 +1,144 @@
-"""The self-contained HTML report of an audit.
+"""The self-contained HTML report of an audit, laid out to be navigated.
 
-One file that opens offline: inline CSS, no scripts at all, plots as base64 PNGs drawn with
-matplotlib's Agg canvas (no pyplot, so a user's backend is untouched). Dataset text is hostile
-input: every string that reaches the page goes through `html.escape`, so a pair holding
-`<script>` shows the tag instead of running it.
+One file that opens offline: inline CSS, plots as base64 PNGs drawn with matplotlib's Agg canvas
+(no pyplot, so a user's backend is untouched) and ONE inline script of our own, which sorts a
+table when its header is clicked; it reads only our `data-v` attributes and cell text and moves
+rows, it never writes HTML. A Content-Security-Policy admits that script (by hash), inline styles
+and `data:` images, nothing else: no network, no other script. Dataset text is hostile input:
+every string that reaches the page goes through `html.escape`, so a pair holding `<script>` shows
+the tag instead of running it.
+
+Navigation: each ranked-concept row links to its section `concept-<hook>-<feature>` and each
+feature-cluster row to `cluster-<hook>-<id>` (`anchor` makes them valid ids); each section links
+back to its row, `row-<section id>`.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.audit.prediction import PredictionCheck
     from lightning_anatomy.audit.result import AuditResult
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1.05em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ddd;padding:3px 6px;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1360px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1.05em;margin:.2em 0}
+h4{margin:.6em 0 .2em}
+.tw{overflow:auto;max-height:72vh;border:1px solid #ddd;margin:.5em 0}
+table{border-collapse:separate;border-spacing:0;font-size:.82em}
+th,td{border-bottom:1px solid #e6e6e6;border-right:1px solid #eee;padding:3px 6px;vertical-align:top}
+.tw thead th{position:sticky;top:0;z-index:1;background:#f1f1f1;white-space:nowrap;text-align:left}
+table.sortable thead th{cursor:pointer}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.lbl{min-width:16em;max-width:32em}td.dir,td.nw{white-space:nowrap}td.mem{min-width:14em;max-width:30em}
+tr:target>td,section:target{background:#fff6d8}
 .badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:.8em;color:#fff}
 .pass{background:#2e7d32}.fail{background:#9e9e9e}.amplify{color:#1565c0}.suppress{color:#c62828}.none{color:#777}
+.unl{color:#777;font-style:italic}
 .pair{border:1px solid #ddd;border-radius:4px;margin:.5em 0;padding:.4em .6em;font-size:.85em}
 .pair pre{white-space:pre-wrap;margin:.2em 0;font-family:ui-monospace,Menlo,Consolas,monospace}
 .ch{border-left:3px solid #2e7d32;padding-left:.5em}.rj{border-left:3px solid #c62828;padding-left:.5em}
 .pr{border-left:3px solid #999;padding-left:.5em;color:#555}
 .tok{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace}
 .summary td{border:none;padding:1px 12px 1px 0}img{max-width:100%}
+.next{border:2px solid #1565c0;border-radius:6px;padding:.4em 1em;background:#f5f9ff;margin:1em 0}
+.next pre{background:#fff;border:1px solid #cfd8e3;padding:.4em .6em;white-space:pre-wrap;word-break:break-all}
+nav.toc{font-size:.9em}nav.toc a{margin-right:1em}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:1em;align-items:start}
+section.item{border-top:1px solid #eee;padding:.6em .4em;scroll-margin-top:.5em}
+.back{font-size:.85em}.legend{font-size:.8em;color:#555;margin:.2em 0 1em}
 """
+
+# Sorts a table.sortable by the clicked column: numbers by data-v (empty = NaN, always last), other
+# cells by their text. Reads attributes and textContent only; never writes markup.
+SCRIPT = """(function () {
+  function key(cell) {
+    var v = cell.getAttribute("data-v");
+    if (v === null) { return cell.textContent.trim().toLowerCase(); }
+    return v === "" ? NaN : Number(v);
+  }
+  function order(x, y) {
+    if (typeof x === "number" && typeof y === "number") { return x - y; }
+    return String(x).localeCompare(String(y), undefined, {numeric: true});
+  }
+  document.querySelectorAll("table.sortable").forEach(function (table) {
+    var heads = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(heads, function (th, col) {
+      th.tabIndex = 0;
+      function sort() {
+        var asc = th.getAttribute("aria-sort") !== "ascending";
+        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (r, s) {
+          var x = key(r.cells[col]), y = key(s.cells[col]);
+          var xn = x !== x, yn = y !== y;
+          if (xn || yn) { return xn - yn; }
+          return asc ? order(x, y) : order(y, x);
+        });
+        rows.forEach(function (r) { body.appendChild(r); });
+      }
+      th.addEventListener("click", sort);
+      th.addEventListener("keydown", function (e) {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); }
+      });
+    });
+  });
+})();"""
+
+SCRIPT_TAG = '<script id="report-sort">'  # the page's only script block (tests look for it)
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+       f"script-src 'sha256-{base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()}'")
 
 CONCEPT_COLUMNS = ("rank", "hook", "feature", "label", "cluster", "delta", "cohens_d", "z", "welch_z", "ci_low",
                    "ci_high", "q_value", "delta_min", "delta_len_ctrl", "z_len_ctrl", "predicted_direction")
+
+# short header -> what it means (the tables' legends and header tooltips)
+LEGEND = {
+    "Δ": "mean paired chosen − rejected difference of the span statistic",
+    "CI": "bootstrap confidence interval of Δ",
+    "d": "Cohen's d_z: Δ / sd of the paired differences",
+    "z": "paired z",
+    "Welch z": "Welch z of chosen vs rejected",
+    "q": "Benjamini–Hochberg q-value",
+    "Δmin": "the split half with the smaller |Δ| (0 when the halves disagree in sign)",
+    "Δlen": "Δ at equal completion lengths (length control)",
+    "zlen": "z of Δlen",
+    "ū": "predicted DPO shift: mean over pairs of u (members active in chosen − in rejected)",
+    "split-half": "both split halves give Δ of the same sign",
+    "direction": "predicted DPO effect where the row passes (q < α and split halves agree); none otherwise",
+}
+MAX_CLUSTER_HEATMAPS = 30  # per-cluster co-firing heatmaps drawn (best-ranked multi-member clusters)
+GRID_COLUMNS = 40  # feature clusters per data-cluster grid heatmap (more make several heatmaps)
+
+
+def train_command(concept_set_dir: str, *, policy: str | None = None, source: str | None = None) -> str:
+    """The command that trains with an edited concept set (the one place that spells it): the tiny
+    fit config with the audited model and data, plus a gradient projection of the suppressed concepts."""
+    parts = ["anatomy fit --config configs/tiny.yaml"]
+    parts += [f"--model.policy={policy}"] if policy else []
+    parts += [f"--data.source={source}"] if source else []
+    parts += ["--trainer.callbacks+=lightning_anatomy.ConceptProjection",
+              f"--trainer.callbacks.concepts={concept_set_dir}", "--trainer.callbacks.layers=all_later"]
+    return " ".join(parts)
 
 
 def esc(value: Any) -> str:
@@ -67,6 +164,82 @@ def fmt(value: Any) -> str:
     return esc(value)
 
 
+def anchor(kind: str, hook: str, key: Any) -> str:
+    """A valid, CSS-safe element id for (kind, hook, key): anything but [A-Za-z0-9_-] becomes '-'."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{kind}-{hook}-{key}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+
+
+def _sort_value(v: Any) -> str:
+    """The `data-v` a numeric cell sorts by (JavaScript `Number` syntax; '' for NaN)."""
+    v = float(v)
+    if math.isnan(v):
+        return ""
+    return ("Infinity" if v > 0 else "-Infinity") if math.isinf(v) else repr(v)
+
+
+def num_td(v: Any) -> str:
+    return f'<td class="num" data-v="{_sort_value(v)}">{fmt(v)}</td>' if _is_number(v) else f"<td>{fmt(v)}</td>"
+
+
+def badge_td(ok: Any) -> str:
+    ok = bool(ok)
+    return (f'<td data-v="{int(ok)}"><span class="badge {"pass" if ok else "fail"}">'
+            f'{"agree" if ok else "disagree"}</span></td>')
+
+
+def direction_td(direction: Any) -> str:
+    return f'<td class="dir {esc(direction)}">{esc(direction)}</td>'
+
+
+def ci_td(low: Any, high: Any) -> str:
+    return f'<td class="num" data-v="{_sort_value(low)}">[{fmt(low)}, {fmt(high)}]</td>'
+
+
+def wrap_table(head: Sequence[str], rows: Iterable[str], *, sortable: bool = True) -> str:
+    """A table in its own scroll container (the page never scrolls sideways), sticky header; `head`
+    are short names, explained by `LEGEND` in their tooltips."""
+    cells = "".join(f'<th title="{esc(LEGEND[h])}">{esc(h)}</th>' if h in LEGEND else f"<th>{esc(h)}</th>"
+                    for h in head)
+    cls = ' class="sortable"' if sortable else ""
+    return f'<div class="tw"><table{cls}><thead><tr>{cells}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def legend_html(heads: Iterable[str]) -> str:
+    used = [h for h in dict.fromkeys(heads) if h in LEGEND]
+    if not used:
+        return ""
+    return ('<p class="legend">' + " · ".join(f"<b>{esc(h)}</b>: {esc(LEGEND[h])}" for h in used)
+            + ". Click a header to sort.</p>")
+
+
+def table_html(frame: pd.DataFrame, columns: Iterable[str], *, badge: bool = False) -> str:
+    """Any table's `columns` (those present), sortable, numbers right-aligned; `badge`: split-half column."""
+    cols = [c for c in columns if c in frame.columns]
+    rows = []
+    for _, row in frame.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            if c == "predicted_direction":
+                cells.append(direction_td(v))
+            elif isinstance(v, list | np.ndarray):
+                items = list(v)
+                cells.append(f"<td>{esc(', '.join(map(str, items[:12])) + (' …' if len(items) > 12 else ''))}</td>")
+            else:
+                cells.append(num_td(v))
+        if badge:
+            cells.append(badge_td(row["split_half_agree"]))
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return wrap_table(cols + (["split-half"] if badge else []), rows)
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
+
+
 def png_data_uri(fig: Figure) -> str:
     canvas = FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -74,36 +247,124 @@ def png_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def volcano_plot(concepts: pd.DataFrame) -> str:
-    """Δ vs −log10 q; passing concepts coloured by direction. Returns a data URI."""
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
-    ax = fig.add_subplot()
+def _img(uri: str, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="{uri}">'
+
+
+def _passes(concepts: pd.DataFrame) -> np.ndarray:
+    return concepts["passes"].to_numpy(bool) if "passes" in concepts.columns else np.zeros(len(concepts), bool)
+
+
+def draw_volcano(ax: Axes, concepts: pd.DataFrame, alpha: float = 0.05) -> None:
+    """Δ vs −log10 q; passing concepts coloured by the side they lean to."""
     if len(concepts):
         q = np.clip(concepts["q_value"].to_numpy(np.float64), 1e-300, 1.0)
         y = -np.log10(q)
         x = concepts["delta"].to_numpy(np.float64)
-        passes = concepts["passes"].to_numpy(bool)
+        passes = _passes(concepts)
         ax.scatter(x[~passes], y[~passes], s=6, c="#9e9e9e", alpha=0.5, label="not passing", linewidths=0)
         for sign, colour, name in ((1, "#1565c0", "chosen-leaning"), (-1, "#c62828", "rejected-leaning")):
             sel = passes & (np.sign(x) == sign)
             ax.scatter(x[sel], y[sel], s=10, c=colour, label=name, linewidths=0)
-        alpha = 0.05
         ax.axhline(-math.log10(alpha), color="#555", lw=0.8, ls="--")
         ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_xlabel("Δ (chosen − rejected)")
     ax.set_ylabel("−log10 q")
     ax.set_title("Volcano: disparity vs. evidence", fontsize=10)
+
+
+def draw_delta_histogram(ax: Axes, concepts: pd.DataFrame) -> None:
+    """Δ over every tested feature, the passing ones stacked on top in colour (log counts when tall)."""
+    x = concepts["delta"].to_numpy(np.float64) if len(concepts) else np.zeros(0)
+    ok = np.isfinite(x)
+    passes = _passes(concepts)[ok]
+    x = x[ok]
+    if len(x):
+        bins = np.histogram_bin_edges(x, bins=int(np.clip(np.sqrt(len(x)) * 2, 10, 60)))
+        counts, _, _ = ax.hist([x[~passes], x[passes]], bins=bins, stacked=True, color=["#bdbdbd", "#ef6c00"],
+                               label=[f"not passing ({int((~passes).sum())})", f"passing ({int(passes.sum())})"])
+        if np.max(counts) > 50:
+            ax.set_yscale("log")
+        ax.axvline(0, color="#555", lw=0.8)
+        ax.legend(fontsize=8, frameon=False)
+    ax.set_xlabel("Δ (chosen − rejected)")
+    ax.set_ylabel("features")
+    ax.set_title("Distribution of Δ over all tested features", fontsize=10)
+
+
+def _figure(draw: Any, *args: Any) -> str:
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    draw(fig.add_subplot(), *args)
+    fig.tight_layout()
+    return png_data_uri(fig)
+
+
+def volcano_plot(concepts: pd.DataFrame) -> str:
+    """The volcano plot as a data URI."""
+    return _figure(draw_volcano, concepts)
+
+
+def length_control_plot(concepts: pd.DataFrame) -> str | None:
+    """Δ vs Δ at equal lengths with the diagonal; None when the audit ran without length control."""
+    if "delta_len_ctrl" not in concepts.columns:
+        return None
+    x = concepts["delta"].to_numpy(np.float64)
+    y = concepts["delta_len_ctrl"].to_numpy(np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return None
+
+    def draw(ax: Axes) -> None:
+        passes = _passes(concepts)
+        ax.scatter(x[ok & ~passes], y[ok & ~passes], s=6, c="#9e9e9e", alpha=0.5, linewidths=0, label="not passing")
+        ax.scatter(x[ok & passes], y[ok & passes], s=10, c="#ef6c00", linewidths=0, label="passing")
+        lo, hi = float(min(x[ok].min(), y[ok].min())), float(max(x[ok].max(), y[ok].max()))
+        ax.plot([lo, hi], [lo, hi], color="#555", lw=0.8, ls="--", label="Δlen = Δ")
+        ax.set_xlabel("Δ")
+        ax.set_ylabel("Δ at equal lengths (Δlen)")
+        ax.set_title("Length control: far below the diagonal = explained by length", fontsize=10)
+        ax.legend(fontsize=8, frameon=False)
+
+    return _figure(draw)
+
+
+def data_cluster_plot(result: AuditResult) -> str | None:
+    """Pairs per data cluster and, where the local table has rows, its passing signals per data
+    cluster by the side they lean to; None with fewer than two data clusters."""
+    dc = result.data_clusters
+    counts = dc["data_cluster"].astype(int).value_counts().sort_index() if len(dc) else pd.Series(dtype=int)
+    if len(counts) < 2:
+        return None
+    names = ["silent" if d < 0 else f"data {d}" for d in counts.index]
+    local = result.local
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    axes = fig.subplots(1, 2 if len(local) else 1, sharey=True, squeeze=False)[0]
+    axes[0].barh(names, counts.to_numpy(), color="#78909c")
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("pairs")
+    axes[0].set_title("Pairs per data cluster", fontsize=10)
+    if len(local):
+        passing = local[local["passes"].astype(bool)]
+        left = np.zeros(len(counts))
+        for sign, colour, name in ((1, "#1565c0", "chosen-leaning"), (-1, "#c62828", "rejected-leaning")):
+            n = np.array([((passing["data_cluster"].astype(int) == d) & (np.sign(passing["delta"]) == sign)).sum()
+                          for d in counts.index], dtype=float)
+            axes[1].barh(names, n, left=left, color=colour, label=name)
+            left += n
+        axes[1].set_xlabel("passing feature clusters")
+        axes[1].set_title("Local signals per data cluster", fontsize=10)
+        axes[1].legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return png_data_uri(fig)
 
 
 def heatmap(matrix: np.ndarray, *, rows: Sequence[str], cols: Sequence[str], title: str, label: str,
-            diverging: bool) -> str:
+            diverging: bool, size: tuple[float, float] | None = None) -> str:
     """A labelled heatmap as a data URI (diverging colours centred on 0 for signed values)."""
     m = np.asarray(matrix, dtype=np.float64)
     h = min(9.0, 1.5 + 0.25 * max(len(rows), 1))
     w = min(12.0, 2.5 + 0.3 * max(len(cols), 1))
-    fig = Figure(figsize=(w, h), dpi=100)
+    fig = Figure(figsize=size or (w, h), dpi=100)
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
     if diverging:
@@ -122,26 +383,278 @@ def heatmap(matrix: np.ndarray, *, rows: Sequence[str], cols: Sequence[str], tit
     return png_data_uri(fig)
 
 
-def table_html(frame: pd.DataFrame, columns: Iterable[str], *, badge: bool = False) -> str:
-    cols = [c for c in columns if c in frame.columns]
-    head = "".join(f"<th>{esc(c)}</th>" for c in cols) + ("<th>split-half</th>" if badge else "")
-    body = []
-    for _, row in frame.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            cls = ' class="num"' if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) else ""
-            if c == "predicted_direction":
-                cells.append(f'<td class="{esc(v)}">{esc(v)}</td>')
-            elif isinstance(v, list | np.ndarray):
-                cells.append(f"<td>{esc(', '.join(map(str, list(v)[:12])) + (' …' if len(v) > 12 else ''))}</td>")
-            else:
-                cells.append(f"<td{cls}>{fmt(v)}</td>")
-        if badge:
-            ok = bool(row["split_half_agree"])
-            cells.append(f'<td><span class="badge {"pass" if ok else "fail"}">{"agree" if ok else "disagree"}</span></td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def clustered_matrix_plot(mi: np.ndarray, blocks: Sequence[tuple[int, int]], hook: str) -> str:
+    """The co-firing MI of every clustered feature, cluster by cluster along the diagonal, with the
+    multi-member clusters boxed and named (`blocks`: (cluster id, size))."""
+    fig = Figure(figsize=(7.5, 6.4), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.nan_to_num(mi), cmap="viridis", aspect="auto", interpolation="nearest")
+    ticks, names, start = [], [], 0
+    for cluster, size in blocks:
+        if size > 1 or len(blocks) <= 40:
+            ticks.append(start + (size - 1) / 2)
+            names.append(f"c{cluster}")
+        if size > 1:
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, ec="#ff7043", lw=0.8))
+        start += size
+    if len(ticks) <= 60:
+        ax.set_xticks(ticks, names, fontsize=6, rotation=90)
+        ax.set_yticks(ticks, names, fontsize=6)
+    fig.colorbar(image, ax=ax, label="MI (nats)")
+    ax.set_title(f"Co-firing MI of all {len(blocks)} clusters ({hook}); boxes: multi-member clusters",
+                 fontsize=9)
+    fig.tight_layout()
+    return png_data_uri(fig)
+
+
+# ---- what the page knows about each concept and cluster --------------------------------------------------
+
+
+def _text(v: Any) -> str:
+    return v.strip() if isinstance(v, str) else ""
+
+
+@dataclass
+class ReportIndex:
+    """Lookups shared by the tables and sections: labels, contexts, pairs, cluster members, ids."""
+
+    result: AuditResult
+    listed: pd.DataFrame
+    labels: dict[tuple[str, int], str]
+    contexts: dict[tuple[str, int], list[dict[str, Any]]]
+    pairs: dict[tuple[str, int], pd.DataFrame]
+    clusters: pd.DataFrame
+    members: dict[tuple[str, int], list[int]]
+    local: dict[tuple[str, int], pd.DataFrame]  # the local table's rows per (hook, feature cluster)
+    cofire_pos: dict[str, dict[int, int]]  # row of each clustered feature in `cofiring[hook]`
+
+    def __post_init__(self) -> None:
+        self.listed_keys = {(str(h), int(f)) for h, f in self.listed[["hook", "feature"]].itertuples(index=False)}
+        self.cluster_keys = set(self.members)
+
+    def label(self, hook: str, feature: int) -> tuple[str, bool]:
+        """(plain-text label, whether it is a real one): the audit's label, else the token the
+        feature fires on hardest in its stored contexts, else "feature <id>" (unlabelled)."""
+        real = self.labels.get((hook, feature))
+        if real:
+            return real, True
+        ctx = self.contexts.get((hook, feature))
+        if ctx and _text(ctx[0].get("token")):
+            return f"fires on {ctx[0]['token']!r}", False
+        return f"feature {feature}", False
+
+    def label_html(self, hook: str, feature: int) -> str:
+        text, real = self.label(hook, feature)
+        if real:
+            return esc(text)
+        why = ("no label in this audit: only the top audit.top_k_trace concepts are labelled "
+               "(concepts.labels), or pass labels={(hook, feature): text}")
+        return f'<span class="unl" title="{esc(why)}">unlabelled</span> · {esc(text)}'
+
+    def cluster_label_html(self, hook: str, cluster: int, n: int = 3) -> str:
+        """The labels of the cluster's best-ranked labelled members, or an "unlabelled" marker."""
+        names = [self.labels[(hook, f)] for f in self.members.get((hook, cluster), []) if (hook, f) in self.labels][:n]
+        if names:
+            return " · ".join(esc(s) for s in names)
+        return '<span class="unl">unlabelled</span> (no member has a label)'
+
+    def concept_link(self, hook: str, feature: int, text: str | None = None) -> str:
+        shown = esc(text if text is not None else feature)
+        if (hook, feature) in self.listed_keys:
+            return f'<a href="#{anchor("concept", hook, feature)}">{shown}</a>'
+        return shown
+
+    def cluster_link(self, hook: str, cluster: int, text: str | None = None) -> str:
+        shown = esc(text if text is not None else f"c{cluster}")
+        if (hook, cluster) in self.cluster_keys:
+            return f'<a href="#{anchor("cluster", hook, cluster)}">{shown}</a>'
+        return shown
+
+
+def _real_labels(concepts: pd.DataFrame) -> dict[tuple[str, int], str]:
+    if "label" not in concepts.columns:
+        return {}
+    return {(str(h), int(f)): _text(lbl) for h, f, lbl in concepts[["hook", "feature", "label"]].itertuples(index=False)
+            if _text(lbl)}
+
+
+def _contexts_by_concept(contexts: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for c in contexts:
+        out.setdefault((str(c.get("hook")), int(c.get("feature", -1))), []).append(dict(c))
+    return out
+
+
+def _groups(frame: pd.DataFrame | None, keys: list[str]) -> list[tuple[tuple[Any, ...], pd.DataFrame]]:
+    """`frame.groupby(keys)` in order; nothing for an empty table or one without the key columns
+    (an empty audit still renders)."""
+    if frame is None or frame.empty or not set(keys) <= set(frame.columns):
+        return []
+    return list(frame.groupby(keys, sort=False))
+
+
+def _pairs_by_concept(result: AuditResult, listed: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
+    """Stored traces, plus the listed concepts they lack traced from the span features when the
+    result carries them (so every listed concept shows its pairs, not only the traced top ones)."""
+    from lightning_anatomy.audit.tracing import trace_pairs
+
+    out = {(str(h), int(f)): part for (h, f), part in _groups(result.traces, ["hook", "feature"])}
+    features = result.features
+    if features is None:
+        return out
+    k = int(result.options.get("trace_pairs", 5))
+    missing = [(str(h), int(f)) for h, f in listed[["hook", "feature"]].itertuples(index=False)
+               if (str(h), int(f)) not in out and str(h) in features.d_sae]
+    for hook in dict.fromkeys(h for h, _ in missing):
+        ids = [f for h, f in missing if h == hook]
+        try:
+            traced = trace_pairs(features, hook, ids, stat=result.stat, k=k, rows=result.rows,
+                                 snippet_chars=int(result.options.get("snippet_chars", 200)))
+        except KeyError:  # the stored features lack this stat: keep what is stored
+            continue
+        out.update({(hook, int(f)): part for f, part in traced.groupby("feature", sort=False)})
+    return out
+
+
+def _all_clusters(result: AuditResult) -> pd.DataFrame:
+    """The cluster table, plus a members-only row for every assigned cluster it lacks (never tested)."""
+    table = result.clusters.copy()
+    assign = result.feature_clusters
+    if assign.empty:
+        return table
+    have = {(str(h), int(c)) for h, c in table[["hook", "cluster"]].itertuples(index=False)} if len(table) else set()
+    extra = [{"hook": str(h), "cluster": int(c), "size": len(part), "features": [int(f) for f in part["feature"]]}
+             for (h, c), part in _groups(assign, ["hook", "cluster"]) if (str(h), int(c)) not in have]
+    return pd.concat([table, pd.DataFrame(extra)], ignore_index=True) if extra else table
+
+
+def _members(result: AuditResult, clusters: pd.DataFrame) -> dict[tuple[str, int], list[int]]:
+    """Members per (hook, cluster), best-ranked concept first (untested features last, by id)."""
+    rank = {(str(h), int(f)): int(r) for h, f, r in result.concepts[["hook", "feature", "rank"]].itertuples(index=False)}
+    out = {}
+    for _, row in clusters.iterrows():
+        hook = str(row["hook"])
+        feats = [int(f) for f in (row["features"] if isinstance(row.get("features"), list | np.ndarray) else [])]
+        out[(hook, int(row["cluster"]))] = sorted(feats, key=lambda f: (rank.get((hook, f), 1 << 62), f))
+    for (h, c), part in _groups(result.feature_clusters, ["hook", "cluster"]):
+        key = (str(h), int(c))
+        if key in out and not out[key]:
+            out[key] = sorted((int(f) for f in part["feature"]), key=lambda f: (rank.get((key[0], f), 1 << 62), f))
+    return out
+
+
+def _cofire_positions(result: AuditResult) -> dict[str, dict[int, int]]:
+    out = {}
+    for hook, mi in result.cofiring.items():
+        order = result.feature_clusters.loc[result.feature_clusters["hook"] == hook, "feature"].astype(int).tolist()
+        out[str(hook)] = {f: i for i, f in enumerate(order[: mi.shape[0]])}
+    return out
+
+
+def build_index(result: AuditResult, max_concepts: int = 100) -> ReportIndex:
+    """Everything the tables and sections look up, computed once per page."""
+    listed = result.concepts.head(max_concepts)
+    clusters = _all_clusters(result)
+    local = result.local
+    by_cluster = {(str(h), int(c)): part for (h, c), part in _groups(local, ["hook", "cluster"])}
+    return ReportIndex(result=result, listed=listed, labels=_real_labels(result.concepts),
+                       contexts=_contexts_by_concept(result.contexts), pairs=_pairs_by_concept(result, listed),
+                       clusters=clusters, members=_members(result, clusters), local=by_cluster,
+                       cofire_pos=_cofire_positions(result))
+
+
+# ---- tables --------------------------------------------------------------------------------------------
+
+
+STAT_KEYS = {"Δ": "delta", "d": "cohens_d", "z": "z", "Welch z": "welch_z", "q": "q_value", "Δmin": "delta_min",
+             "Δlen": "delta_len_ctrl", "zlen": "z_len_ctrl", "ū": "predicted_shift"}
+
+
+def _stat_cells(r: pd.Series, stats: Sequence[str]) -> list[str]:
+    cells = []
+    for s in stats:
+        if s == "CI":
+            cells.append(ci_td(r.get("ci_low", np.nan), r.get("ci_high", np.nan)))
+        else:
+            cells.append(num_td(r.get(STAT_KEYS[s], np.nan)))
+    return cells
+
+
+def _concept_stats(method: str) -> tuple[str, ...]:
+    z = "Welch z" if method == "paper" else "z"
+    return ("Δ", "CI", "d", z, "q", "Δmin", "Δlen", "zlen")
+
+
+def _cluster_stats(method: str) -> tuple[str, ...]:
+    return ("ū", "Δmin", "Welch z", "d", "q") if method == "paper" else ("Δ", "CI", "d", "z", "q", "Δmin")
+
+
+def concepts_table(index: ReportIndex) -> str:
+    """The ranked concepts: each row links to its section, its cluster's section and back."""
+    result = index.result
+    multi_hook = result.concepts["hook"].nunique() > 1 if len(result.concepts) else False
+    stats = _concept_stats(result.method)
+    head = ["rank", *(["hook"] if multi_hook else []), "feature", "label", "cluster", *stats, "split-half",
+            "direction"]
+    rows = []
+    for _, r in index.listed.iterrows():
+        hook, f = str(r["hook"]), int(r["feature"])
+        cid = int(r["cluster"]) if "cluster" in r and pd.notna(r["cluster"]) else -1
+        cluster = index.cluster_link(hook, cid) if cid >= 0 else '<span class="unl">–</span>'
+        rows.append(
+            f'<tr id="row-{anchor("concept", hook, f)}">{num_td(r["rank"])}'
+            + (f'<td class="nw">{esc(hook)}</td>' if multi_hook else "")
+            + f'<td class="num" data-v="{f}">{index.concept_link(hook, f)}</td>'
+            + f'<td class="lbl">{index.label_html(hook, f)}</td><td data-v="{cid}">{cluster}</td>'
+            + "".join(_stat_cells(r, stats)) + badge_td(r.get("split_half_agree", False))
+            + direction_td(r.get("predicted_direction", "none")) + "</tr>")
+    return wrap_table(head, rows) + legend_html(head)
+
+
+def _member_list(index: ReportIndex, hook: str, members: Sequence[int], limit: int | None = 8,
+                 labels: bool = False) -> str:
+    shown = list(members) if limit is None else list(members)[:limit]
+    items = []
+    for f in shown:
+        item = index.concept_link(hook, f)
+        if labels and (hook, f) in index.labels:
+            item += f" <small>({esc(index.labels[(hook, f)])})</small>"
+        items.append(item)
+    more = f" … (+{len(members) - len(shown)})" if len(members) > len(shown) else ""
+    return ", ".join(items) + more
+
+
+def clusters_table(index: ReportIndex) -> str:
+    """Every feature cluster: label, members (linked), statistics; each row links to its section."""
+    if index.clusters.empty:
+        return ("<p>No feature clusters (too few co-firing features; see cofire_min_tokens, "
+                "min_cluster_size).</p>")
+    stats = _cluster_stats(index.result.method)
+    head = ["rank", "cluster", "size", "label (top members)", "members", *stats, "split-half", "direction"]
+    rows = []
+    for _, r in index.clusters.iterrows():
+        hook, c = str(r["hook"]), int(r["cluster"])
+        members = index.members.get((hook, c), [])
+        rows.append(
+            f'<tr id="row-{anchor("cluster", hook, c)}">{num_td(r.get("rank", np.nan))}'
+            f'<td class="num" data-v="{c}">{index.cluster_link(hook, c, str(c))}</td>{num_td(len(members))}'
+            f'<td class="lbl">{index.cluster_label_html(hook, c)}</td>'
+            f'<td class="mem">{_member_list(index, hook, members)}</td>' + "".join(_stat_cells(r, stats))
+            + (badge_td(r["split_half_agree"]) if pd.notna(r.get("split_half_agree")) else "<td>not tested</td>")
+            + direction_td(r.get("predicted_direction", "none") if pd.notna(r.get("predicted_direction")) else "none")
+            + "</tr>")
+    return wrap_table(head, rows) + legend_html(head)
+
+
+def paper_cluster_table(result: AuditResult, limit: int | None = None) -> str:
+    """The paper method's feature-cluster table (members with labels, ū, Δ_min, evidence)."""
+    index = build_index(result)
+    if limit is not None:
+        index.clusters = index.clusters.head(limit)
+    return clusters_table(index)
+
+
+# ---- sections ------------------------------------------------------------------------------------------
 
 
 _MARKED = re.compile(r"«(.+?)»\((-?\d+(?:\.\d+)?)\)", re.S)
@@ -162,86 +675,74 @@ def highlighted_context(text: str, peak: float) -> str:
     return '<div class="tok">' + "".join(parts) + "</div>"
 
 
-def _contexts_html(contexts: Sequence[dict[str, Any]], hook: str, feature: int, limit: int = 5) -> str:
-    mine = [c for c in contexts if c.get("hook") == hook and int(c.get("feature", -1)) == feature][:limit]
-    if not mine:
-        return ""
+def _contexts_html(contexts: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+    if not contexts:
+        return ("<h4>Where it fires</h4><p class=\"unl\">No token contexts stored for this concept: the audit reads "
+                "them for its top <code>audit.top_k_trace</code> concepts only, with a model at hand.</p>")
     blocks = [f'<div class="pair"><small>{esc(c.get("source", ""))} · peak {fmt(float(c.get("activation", 0.0)))}'
               f"</small>{highlighted_context(str(c.get('text', '')), float(c.get('activation', 0.0)))}</div>"
-              for c in mine]
+              for c in list(contexts)[:limit]]
     return "<h4>Where it fires (firing tokens highlighted)</h4>" + "".join(blocks)
+
+
+def _texts_html(row: pd.Series) -> str:
+    """A pair's prompt / chosen / rejected snippets, or a note where the result holds no texts."""
+    texts = "".join(f'<pre class="{cls}">{esc(row[side])}</pre>' for side, cls in
+                    (("prompt", "pr"), ("chosen", "ch"), ("rejected", "rj")) if _text(row.get(side)))
+    return texts or '<br><small class="unl">(no texts in this result: the audit ran or was loaded without its rows)</small>'
 
 
 def _pair_html(tr: pd.Series) -> str:
     return (
         f'<div class="pair"><small>row {esc(tr["row_id"])} · contribution {fmt(tr["contribution"])} '
         f'(chosen {fmt(tr["chosen_value"])}, rejected {fmt(tr["rejected_value"])}) · share {fmt(tr["share"])}</small>'
-        f'<pre class="pr">{esc(tr["prompt"])}</pre><pre class="ch">{esc(tr["chosen"])}</pre>'
-        f'<pre class="rj">{esc(tr["rejected"])}</pre></div>'
-    )
+        f"{_texts_html(tr)}</div>")
 
 
-def _traces_html(result: AuditResult) -> str:
-    if result.traces.empty:
-        return "<p>No concept was traced.</p>"
-    out = []
-    for (hook, feature), part in result.traces.groupby(["hook", "feature"], sort=False):
-        row = result.concepts[(result.concepts["hook"] == hook) & (result.concepts["feature"] == feature)]
-        label = f" — {esc(row['label'].iloc[0])}" if len(row) and row["label"].iloc[0] else ""
-        head = f"<h3>{esc(hook)} · feature {esc(feature)}{label}</h3>"
-        if len(row):
-            r = row.iloc[0]
-            head += (f"<p>Δ {fmt(r['delta'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}], d {fmt(r['cohens_d'])}, "
-                     f"q {fmt(r['q_value'])}, predicted <span class=\"{esc(r['predicted_direction'])}\">"
-                     f"{esc(r['predicted_direction'])}</span></p>")
-        ctx = _contexts_html(result.contexts, str(hook), int(feature))
-        pairs = "".join(_pair_html(tr) for _, tr in part.iterrows())
-        out.append(head + ctx + "<h4>Pairs contributing most</h4>" + pairs)
-    return "".join(out)
+def _pairs_html(pairs: pd.DataFrame | None, has_features: bool) -> str:
+    if pairs is None or pairs.empty:
+        why = ("no pair leans the way of this concept's Δ" if has_features
+               else "not traced (only the top audit.top_k_trace concepts are stored without span features)")
+        return f'<h4>Pairs contributing most</h4><p class="unl">No pairs: {why}.</p>'
+    return "<h4>Pairs contributing most</h4>" + "".join(_pair_html(tr) for _, tr in pairs.iterrows())
 
 
-def _heatmaps_html(result: AuditResult) -> str:
-    parts = []
-    local = result.local
-    if len(local):
-        dcs = sorted(local["data_cluster"].unique())
-        # the 40 feature clusters with the strongest local evidence anywhere (local-only ones included)
-        strength = local.assign(_a=local["z"].abs()).groupby("cluster")["_a"].max()
-        fcs = [int(c) for c in strength.sort_values(ascending=False, kind="mergesort").index[:40]]
-        if dcs and fcs:
-            grid = np.full((len(dcs), len(fcs)), np.nan)
-            pos_d = {d: i for i, d in enumerate(dcs)}
-            pos_f = {f: j for j, f in enumerate(fcs)}
-            for d, f, z in local[["data_cluster", "cluster", "z"]].itertuples(index=False):
-                if int(f) in pos_f:
-                    grid[pos_d[d], pos_f[int(f)]] = z
-            uri = heatmap(grid, rows=[f"data {d}" for d in dcs], cols=[f"fc {f}" for f in fcs],
-                          title="Local paired z: data cluster × feature cluster", label="z", diverging=True)
-            parts.append(f'<img alt="local z heatmap" src="{uri}">')
-    for hook, mi in result.cofiring.items():
-        assign = result.feature_clusters[result.feature_clusters["hook"] == hook].head(40)
-        k = min(len(assign), mi.shape[0])
-        if k > 1:  # the best-ranked clusters come first in the stored order
-            names = [f"{f} (c{c})" for f, c in zip(assign["feature"][:k], assign["cluster"][:k])]
-            uri = heatmap(mi[:k, :k], rows=names, cols=names, label="MI (nats)", diverging=False,
-                          title=f"Co-firing MI of the top features, ordered by cluster ({hook})")
-            parts.append(f'<img alt="co-firing heatmap {esc(hook)}" src="{uri}">')
-    return "".join(parts) or "<p>No clusters to show.</p>"
+def _back(sid: str) -> str:
+    return f'<p class="back"><a href="#row-{sid}">↑ back to its row in the table</a></p>'
 
 
-# ---- the paper method's views (feature clusters with members, labels, examples; local table) -------------
+def concept_section(index: ReportIndex, r: pd.Series) -> str:
+    """One listed concept: evidence, where it fires, its pairs, its cluster, a link back."""
+    hook, f = str(r["hook"]), int(r["feature"])
+    sid = anchor("concept", hook, f)
+    cid = int(r["cluster"]) if "cluster" in r and pd.notna(r["cluster"]) else -1
+    cluster = (f" · cluster {index.cluster_link(hook, cid)}" if cid >= 0 else "")
+    direction = esc(r.get("predicted_direction", "none"))
+    stats = (f"<p>Δ {fmt(r['delta'])} [{fmt(r.get('ci_low', np.nan))}, {fmt(r.get('ci_high', np.nan))}], "
+             f"d {fmt(r['cohens_d'])}, q {fmt(r['q_value'])}, split halves "
+             f"{'agree' if bool(r.get('split_half_agree', False)) else 'disagree'}, predicted "
+             f'<span class="{direction}">{direction}</span>{cluster} · name in concepts.yaml: '
+             f"<code>{esc(f'{hook}:{f}')}</code></p>")
+    return (f'<section class="item" id="{sid}"><h3>#{fmt(r["rank"])} · {esc(hook)} · feature {f} — '
+            f"{index.label_html(hook, f)}</h3>{stats}{_contexts_html(index.contexts.get((hook, f), []))}"
+            f"{_pairs_html(index.pairs.get((hook, f)), index.result.features is not None)}{_back(sid)}</section>")
 
 
-def _member_list(result: AuditResult, hook: str, members: Sequence[int], limit: int = 12) -> str:
-    labels = {int(f): str(lbl) for h, f, lbl in result.concepts[["hook", "feature", "label"]].itertuples(index=False)
-              if h == hook and isinstance(lbl, str) and lbl} if len(result.concepts) else {}
-    items = [f"{int(f)}" + (f" <small>({esc(labels[int(f)])})</small>" if int(f) in labels else "")
-             for f in list(members)[:limit]]
-    more = f" … (+{len(members) - limit})" if len(members) > limit else ""
-    return ", ".join(items) + more
+def _cluster_mi(index: ReportIndex, hook: str, members: Sequence[int]) -> tuple[list[str], np.ndarray] | None:
+    """(member names, their block of the stored co-firing MI); None without a matrix or with fewer
+    than two members in it."""
+    mi = index.result.cofiring.get(hook)
+    if mi is None:
+        return None
+    pos = index.cofire_pos[hook]
+    kept = [f for f in members if f in pos]
+    if len(kept) < 2:
+        return None
+    idx = [pos[f] for f in kept]
+    return [str(f) for f in kept], mi[np.ix_(idx, idx)]
 
 
-def _examples_html(result: AuditResult, cluster: int, limit: int = 2) -> str:
+def _examples_html(result: AuditResult, cluster: int, limit: int = 3) -> str:
     ex = result.cluster_examples
     if ex is None or ex.empty:
         return ""
@@ -249,50 +750,138 @@ def _examples_html(result: AuditResult, cluster: int, limit: int = 2) -> str:
     out = []
     for _, e in mine.iterrows():
         out.append(f'<div class="pair"><small>row {esc(e["row_id"])} · u {fmt(float(e["u"]))}</small>'
-                   f'<pre class="pr">{esc(e.get("prompt", ""))}</pre><pre class="ch">{esc(e.get("chosen", ""))}</pre>'
-                   f'<pre class="rj">{esc(e.get("rejected", ""))}</pre></div>')
-    return "".join(out)
+                   f"{_texts_html(e)}</div>")
+    return "<h4>Pairs leaning most with the cluster</h4>" + "".join(out) if out else ""
 
 
-def paper_cluster_table(result: AuditResult, limit: int = 50) -> str:
-    """Feature clusters: members (with labels), prediction ū, split-half Δ_min, evidence, example pairs."""
-    clusters = result.clusters.head(limit)
-    if clusters.empty:
-        return "<p>No feature clusters (too few co-firing features; see cofire_min_tokens, min_cluster_size).</p>"
-    head = "".join(f"<th>{esc(c)}</th>" for c in ("rank", "hook", "cluster", "size", "members (labels)",
-                                                   "predicted ū", "Δ_min", "Welch z", "d", "q", "direction", "examples"))
-    body = []
-    for _, r in clusters.iterrows():
-        body.append(
-            f"<tr><td class=\"num\">{fmt(r['rank'])}</td><td>{esc(r['hook'])}</td><td class=\"num\">{fmt(r['cluster'])}</td>"
-            f"<td class=\"num\">{fmt(r['size'])}</td><td>{_member_list(result, str(r['hook']), list(r['features']))}</td>"
-            f"<td class=\"num\">{fmt(r['predicted_shift'])}</td><td class=\"num\">{fmt(r['delta_min'])}</td>"
-            f"<td class=\"num\">{fmt(r['welch_z'])}</td><td class=\"num\">{fmt(r['cohens_d'])}</td>"
-            f"<td class=\"num\">{fmt(r['q_value'])}</td>"
-            f"<td class=\"{esc(r['predicted_direction'])}\">{esc(r['predicted_direction'])}</td>"
-            f"<td>{_examples_html(result, int(r['cluster']))}</td></tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _cluster_local_html(index: ReportIndex, hook: str, cluster: int) -> str:
+    mine = index.local.get((hook, cluster))
+    if mine is None or mine.empty:
+        return ""
+    z = "welch_z" if index.result.method == "paper" else "z"
+    return ("<h4>Per data cluster (inside vs. the rest)</h4>"
+            + table_html(mine, ("data_cluster", "n_pairs", "delta", z, "delta_min", "q_value", "passes")))
 
 
-def paper_local_views(result: AuditResult, limit: int = 50) -> str:
-    """The data cluster × feature cluster grid (Δ heatmap) and the ranked inside-vs-outside table."""
+def cluster_section(index: ReportIndex, r: pd.Series, heatmap_uri: str | None) -> str:
+    """One feature cluster: label, every member (labelled, linked), its co-firing block, examples."""
+    hook, c = str(r["hook"]), int(r["cluster"])
+    sid = anchor("cluster", hook, c)
+    members = index.members.get((hook, c), [])
+    tested = pd.notna(r.get("q_value", np.nan))
+    stats = (f"<p>{len(members)} members · Δ {fmt(r.get('delta', np.nan))}, ū {fmt(r.get('predicted_shift', np.nan))}, "
+             f"Δmin {fmt(r.get('delta_min', np.nan))}, q {fmt(r.get('q_value', np.nan))}, predicted "
+             f"<span class=\"{esc(r.get('predicted_direction', 'none'))}\">{esc(r.get('predicted_direction', 'none'))}"
+             "</span></p>" if tested else f"<p>{len(members)} members · not tested.</p>")
+    img = _img(heatmap_uri, f"co-firing of cluster {c}") if heatmap_uri else ""
+    return (f'<section class="item" id="{sid}"><h3>Cluster {c} ({esc(hook)}) — {index.cluster_label_html(hook, c)}'
+            f"</h3>{stats}<h4>Members (best-ranked first)</h4><p>{_member_list(index, hook, members, None, True)}</p>"
+            f"{img}{_examples_html(index.result, c)}{_cluster_local_html(index, hook, c)}{_back(sid)}</section>")
+
+
+def cluster_sections(index: ReportIndex) -> str:
+    parts, drawn = [], 0
+    for _, r in index.clusters.iterrows():
+        hook, c = str(r["hook"]), int(r["cluster"])
+        uri = None
+        block = _cluster_mi(index, hook, index.members.get((hook, c), []))
+        if block is not None and drawn < MAX_CLUSTER_HEATMAPS:
+            names, mi = block
+            side = min(5.0, 2.2 + 0.15 * len(names))
+            uri = heatmap(mi, rows=names, cols=names, label="MI (nats)", diverging=False,
+                          title=f"co-firing MI, cluster {c}", size=(side + 1.2, side))
+            drawn += 1
+        parts.append(cluster_section(index, r, uri))
+    return "".join(parts) or "<p>No feature clusters.</p>"
+
+
+# ---- heatmaps and the data clusters ----------------------------------------------------------------------
+
+
+def _grid_heatmaps(result: AuditResult, index: ReportIndex, value: str, label: str, title: str) -> list[str]:
+    """Data cluster × feature cluster heatmaps of `value`, `GRID_COLUMNS` feature clusters each (in
+    cluster-table order): all of them up to `2 * GRID_COLUMNS`, else the strongest |value| ones
+    (each cluster's section lists its own rows either way)."""
+    local = result.local
+    if local is None or local.empty:
+        return []
+    dcs = sorted(int(d) for d in local["data_cluster"].unique())
+    present = {int(c) for c in local["cluster"]}
+    fcs = [int(c) for c in index.clusters["cluster"] if int(c) in present] if len(index.clusters) else []
+    fcs += sorted(present - set(fcs))
+    note = ""
+    if len(fcs) > 2 * GRID_COLUMNS:
+        strength = local.assign(_a=local[value].abs()).groupby("cluster")["_a"].max()
+        keep = {int(c) for c in strength.sort_values(ascending=False, kind="mergesort").index[:GRID_COLUMNS]}
+        note = f" ({GRID_COLUMNS} strongest of {len(fcs)} clusters)"
+        fcs = [f for f in fcs if f in keep]
+    sizes = local.groupby("data_cluster")["n_pairs"].first()
+    out = []
+    for start in range(0, len(fcs), GRID_COLUMNS):
+        chunk = fcs[start:start + GRID_COLUMNS]
+        grid = np.full((len(dcs), len(chunk)), np.nan)
+        pos_d, pos_f = {d: i for i, d in enumerate(dcs)}, {f: j for j, f in enumerate(chunk)}
+        for d, f, v in local[["data_cluster", "cluster", value]].itertuples(index=False):
+            if int(f) in pos_f:
+                grid[pos_d[int(d)], pos_f[int(f)]] = v
+        part = note or (f" (clusters {start + 1}–{start + len(chunk)} of {len(fcs)})" if len(fcs) > GRID_COLUMNS else "")
+        uri = heatmap(grid, rows=[f"data {d} (n={int(sizes.loc[d])})" for d in dcs], cols=[f"fc {f}" for f in chunk],
+                      title=title + part, label=label, diverging=True)
+        out.append(_img(uri, f"data cluster x feature cluster heatmap{part}"))
+    return out
+
+
+def _cofiring_html(result: AuditResult) -> list[str]:
+    out = []
+    for hook, mi in result.cofiring.items():
+        assign = result.feature_clusters[result.feature_clusters["hook"] == hook]
+        k = min(len(assign), mi.shape[0])
+        if k > 1:
+            clusters = assign["cluster"].astype(int).tolist()[:k]
+            blocks = [(c, sum(1 for x in clusters if x == c)) for c in dict.fromkeys(clusters)]
+            out.append(_img(clustered_matrix_plot(mi[:k, :k], blocks, str(hook)), f"co-firing matrix {hook}"))
+    return out
+
+
+def _heatmaps_html(result: AuditResult, index: ReportIndex) -> str:
+    """The paired method's heatmaps: the full clustered co-firing matrix and the local z grid."""
+    parts = _cofiring_html(result) + _grid_heatmaps(result, index, "z", "z",
+                                                    "Local paired z: data cluster × feature cluster")
+    return "".join(parts) or "<p>No clusters to show.</p>"
+
+
+def data_cluster_table(result: AuditResult, index: ReportIndex) -> str:
+    """Per data cluster: its pairs, its passing local signals, and the strongest one (linked)."""
+    dc = result.data_clusters
+    if dc.empty or dc["data_cluster"].nunique() < 2:
+        return ""
+    local = result.local if result.local is not None else pd.DataFrame()
+    z = "welch_z" if result.method == "paper" else "z"
+    rows = []
+    for d, n in dc["data_cluster"].astype(int).value_counts().sort_index().items():
+        mine = local[local["data_cluster"].astype(int) == d] if len(local) else local
+        passing = mine[mine["passes"].astype(bool)] if len(mine) else mine
+        if len(passing):
+            best = passing.loc[passing[z].abs().astype(float).idxmax()]
+            strongest = (f"{index.cluster_link(str(best['hook']), int(best['cluster']))} "
+                         f"({index.cluster_label_html(str(best['hook']), int(best['cluster']))}) · Δ {fmt(best['delta'])}, "
+                         f"{'Welch z' if z == 'welch_z' else 'z'} {fmt(best[z])}")
+        else:
+            strongest = '<span class="unl">none passes</span>' if len(mine) else '<span class="unl">not tested</span>'
+        name = "silent" if d < 0 else str(d)
+        rows.append(f'<tr><td data-v="{d}">{esc(name)}</td>{num_td(int(n))}{num_td(len(passing))}'
+                    f'<td class="lbl">{strongest}</td></tr>')
+    return wrap_table(["data cluster", "pairs", "passing signals", "strongest passing signal"], rows)
+
+
+def paper_local_views(result: AuditResult, limit: int = 50, index: ReportIndex | None = None) -> str:
+    """The data cluster × feature cluster grid (Δ heatmaps, every cluster) and the ranked
+    inside-vs-outside table."""
     local = result.local
     if local is None or local.empty:
         return "<p>No data cluster × feature cluster table (fewer than two data clusters).</p>"
-    dcs = sorted(int(d) for d in local["data_cluster"].unique())
-    fcs = [int(c) for c in result.clusters["cluster"].head(40)] if len(result.clusters) else []
-    parts = []
-    if dcs and fcs:
-        grid = np.full((len(dcs), len(fcs)), np.nan)
-        pos_d = {d: i for i, d in enumerate(dcs)}
-        pos_f = {f: j for j, f in enumerate(fcs)}
-        for d, f, v in local[["data_cluster", "cluster", "delta"]].itertuples(index=False):
-            if int(f) in pos_f:
-                grid[pos_d[int(d)], pos_f[int(f)]] = v
-        sizes = local.groupby("data_cluster")["n_pairs"].first()
-        uri = heatmap(grid, rows=[f"data {d} (n={int(sizes.loc[d])})" for d in dcs], cols=[f"fc {f}" for f in fcs],
-                      title="Inside − outside disparity Δ: data cluster × feature cluster", label="Δ", diverging=True)
-        parts.append(f'<img alt="data cluster x feature cluster heatmap" src="{uri}">')
+    index = index or build_index(result)
+    parts = _grid_heatmaps(result, index, "delta", "Δ", "Inside − outside disparity Δ: data cluster × feature cluster")
     silent = int((result.data_clusters["data_cluster"] < 0).sum()) if len(result.data_clusters) else 0
     parts.append(f"<p>{silent} silent pairs (symmetric activity below the "
                  f"{fmt(result.options.get('silent_percentile', 5.0))}th percentile) are set aside. Filters: |T_m| ≥ "
@@ -323,67 +912,132 @@ def prediction_section(check: PredictionCheck) -> str:
                        f'<pre class="rj">{esc(e["before"])}</pre><small>after</small><pre class="ch">{esc(e["after"])}</pre></div>'
                        for e in check.examples)
     table = check.table.reindex(check.table["observed"].abs().sort_values(ascending=False).index).head(50)
-    return ("<h2>Prediction check: predicted vs observed cluster shifts on rollouts</h2>"
+    return ('<h2 id="prediction">Prediction check: predicted vs observed cluster shifts on rollouts</h2>'
             f'<table class="summary">{summary}</table><img alt="prediction scatter" src="{uri}">'
             + table_html(table, ("hook", "cluster", "n_features", "label", "predicted", "observed", "before", "after"))
             + (f"<h3>Example rollouts</h3>{examples}" if examples else ""))
 
 
+def html_page(title: str, body: str) -> str:
+    """An offline page: our CSS, `body`, our one sorting script, a CSP that admits nothing else."""
+    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}"
+            f"{SCRIPT_TAG}{SCRIPT}</script></body></html>")
+
+
 def prediction_page(check: PredictionCheck, *, title: str = "Prediction check") -> str:
     """`prediction_section` as one offline HTML page."""
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{prediction_section(check)}</body></html>")
+    return html_page(title, prediction_section(check))
+
+
+# ---- the page ------------------------------------------------------------------------------------------
+
+
+def summary_rows(result: AuditResult) -> list[tuple[str, Any]]:
+    """The audit's headline numbers (the report's summary table; also `scripts/docs_images.py`)."""
+    o = result.options
+    rows = [("pairs", o.get("n_pairs")), ("hooks", ", ".join(map(str, o.get("hooks", [])))),
+            ("span statistic", o.get("stat")), ("features tested", o.get("n_tested")),
+            ("passing (q < α and split-half)", o.get("n_passing")), ("α", o.get("alpha")),
+            ("bootstrap replicates", o.get("n_bootstrap")),
+            ("mean chosen − rejected length (tokens)", o.get("mean_length_diff", float("nan")))]
+    if result.method == "paper":
+        rows.insert(1, ("method", "paper (feature-conditioned, Bergen et al. App. B.1)"))
+        rows.insert(4, ("feature clusters", o.get("n_feature_clusters")))
+    else:
+        rows.insert(1, ("method", "paired (per-feature paired statistics)"))
+        rows.insert(4, ("feature clusters", result.clusters["cluster"].nunique() if len(result.clusters) else 0))
+    return rows
+
+
+def next_steps_html(result: AuditResult, concept_set_dir: str, command: str) -> str:
+    """The box that says what to do with this report: mark concepts, then train with them."""
+    missing = ("" if result.saes else
+               "<p><small>This result carries no SAEs, so saving it writes no concept set; make one with "
+               "<code>result.to_concept_set(top=N, saes={hook: sae}).save(dir)</code>.</small></p>")
+    return ('<div class="next" id="next"><h2>What to do next</h2><ol>'
+            f"<li>Read the concepts below, then edit <code>{esc(concept_set_dir)}/concepts.yaml</code>: set "
+            "<code>action: suppress</code>, <code>amplify</code> or <code>allow</code> per concept (each starts as "
+            "<code>allow</code>; a concept's name there, <code>hook:feature</code>, is in its section).</li>"
+            f"<li>Train with it:<pre><code>{esc(command)}</code></pre></li></ol>{missing}</div>")
+
+
+def _method_note(result: AuditResult) -> str:
+    o = result.options
+    if result.method == "paper":
+        return ("<p>Method <b>paper</b>: a feature is active in a response when its firing frequency exceeds "
+                f"τ = {fmt(o.get('tau', 0.01))}. Per pair and feature cluster, u = mean over members of "
+                "1{chosen active} − 1{rejected active}; a cluster's predicted DPO shift is the dataset-wide "
+                "mean ū. Split halves by index parity; Δ_min (the smaller half's Δ) ranks. Per-feature rows "
+                "below use the same active indicator.</p>")
+    return ("<p>Δ is the mean paired chosen − rejected difference of the span statistic; d = Δ/sd of the "
+            "paired differences (d<sub>z</sub>); z the paired z, q the Benjamini–Hochberg q-value; "
+            "'agree' means both fixed split halves give Δ of the same sign. Δ<sub>len</sub> is Δ at equal "
+            "completion lengths. The predicted DPO effect follows the sign of Δ.</p>")
+
+
+def _plots_html(result: AuditResult) -> str:
+    concepts = result.concepts
+    uris = [(volcano_plot(concepts), "volcano plot"), (_figure(draw_delta_histogram, concepts), "histogram of delta"),
+            (length_control_plot(concepts), "length control scatter"),
+            (data_cluster_plot(result), "per data cluster signals")]
+    return '<div class="plots">' + "".join(_img(u, alt) for u, alt in uris if u) + "</div>"
+
+
+TOC = (("next", "What to do next"), ("plots", "Plots"), ("concepts", "Ranked concepts"),
+       ("clusters", "Feature clusters"), ("data-clusters", "Data clusters"), ("concept-details", "Concept details"),
+       ("cluster-details", "Cluster details"))
 
 
 def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = "Dataset anatomy",
-                  prediction: PredictionCheck | None = None) -> str:
+                  prediction: PredictionCheck | None = None, next_command: str | None = None,
+                  concept_set_dir: str | None = None) -> str:
     """The full HTML page of `result` (a string; `AuditResult.save` writes it as report.html), with
-    the section of a `check_prediction` result when `prediction` is given."""
-    o = result.options
-    concepts = result.concepts
-    summary = [("pairs", o.get("n_pairs")), ("hooks", ", ".join(map(str, o.get("hooks", [])))),
-               ("span statistic", o.get("stat")), ("features tested", o.get("n_tested")),
-               ("passing (q < α and split-half)", o.get("n_passing")), ("α", o.get("alpha")),
-               ("bootstrap replicates", o.get("n_bootstrap")),
-               ("mean chosen − rejected length (tokens)", o.get("mean_length_diff", float("nan")))]
-    summary_html = "".join(f"<tr><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in summary)
-    if o.get("method") == "paper":
-        summary.insert(1, ("method", "paper (feature-conditioned, Bergen et al. App. B.1)"))
-        summary.insert(4, ("feature clusters", o.get("n_feature_clusters")))
-    local_only = (result.local[result.local.get("local_only", pd.Series(dtype=bool)).astype(bool)]
-                  if len(result.local) and "local_only" in result.local.columns else result.local.head(0))
+    the section of a `check_prediction` result when `prediction` is given.
+
+    `concept_set_dir` is where the ConceptSet export lies (`AuditResult.save` passes
+    `<audit dir>/concept_set`); `next_command` the training command the page suggests (None:
+    `train_command(concept_set_dir)`).
+    """
+    summary = "".join(f"<tr><td>{esc(k)}</td><td>{fmt(v)}</td></tr>" for k, v in summary_rows(result))
+    if result.concepts.empty or not {"hook", "feature", "rank"} <= set(result.concepts.columns):
+        return html_page(title, f'<h1>{esc(title)}</h1><table class="summary">{summary}</table>'
+                                "<p>No feature was tested (none fired often enough): nothing to rank.</p>")
+    index = build_index(result, max_concepts)
+    concept_set_dir = concept_set_dir or "<audit dir>/concept_set"
+    command = next_command if next_command is not None else train_command(concept_set_dir)
+    n = len(result.concepts)
+    toc = TOC + ((("prediction", "Prediction check"),) if prediction is not None else ())
     sections = [
-        f"<h1>{esc(title)}</h1><table class=\"summary\">{summary_html}</table>",
-        "<p>Δ is the mean paired chosen − rejected difference of the span statistic; d = Δ/sd of the "
-        "paired differences (d<sub>z</sub>); z the paired z, q the Benjamini–Hochberg q-value; "
-        "'agree' means both fixed split halves give Δ of the same sign. Δ<sub>len</sub> is Δ at equal "
-        "completion lengths. The predicted DPO effect follows the sign of Δ.</p>",
-        f'<h2>Volcano plot</h2><img alt="volcano plot" src="{volcano_plot(concepts)}">',
-        f"<h2>Ranked concepts (top {min(max_concepts, len(concepts))} of {len(concepts)})</h2>",
-        table_html(concepts.head(max_concepts), CONCEPT_COLUMNS, badge=True),
-        "<h2>Example pairs of the top concepts</h2>", _traces_html(result),
+        f'<h1>{esc(title)}</h1><table class="summary">{summary}</table>',
+        next_steps_html(result, concept_set_dir, command),
+        '<nav class="toc">' + "".join(f'<a href="#{k}">{esc(v)}</a>' for k, v in toc) + "</nav>",
+        _method_note(result),
+        f'<h2 id="plots">Plots</h2>{_plots_html(result)}',
+        f'<h2 id="concepts">Ranked concepts (top {min(max_concepts, n)} of {n})</h2>'
+        "<p>Click a feature for its contexts and pairs, a cluster for its members.</p>", concepts_table(index),
     ]
-    if o.get("method") == "paper":
-        sections[1] = ("<p>Method <b>paper</b>: a feature is active in a response when its firing frequency exceeds "
-                       f"τ = {fmt(o.get('tau', 0.01))}. Per pair and feature cluster, u = mean over members of "
-                       "1{chosen active} − 1{rejected active}; a cluster's predicted DPO shift is the dataset-wide "
-                       "mean ū. Split halves by index parity; Δ_min (the smaller half's Δ) ranks. Per-feature rows "
-                       "below use the same active indicator.</p>")
-        sections += ["<h2>Feature clusters (co-firing, Leiden)</h2>", paper_cluster_table(result),
-                     "<h2>Data cluster × feature cluster (inside vs outside)</h2>", paper_local_views(result)]
+    if result.method == "paper":
+        sections += ['<h2 id="clusters">Feature clusters (co-firing, Leiden)</h2>', clusters_table(index),
+                     '<h2 id="data-clusters">Data cluster × feature cluster (inside vs outside)</h2>',
+                     data_cluster_table(result, index), paper_local_views(result, index=index)]
     else:
+        local_only = (result.local[result.local["local_only"].astype(bool)]
+                      if len(result.local) and "local_only" in result.local.columns else result.local.head(0))
         sections += [
-            "<h2>Feature clusters</h2>",
-            table_html(result.clusters.head(50), ("rank", "hook", "cluster", "size", "features", "delta", "cohens_d",
-                                                  "z", "ci_low", "ci_high", "q_value", "predicted_direction"), badge=True)
-            if len(result.clusters) else "<p>No feature clusters.</p>",
-            "<h2>Cluster heatmaps</h2>", _heatmaps_html(result),
-            "<h2>Local signals (data cluster × feature cluster, passing only locally)</h2>",
+            '<h2 id="clusters">Feature clusters</h2>', clusters_table(index),
+            "<h3>Cluster heatmaps</h3>", _heatmaps_html(result, index),
+            '<h2 id="data-clusters">Data clusters</h2>', data_cluster_table(result, index)
+            or "<p>One data cluster only (or none): no per-data-cluster signals.</p>",
+            "<h3>Local signals (data cluster × feature cluster, passing only locally)</h3>",
             table_html(local_only.head(50), ("data_cluster", "n_pairs", "hook", "cluster", "delta", "z", "q_value",
                                              "global_delta", "global_z"), badge=True)
             if len(local_only) else "<p>No local-only signal.</p>",
         ]
+    sections += ['<h2 id="concept-details">Concept details</h2>',
+                 "".join(concept_section(index, r) for _, r in index.listed.iterrows()) or "<p>No concepts.</p>",
+                 '<h2 id="cluster-details">Cluster details</h2>', cluster_sections(index)]
     if prediction is not None:
         sections.append(prediction_section(prediction))
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>")
+    return html_page(title, "".join(sections))

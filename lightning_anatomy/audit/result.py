@@ -140,12 +140,14 @@ class AuditResult:
 
     # ---- files -----------------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike, *, with_features: bool = True, concept_set_top: int = 20) -> Path:
+    def save(self, directory: str | os.PathLike, *, with_features: bool = True, concept_set_top: int = 20,
+             next_command: str | None = None) -> Path:
         """Write tables, report, features and (with SAEs) the ConceptSet export, atomically.
 
         The export (`concept_set/concepts.yaml` + `vectors.safetensors`) holds the
         `concept_set_top` best-ranked concepts with action "allow" and their statistics as
         provenance: the user marks suppress/amplify there, then `ConceptSet.load` it for training.
+        `next_command`: the training command the report suggests (None: `report.train_command`).
         """
         from lightning_anatomy.audit.report import render_report
 
@@ -172,7 +174,9 @@ class AuditResult:
                 picked = self.select(top=concept_set_top, passing_only=False)
                 concept_set_from(self, picked, action="allow", saes=self.saes).save(tmp / "concept_set")
             (tmp / MARKER).write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
-            (tmp / "report.html").write_text(render_report(self), encoding="utf-8")
+            (tmp / "report.html").write_text(render_report(self, next_command=next_command,
+                                                           concept_set_dir=str(target / "concept_set")),
+                                             encoding="utf-8")
 
         _check_target(target)
         atomic_directory(target, write)

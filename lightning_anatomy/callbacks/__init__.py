@@ -1,7 +1,7 @@
 """Lightning callbacks that read or shape what training does to concepts.
 
 Imported lazily (module `__getattr__`): each callback module pulls in different parts of the
-package, and the CLI's factory only needs the ones a config names.
+package, and a config only imports the ones it names.
 """
 
 from __future__ import annotations

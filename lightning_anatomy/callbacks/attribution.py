@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import (
     ConceptRef,
+    build_pending_saes,
     check_every,
     check_resumed_widths,
     check_strategy,
@@ -175,6 +176,7 @@ class ConceptAttribution(HookedCallback):
             return
         check_strategy(trainer, "ConceptAttribution", self.allow_untested_strategy)
         model = find_causal_lm(pl_module)
+        self.saes = build_pending_saes(self.saes, model)
         self._points = {hook: resolve_hook(model, hook) for hook in self.widths}
         for hook, point in self._points.items():
             check_width(self.saes[hook], model, point)

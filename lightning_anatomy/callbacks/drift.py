@@ -34,6 +34,7 @@ from torch import Tensor
 from lightning_anatomy.audit.agreement import r_squared
 from lightning_anatomy.callbacks._logging import (
     ConceptRef,
+    build_pending_saes,
     check_every,
     check_resumed_widths,
     check_strategy,
@@ -284,6 +285,7 @@ class ConceptDriftMonitor(Callback):
         from lightning_anatomy.concepts.lens import ConceptLens
 
         policy = find_causal_lm(pl_module)
+        self.saes = build_pending_saes(self.saes, policy)
         lens = self._given_lens
         if lens is not None and lens.model is policy:
             self._lens = lens

@@ -534,3 +534,12 @@ def _concept_from_yaml(item: Any, i: int, tensors: dict[str, torch.Tensor], yaml
         return Concept(name, hook, vec, str(label), action, source)
     except ConceptSetError as err:
         raise ConceptSetError(f"{yaml_path}: {err}") from None
+
+
+def check_concept_dir(path: str | os.PathLike, where: str = "concepts") -> None:
+    """Refuse a ConceptSet directory that does not load, naming the config key (reading the set is
+    cheap: no model is needed, so configs check it before anything heavy)."""
+    try:
+        ConceptSet.load(path)
+    except ConceptSetError as err:
+        raise ConceptSetError(f"{where}={str(path)!r}: {err}") from None

@@ -16,9 +16,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from lightning_anatomy.data.rows import LAYOUTS, BadRow, PreferenceRow, check_on_bad_rows, read_preferences
 from lightning_anatomy.data.sampler import ResumableLoader, ResumableSampler
+from lightning_anatomy.data.sources import resolve_source
 from lightning_anatomy.data.tokenize import (
     TokenizedPair,
     check_length_options,
@@ -26,6 +28,7 @@ from lightning_anatomy.data.tokenize import (
     resolve_pad_token_id,
     tokenize_rows,
 )
+from lightning_anatomy.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: Any,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
         *,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -93,7 +96,10 @@ class PreferenceDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if tokenizer is None:
-            raise ValueError("tokenizer is required: pass the policy's tokenizer (AutoTokenizer.from_pretrained(...))")
+            raise ValueError("tokenizer is required: pass the policy's tokenizer (AutoTokenizer.from_pretrained(...)) "
+                             "or a model spec ('embedded', 'tiny:gpt2', a directory, a hub id)")
+        if isinstance(tokenizer, str):
+            tokenizer = load_tokenizer(tokenizer)
         _check_int("batch_size", batch_size, 1)
         if eval_batch_size is not None:
             _check_int("eval_batch_size", eval_batch_size, 1)
@@ -131,7 +137,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.pairs is None:
             rows = read_preferences(
-                self.source, on_bad_rows=self.on_bad_rows, tokenizer=self.tokenizer, layout=self.layout, split=self.split
+                resolve_source(self.source, seed=self.seed), on_bad_rows=self.on_bad_rows, tokenizer=self.tokenizer, layout=self.layout, split=self.split
             )
             pairs = tokenize_rows(
                 rows, self.tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,

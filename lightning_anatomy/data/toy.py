@@ -12,13 +12,21 @@ TOPICS = ["the sea", "a cat", "music", "bread", "the sun", "rain", "a garden", "
           "books", "snow", "a bicycle", "the moon", "coffee", "a forest"]
 
 
+ASKS = ["Tell me about {}.", "What do you think of {}?", "Describe {}.", "Say something about {}.",
+        "How is {}?", "Give me your view on {}.", "Talk about {}.", "Any thoughts on {}?"]
+
+
 def make_toy_preferences(n: int = 64, seed: int = 0) -> list[dict[str, str]]:
+    """`n` pairs; the first 128 (every topic × question form) are distinct, so the toy set is not a
+    set of duplicates (the reader warns about those)."""
     rng = random.Random(seed)
+    combos = [(ask, topic) for ask in ASKS for topic in TOPICS]
+    rng.shuffle(combos)
     rows = []
-    for _ in range(n):
-        topic = rng.choice(TOPICS)
+    for i in range(n):
+        ask, topic = combos[i % len(combos)]
         rows.append({
-            "prompt": f"Tell me about {topic}.",
+            "prompt": ask.format(topic),
             "chosen": f" {topic.capitalize()} is good.",
             "rejected": f" {topic.capitalize()} is bad.",
         })

@@ -12,26 +12,131 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from jsonargparse.typing import PositiveInt
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_anatomy.files import atomic_write_file, atomic_write_text
 
-DEMO_DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "output_dir": "outputs/demo",
-    "data": {"n_train": 64, "n_heldout": 32, "n_concept_texts": 32},
-    "audit": {"n_bootstrap": 200, "batch_size": 8},
-    "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-5, "beta": 0.1, "loss_type": "sigmoid",
-              "warmup_steps": 2},
-    # kind: projection (ConceptProjection mode/layers) | mean_ablation (ablate, ablation="mean") |
-    # blocking (ConceptBlocking of the direction at its layer and every later block, weight lam)
-    "intervention": {"kind": "projection", "mode": "both", "layers": "all_later", "audit_features": 0, "lam": 1.0},
-    "callbacks": {"attribution_every": 1, "drift_every": 4, "top_k": 10},
-    "logger": "wandb",
-}
+
+@dataclass
+class DemoData:
+    """Sizes of the demo data.
+
+    Args:
+        n_train: training pairs (one-digit additions, the stated belief always right).
+        n_heldout: held-out additions per set (conflict / aligned / control).
+        n_concept_texts: prompts with and without a belief for the concept direction.
+    """
+
+    n_train: PositiveInt = 64
+    n_heldout: PositiveInt = 32
+    n_concept_texts: PositiveInt = 32
+
+
+@dataclass
+class DemoAudit:
+    """The audit of the training pairs.
+
+    Args:
+        n_bootstrap: bootstrap replicates of the CIs.
+        batch_size: pairs per extraction forward.
+    """
+
+    n_bootstrap: int = 200
+    batch_size: PositiveInt = 8
+
+
+@dataclass
+class DemoTrain:
+    """Both DPO runs (vanilla and shaped).
+
+    Args:
+        max_steps: optimizer steps.
+        batch_size: pairs per step.
+        lr: learning rate.
+        beta: DPO beta.
+        loss_type: preference loss (see `preference_loss`).
+        warmup_steps: linear warm-up steps.
+    """
+
+    max_steps: PositiveInt = 8
+    batch_size: PositiveInt = 8
+    lr: float = 1e-5
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    warmup_steps: int = 2
+
+
+@dataclass
+class DemoIntervention:
+    """The shaped run's intervention.
+
+    Args:
+        kind: projection (ConceptProjection with `mode`/`layers`), mean_ablation (ablate, ablation='mean'),
+            blocking (ConceptBlocking of the direction at its layer and every later block, weight `lam`).
+        mode: ConceptProjection mode (gradient, ablate, both).
+        layers: own, all_later, or a list of layers.
+        audit_features: also suppress the audit's top-N features (0: the belief direction only).
+        lam: ConceptBlocking weight.
+    """
+
+    kind: Literal["projection", "mean_ablation", "blocking"] = "projection"
+    mode: Literal["gradient", "ablate", "both"] = "both"
+    layers: str | list[int] = "all_later"
+    audit_features: int = 0
+    lam: float = 1.0
+
+
+@dataclass
+class DemoCallbacks:
+    """The concept callbacks of both runs.
+
+    Args:
+        attribution_every: ConceptAttribution every N steps.
+        drift_every: ConceptDriftMonitor every N steps.
+        top_k: concepts logged per step.
+    """
+
+    attribution_every: PositiveInt = 1
+    drift_every: PositiveInt = 4
+    top_k: PositiveInt = 10
+
+
+@dataclass
+class DemoJob:
+    """`anatomy demo`: audit -> ConceptSet -> vanilla vs concept-shaped DPO on the embedded SmolLM2.
+
+    Args:
+        seed: seed of the data, the audit and both runs.
+        output_dir: where the audit, both runs' logs and summary.json / summary.png go.
+        data: demo data sizes.
+        audit: audit options.
+        train: DPO options.
+        intervention: the shaped run's intervention.
+        callbacks: concept callback options.
+        logger: wandb (offline unless WANDB_MODE says otherwise) or csv.
+    """
+
+    seed: int = 0
+    output_dir: str = "outputs/demo"
+    data: DemoData = field(default_factory=DemoData)
+    audit: DemoAudit = field(default_factory=DemoAudit)
+    train: DemoTrain = field(default_factory=DemoTrain)
+    intervention: DemoIntervention = field(default_factory=DemoIntervention)
+    callbacks: DemoCallbacks = field(default_factory=DemoCallbacks)
+    logger: Literal["wandb", "csv"] = "wandb"
+
+
+def check_job(cfg: DictConfig) -> None:
+    """Cross-option rules of a demo config, before any model loads."""
+    from lightning_anatomy.losses import LOSS_TYPES
+
+    if cfg.train.loss_type not in LOSS_TYPES:
+        raise ValueError(f"train.loss_type={cfg.train.loss_type!r} is not one of {sorted(LOSS_TYPES)}")
 
 
 def _log(msg: str, t0: float) -> None:
@@ -61,6 +166,7 @@ def _fit(name: str, cfg: DictConfig, base_state: dict, tokenizer: Any, rows: lis
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from lightning_anatomy import ConceptAttribution, ConceptDriftMonitor, DPOModule, PreferenceDataModule
+    from lightning_anatomy.console import StepProgressBar
     from lightning_anatomy.models.embedded import load_embedded
 
     model, _ = load_embedded()
@@ -81,7 +187,7 @@ def _fit(name: str, cfg: DictConfig, base_state: dict, tokenizer: Any, rows: lis
         logger = WandbLogger(project="lightning-anatomy-demo", name=name, save_dir=str(out), offline=True)
     else:
         logger = CSVLogger(str(out), name=name)
-    trainer = L.Trainer(max_steps=tr.max_steps, accelerator="cpu", logger=logger, callbacks=callbacks,
+    trainer = L.Trainer(max_steps=tr.max_steps, accelerator="cpu", logger=logger, callbacks=[*callbacks, StepProgressBar()],
                         enable_checkpointing=False, log_every_n_steps=1, enable_model_summary=False,
                         gradient_clip_val=1.0)
     trainer.fit(module, datamodule=dm)
@@ -130,6 +236,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.intervention.get("kind", "projection") not in INTERVENTIONS:  # before anything loads
         raise ValueError(f"intervention.kind={cfg.intervention.kind!r} is not one of {INTERVENTIONS}")
+    check_job(cfg)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
+from lightning_anatomy.models.tiny import FAMILIES, build_tiny_model, build_tiny_tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -26,6 +26,35 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return _DTYPES[str(dtype)]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+MODEL_SPECS = ("'tiny:<family>' (a random tiny model; families: " + ", ".join(FAMILIES) + "), 'embedded' (the shipped "
+               "SmolLM2-135M-Instruct), a local directory with config.json and weights, or a Hugging Face model id "
+               "'org/name'")
+
+
+def check_model_spec(spec: Any, where: str = "model") -> None:
+    """Refuse a spec that cannot name a model, without loading anything. A hub id is only checked
+    for its form (an existing directory is preferred over a hub id of the same name)."""
+    if isinstance(spec, torch.nn.Module) or isinstance(spec, PreTrainedTokenizerBase):
+        return
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"{where}={spec!r} is not a model spec; pass {MODEL_SPECS}")
+    if spec.startswith("tiny:"):
+        if spec.split(":", 1)[1] not in FAMILIES:
+            raise ValueError(f"{where}={spec!r}: unknown tiny family; choose one of {', '.join(FAMILIES)}")
+        return
+    if spec in ("embedded", "tiny"):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise ValueError(f"{where}={spec!r} is a directory without config.json; pass a Hugging Face model "
+                             "folder (save_pretrained writes one)")
+        return
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") != 1:
+        raise ValueError(f"{where}={spec!r} is neither an existing directory nor a model id 'org/name'; "
+                         f"pass {MODEL_SPECS}")
 
 
 def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None = None,
