@@ -64,6 +64,18 @@ class DPOModule(L.LightningModule):
             log-probs computed once before training from the initial policy and cached on disk
             under a fingerprint of model + tokenized data; no second model in memory) or `"peft"`
             (the policy's base model with LoRA adapters disabled).
+        loss_type: the preference loss (`lightning_anatomy.losses.LOSS_TYPES`: sigmoid, hinge, ipo, ...).
+        beta: the DPO temperature β.
+        label_smoothing: cDPO label smoothing (sigmoid, robust, exo_pair).
+        discopop_tau: DiscoPOP's τ.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        warmup_steps: linear warm-up steps of the learning rate.
+        gradient_checkpointing: recompute activations in backward (the model's own checkpointing).
+        reference_cache_dir: where `reference="precomputed"` caches its log-probs.
+        dtype: load dtype of a model given by spec (float32, bfloat16, float16; None: the checkpoint's).
         peft_config: LoRA settings (a dict for `peft.LoraConfig`); wraps the policy.
         rpo_alpha: weight of an NLL term on the chosen completions (RPO); None disables it.
         scheduler: `"cosine"`, `"linear"` or `"constant"` decay after `warmup_steps`.

@@ -75,6 +75,22 @@ class PreferenceDataModule(L.LightningDataModule):
 
     `.rows`, `.train_pairs`, `.val_pairs` and `.dropped` (bad rows skipped while reading and
     tokenizing) are None until `setup()` has run.
+
+    Args:
+        source: `"toy"` / `"toy:<n>"`, `"demo"`, a path (JSONL, JSON, Parquet, save_to_disk folder),
+            or rows / a Dataset / a DataFrame (`data.sources`).
+        tokenizer: the policy's tokenizer, or a model spec to load it from.
+        batch_size: pairs per training batch.
+        eval_batch_size: pairs per validation batch (None: batch_size).
+        val_fraction: share of pairs held out for validation (0: none).
+        seed: seed of the split and of each epoch's order.
+        shuffle: shuffle the training pairs each epoch.
+        max_length: tokens per sequence (prompt + response; responses cut from the right).
+        max_prompt_length: prompt tokens kept (cut from the left).
+        on_bad_rows: `"error"` (all bad rows listed) or `"skip"` (dropped and reported).
+        num_workers: DataLoader workers.
+        layout: `"auto"`, or force one of the row layouts (explicit, conversational, implicit).
+        split: the split of a `DatasetDict` source.
     """
 
     def __init__(
