@@ -32,6 +32,7 @@ Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import random
 import shutil
@@ -400,8 +401,31 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """One results document from part runs (each setting keeps the run it came from: file, wall
+    time, sizes, seed), so `prediction.json` can gather parts that each take an hour here."""
+    merged: dict[str, Any] = {"format": FORMAT, "version": VERSION, "settings": {}, "parts": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        if part.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a prediction benchmark result (format {part.get('format')!r})")
+        if part.get("quick"):
+            raise ValueError(f"{path} is a --quick run; merge full runs only")
+        for name, setting in part["settings"].items():
+            if "skipped" in setting:
+                continue
+            merged["settings"][name] = setting
+            merged["parts"][name] = {"file": Path(path).name, "wall_s": part.get("wall_s"), "seed": part.get("seed"),
+                                     "sizes": part.get("sizes"), "machine": part.get("machine")}
+    merged["quick"] = False
+    merged["wall_s"] = sum(float(p["wall_s"] or 0) for p in merged["parts"].values())
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="combine part result files into one (run nothing), written as --name (default prediction)")
     parser.add_argument("--quick", action="store_true", help="random tiny stand-ins and small sizes (smoke run)")
     parser.add_argument("--parts", nargs="*", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
@@ -412,6 +436,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="DPO steps of graded_controlled (default 30)")
     parser.add_argument("--name", default=None, help="output file stem (default prediction, or prediction.quick)")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_results(args.merge)
+        common.publish(merged, args.out, args.name or "prediction", tables)
+        return merged
     common.setup_offline(args.threads)
     common.quiet_libraries()
     sizes = QUICK if args.quick else FULL

@@ -219,3 +219,19 @@ def test_prediction_benchmark_quick_writes_the_contract(tmp_path):
             assert entry["r2"] is None or 0 <= entry["r2"] <= 1
     controlled = on_disk["settings"]["graded_controlled"]
     assert sorted(controlled["disparities"].values()) == [-0.8, -0.5, -0.2, 0.2, 0.5, 0.8]
+
+    # parts run one at a time merge into one results file; a quick run is refused
+    bench = load_benchmark("prediction")
+    parts = []
+    for i, name in enumerate(("graded_controlled", "hh_smollm2")):
+        part = {**on_disk, "quick": False, "wall_s": 10.0 * (i + 1), "settings": {name: on_disk["settings"][name]}}
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = bench.main(["--merge", *map(str, parts), "--out", str(tmp_path), "--name", "merged"])
+    kept = {n for n, s in on_disk["settings"].items() if n in ("graded_controlled", "hh_smollm2") and "skipped" not in s}
+    assert set(merged["settings"]) == kept and merged["wall_s"] == sum(merged["parts"][n]["wall_s"] for n in kept)
+    assert merged["settings"]["graded_controlled"] == on_disk["settings"]["graded_controlled"]
+    assert merged["parts"]["graded_controlled"]["file"] == "part0.json"
+    assert json.loads((tmp_path / "merged.json").read_text())["settings"].keys() == kept
+    with pytest.raises(ValueError, match="--quick run"):
+        bench.merge_results([tmp_path / "prediction.quick.json"])
