@@ -32,8 +32,8 @@ Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import random
 import shutil
 import sys

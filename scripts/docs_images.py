@@ -72,7 +72,8 @@ def draw_header(fig, result, concept_set_dir: str) -> None:
 
 
 def draw_table(ax, result) -> None:
-    from lightning_anatomy.audit.report import build_index, fmt
+    from lightning_anatomy.audit.report import build_index
+    from lightning_anatomy.audit.report_html import fmt
 
     index = build_index(result, max_concepts=TOP_ROWS)
     head = ["rank", "feature", "label", "cluster", "Δ", "d", "q", "split-half", "direction"]
@@ -112,7 +113,7 @@ def compose(result, concept_set_dir: str, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from lightning_anatomy.audit.report import draw_delta_histogram, draw_volcano
+    from lightning_anatomy.audit.report_plots import draw_delta_histogram, draw_volcano
 
     fig = Figure(figsize=(14, 10.5), dpi=100)
     draw_header(fig, result, concept_set_dir)

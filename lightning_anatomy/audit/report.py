@@ -16,116 +16,48 @@ back to its row, `row-<section id>`.
 from __future__ import annotations
 
 import base64
-import hashlib
-import html
-import io
-import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.audit.prediction import PredictionCheck
     from lightning_anatomy.audit.result import AuditResult
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1360px;color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1.05em;margin:.2em 0}
-h4{margin:.6em 0 .2em}
-.tw{overflow:auto;max-height:72vh;border:1px solid #ddd;margin:.5em 0}
-table{border-collapse:separate;border-spacing:0;font-size:.82em}
-th,td{border-bottom:1px solid #e6e6e6;border-right:1px solid #eee;padding:3px 6px;vertical-align:top}
-.tw thead th{position:sticky;top:0;z-index:1;background:#f1f1f1;white-space:nowrap;text-align:left}
-table.sortable thead th{cursor:pointer}
-th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.lbl{min-width:16em;max-width:32em}td.dir,td.nw{white-space:nowrap}td.mem{min-width:14em;max-width:30em}
-tr:target>td,section:target{background:#fff6d8}
-.badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:.8em;color:#fff}
-.pass{background:#2e7d32}.fail{background:#9e9e9e}.amplify{color:#1565c0}.suppress{color:#c62828}.none{color:#777}
-.unl{color:#777;font-style:italic}
-.pair{border:1px solid #ddd;border-radius:4px;margin:.5em 0;padding:.4em .6em;font-size:.85em}
-.pair pre{white-space:pre-wrap;margin:.2em 0;font-family:ui-monospace,Menlo,Consolas,monospace}
-.ch{border-left:3px solid #2e7d32;padding-left:.5em}.rj{border-left:3px solid #c62828;padding-left:.5em}
-.pr{border-left:3px solid #999;padding-left:.5em;color:#555}
-.tok{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace}
-.summary td{border:none;padding:1px 12px 1px 0}img{max-width:100%}
-.next{border:2px solid #1565c0;border-radius:6px;padding:.4em 1em;background:#f5f9ff;margin:1em 0}
-.next pre{background:#fff;border:1px solid #cfd8e3;padding:.4em .6em;white-space:pre-wrap;word-break:break-all}
-nav.toc{font-size:.9em}nav.toc a{margin-right:1em}
-.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:1em;align-items:start}
-section.item{border-top:1px solid #eee;padding:.6em .4em;scroll-margin-top:.5em}
-.back{font-size:.85em}.legend{font-size:.8em;color:#555;margin:.2em 0 1em}
-"""
-
-# Sorts a table.sortable by the clicked column: numbers by data-v (empty = NaN, always last), other
-# cells by their text. Reads attributes and textContent only; never writes markup.
-SCRIPT = """(function () {
-  function key(cell) {
-    var v = cell.getAttribute("data-v");
-    if (v === null) { return cell.textContent.trim().toLowerCase(); }
-    return v === "" ? NaN : Number(v);
-  }
-  function order(x, y) {
-    if (typeof x === "number" && typeof y === "number") { return x - y; }
-    return String(x).localeCompare(String(y), undefined, {numeric: true});
-  }
-  document.querySelectorAll("table.sortable").forEach(function (table) {
-    var heads = table.tHead.rows[0].cells;
-    Array.prototype.forEach.call(heads, function (th, col) {
-      th.tabIndex = 0;
-      function sort() {
-        var asc = th.getAttribute("aria-sort") !== "ascending";
-        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
-        th.setAttribute("aria-sort", asc ? "ascending" : "descending");
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows.sort(function (r, s) {
-          var x = key(r.cells[col]), y = key(s.cells[col]);
-          var xn = x !== x, yn = y !== y;
-          if (xn || yn) { return xn - yn; }
-          return asc ? order(x, y) : order(y, x);
-        });
-        rows.forEach(function (r) { body.appendChild(r); });
-      }
-      th.addEventListener("click", sort);
-      th.addEventListener("keydown", function (e) {
-        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); }
-      });
-    });
-  });
-})();"""
-
-SCRIPT_TAG = '<script id="report-sort">'  # the page's only script block (tests look for it)
-CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-       f"script-src 'sha256-{base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()}'")
+from lightning_anatomy.audit.report_html import (  # noqa: F401  (SCRIPT, SCRIPT_TAG, esc, fmt: re-exported)
+    SCRIPT,
+    SCRIPT_TAG,
+    anchor,
+    badge_td,
+    ci_td,
+    direction_td,
+    esc,
+    fmt,
+    html_page,
+    legend_html,
+    num_td,
+    table_html,
+    wrap_table,
+)
+from lightning_anatomy.audit.report_plots import (  # noqa: F401  (draw_*: re-exported)
+    _figure,
+    _img,
+    clustered_matrix_plot,
+    data_cluster_plot,
+    draw_delta_histogram,
+    draw_volcano,
+    heatmap,
+    length_control_plot,
+    volcano_plot,
+)
 
 CONCEPT_COLUMNS = ("rank", "hook", "feature", "label", "cluster", "delta", "cohens_d", "z", "welch_z", "ci_low",
                    "ci_high", "q_value", "delta_min", "delta_len_ctrl", "z_len_ctrl", "predicted_direction")
 
-# short header -> what it means (the tables' legends and header tooltips)
-LEGEND = {
-    "Δ": "mean paired chosen − rejected difference of the span statistic",
-    "CI": "bootstrap confidence interval of Δ",
-    "d": "Cohen's d_z: Δ / sd of the paired differences",
-    "z": "paired z",
-    "Welch z": "Welch z of chosen vs rejected",
-    "q": "Benjamini–Hochberg q-value",
-    "Δmin": "the split half with the smaller |Δ| (0 when the halves disagree in sign)",
-    "Δlen": "Δ at equal completion lengths (length control)",
-    "zlen": "z of Δlen",
-    "ū": "predicted DPO shift: mean over pairs of u (members active in chosen − in rejected)",
-    "split-half": "both split halves give Δ of the same sign",
-    "direction": "predicted DPO effect where the row passes (q < α and split halves agree); none otherwise",
-}
 MAX_CLUSTER_HEATMAPS = 30  # per-cluster co-firing heatmaps drawn (best-ranked multi-member clusters)
 GRID_COLUMNS = 40  # feature clusters per data-cluster grid heatmap (more make several heatmaps)
 
@@ -139,272 +71,6 @@ def train_command(concept_set_dir: str, *, policy: str | None = None, source: st
     parts += ["--trainer.callbacks+=lightning_anatomy.ConceptProjection",
               f"--trainer.callbacks.concepts={concept_set_dir}", "--trainer.callbacks.layers=all_later"]
     return " ".join(parts)
-
-
-def esc(value: Any) -> str:
-    """HTML-escaped text of any value (quotes included: safe in attributes too)."""
-    return html.escape(str(value), quote=True)
-
-
-def fmt(value: Any) -> str:
-    """Compact number formatting; non-numbers are escaped as text."""
-    if isinstance(value, bool | np.bool_):
-        return "yes" if value else "no"
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        v = float(value)
-        if math.isnan(v):
-            return "–"
-        if math.isinf(v):
-            return "∞" if v > 0 else "−∞"
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.4g}"
-    return esc(value)
-
-
-def anchor(kind: str, hook: str, key: Any) -> str:
-    """A valid, CSS-safe element id for (kind, hook, key): anything but [A-Za-z0-9_-] becomes '-'."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{kind}-{hook}-{key}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
-
-
-def _sort_value(v: Any) -> str:
-    """The `data-v` a numeric cell sorts by (JavaScript `Number` syntax; '' for NaN)."""
-    v = float(v)
-    if math.isnan(v):
-        return ""
-    return ("Infinity" if v > 0 else "-Infinity") if math.isinf(v) else repr(v)
-
-
-def num_td(v: Any) -> str:
-    return f'<td class="num" data-v="{_sort_value(v)}">{fmt(v)}</td>' if _is_number(v) else f"<td>{fmt(v)}</td>"
-
-
-def badge_td(ok: Any) -> str:
-    ok = bool(ok)
-    return (f'<td data-v="{int(ok)}"><span class="badge {"pass" if ok else "fail"}">'
-            f'{"agree" if ok else "disagree"}</span></td>')
-
-
-def direction_td(direction: Any) -> str:
-    return f'<td class="dir {esc(direction)}">{esc(direction)}</td>'
-
-
-def ci_td(low: Any, high: Any) -> str:
-    return f'<td class="num" data-v="{_sort_value(low)}">[{fmt(low)}, {fmt(high)}]</td>'
-
-
-def wrap_table(head: Sequence[str], rows: Iterable[str], *, sortable: bool = True) -> str:
-    """A table in its own scroll container (the page never scrolls sideways), sticky header; `head`
-    are short names, explained by `LEGEND` in their tooltips."""
-    cells = "".join(f'<th title="{esc(LEGEND[h])}">{esc(h)}</th>' if h in LEGEND else f"<th>{esc(h)}</th>"
-                    for h in head)
-    cls = ' class="sortable"' if sortable else ""
-    return f'<div class="tw"><table{cls}><thead><tr>{cells}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-
-
-def legend_html(heads: Iterable[str]) -> str:
-    used = [h for h in dict.fromkeys(heads) if h in LEGEND]
-    if not used:
-        return ""
-    return ('<p class="legend">' + " · ".join(f"<b>{esc(h)}</b>: {esc(LEGEND[h])}" for h in used)
-            + ". Click a header to sort.</p>")
-
-
-def table_html(frame: pd.DataFrame, columns: Iterable[str], *, badge: bool = False) -> str:
-    """Any table's `columns` (those present), sortable, numbers right-aligned; `badge`: split-half column."""
-    cols = [c for c in columns if c in frame.columns]
-    rows = []
-    for _, row in frame.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            if c == "predicted_direction":
-                cells.append(direction_td(v))
-            elif isinstance(v, list | np.ndarray):
-                items = list(v)
-                cells.append(f"<td>{esc(', '.join(map(str, items[:12])) + (' …' if len(items) > 12 else ''))}</td>")
-            else:
-                cells.append(num_td(v))
-        if badge:
-            cells.append(badge_td(row["split_half_agree"]))
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return wrap_table(cols + (["split-half"] if badge else []), rows)
-
-
-# ---- plots ---------------------------------------------------------------------------------------------
-
-
-def png_data_uri(fig: Figure) -> str:
-    canvas = FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    canvas.print_png(buf)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(uri: str, alt: str) -> str:
-    return f'<img alt="{esc(alt)}" src="{uri}">'
-
-
-def _passes(concepts: pd.DataFrame) -> np.ndarray:
-    return concepts["passes"].to_numpy(bool) if "passes" in concepts.columns else np.zeros(len(concepts), bool)
-
-
-def draw_volcano(ax: Axes, concepts: pd.DataFrame, alpha: float = 0.05) -> None:
-    """Δ vs −log10 q; passing concepts coloured by the side they lean to."""
-    if len(concepts):
-        q = np.clip(concepts["q_value"].to_numpy(np.float64), 1e-300, 1.0)
-        y = -np.log10(q)
-        x = concepts["delta"].to_numpy(np.float64)
-        passes = _passes(concepts)
-        ax.scatter(x[~passes], y[~passes], s=6, c="#9e9e9e", alpha=0.5, label="not passing", linewidths=0)
-        for sign, colour, name in ((1, "#1565c0", "chosen-leaning"), (-1, "#c62828", "rejected-leaning")):
-            sel = passes & (np.sign(x) == sign)
-            ax.scatter(x[sel], y[sel], s=10, c=colour, label=name, linewidths=0)
-        ax.axhline(-math.log10(alpha), color="#555", lw=0.8, ls="--")
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
-    ax.set_xlabel("Δ (chosen − rejected)")
-    ax.set_ylabel("−log10 q")
-    ax.set_title("Volcano: disparity vs. evidence", fontsize=10)
-
-
-def draw_delta_histogram(ax: Axes, concepts: pd.DataFrame) -> None:
-    """Δ over every tested feature, the passing ones stacked on top in colour (log counts when tall)."""
-    x = concepts["delta"].to_numpy(np.float64) if len(concepts) else np.zeros(0)
-    ok = np.isfinite(x)
-    passes = _passes(concepts)[ok]
-    x = x[ok]
-    if len(x):
-        bins = np.histogram_bin_edges(x, bins=int(np.clip(np.sqrt(len(x)) * 2, 10, 60)))
-        counts, _, _ = ax.hist([x[~passes], x[passes]], bins=bins, stacked=True, color=["#bdbdbd", "#ef6c00"],
-                               label=[f"not passing ({int((~passes).sum())})", f"passing ({int(passes.sum())})"])
-        if np.max(counts) > 50:
-            ax.set_yscale("log")
-        ax.axvline(0, color="#555", lw=0.8)
-        ax.legend(fontsize=8, frameon=False)
-    ax.set_xlabel("Δ (chosen − rejected)")
-    ax.set_ylabel("features")
-    ax.set_title("Distribution of Δ over all tested features", fontsize=10)
-
-
-def _figure(draw: Any, *args: Any) -> str:
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
-    draw(fig.add_subplot(), *args)
-    fig.tight_layout()
-    return png_data_uri(fig)
-
-
-def volcano_plot(concepts: pd.DataFrame) -> str:
-    """The volcano plot as a data URI."""
-    return _figure(draw_volcano, concepts)
-
-
-def length_control_plot(concepts: pd.DataFrame) -> str | None:
-    """Δ vs Δ at equal lengths with the diagonal; None when the audit ran without length control."""
-    if "delta_len_ctrl" not in concepts.columns:
-        return None
-    x = concepts["delta"].to_numpy(np.float64)
-    y = concepts["delta_len_ctrl"].to_numpy(np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if not ok.any():
-        return None
-
-    def draw(ax: Axes) -> None:
-        passes = _passes(concepts)
-        ax.scatter(x[ok & ~passes], y[ok & ~passes], s=6, c="#9e9e9e", alpha=0.5, linewidths=0, label="not passing")
-        ax.scatter(x[ok & passes], y[ok & passes], s=10, c="#ef6c00", linewidths=0, label="passing")
-        lo, hi = float(min(x[ok].min(), y[ok].min())), float(max(x[ok].max(), y[ok].max()))
-        ax.plot([lo, hi], [lo, hi], color="#555", lw=0.8, ls="--", label="Δlen = Δ")
-        ax.set_xlabel("Δ")
-        ax.set_ylabel("Δ at equal lengths (Δlen)")
-        ax.set_title("Length control: far below the diagonal = explained by length", fontsize=10)
-        ax.legend(fontsize=8, frameon=False)
-
-    return _figure(draw)
-
-
-def data_cluster_plot(result: AuditResult) -> str | None:
-    """Pairs per data cluster and, where the local table has rows, its passing signals per data
-    cluster by the side they lean to; None with fewer than two data clusters."""
-    dc = result.data_clusters
-    counts = dc["data_cluster"].astype(int).value_counts().sort_index() if len(dc) else pd.Series(dtype=int)
-    if len(counts) < 2:
-        return None
-    names = ["silent" if d < 0 else f"data {d}" for d in counts.index]
-    local = result.local
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
-    axes = fig.subplots(1, 2 if len(local) else 1, sharey=True, squeeze=False)[0]
-    axes[0].barh(names, counts.to_numpy(), color="#78909c")
-    axes[0].invert_yaxis()
-    axes[0].set_xlabel("pairs")
-    axes[0].set_title("Pairs per data cluster", fontsize=10)
-    if len(local):
-        passing = local[local["passes"].astype(bool)]
-        left = np.zeros(len(counts))
-        for sign, colour, name in ((1, "#1565c0", "chosen-leaning"), (-1, "#c62828", "rejected-leaning")):
-            n = np.array([((passing["data_cluster"].astype(int) == d) & (np.sign(passing["delta"]) == sign)).sum()
-                          for d in counts.index], dtype=float)
-            axes[1].barh(names, n, left=left, color=colour, label=name)
-            left += n
-        axes[1].set_xlabel("passing feature clusters")
-        axes[1].set_title("Local signals per data cluster", fontsize=10)
-        axes[1].legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return png_data_uri(fig)
-
-
-def heatmap(matrix: np.ndarray, *, rows: Sequence[str], cols: Sequence[str], title: str, label: str,
-            diverging: bool, size: tuple[float, float] | None = None) -> str:
-    """A labelled heatmap as a data URI (diverging colours centred on 0 for signed values)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    h = min(9.0, 1.5 + 0.25 * max(len(rows), 1))
-    w = min(12.0, 2.5 + 0.3 * max(len(cols), 1))
-    fig = Figure(figsize=size or (w, h), dpi=100)
-    ax = fig.add_subplot()
-    finite = m[np.isfinite(m)]
-    if diverging:
-        lim = float(np.max(np.abs(finite))) if finite.size else 1.0
-        image = ax.imshow(np.nan_to_num(m, nan=0.0, posinf=lim, neginf=-lim), cmap="RdBu_r",
-                          vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto")
-    else:
-        image = ax.imshow(np.nan_to_num(m), cmap="viridis", aspect="auto")
-    if len(rows) <= 40:
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    if len(cols) <= 40:
-        ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90)
-    fig.colorbar(image, ax=ax, label=label)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return png_data_uri(fig)
-
-
-def clustered_matrix_plot(mi: np.ndarray, blocks: Sequence[tuple[int, int]], hook: str) -> str:
-    """The co-firing MI of every clustered feature, cluster by cluster along the diagonal, with the
-    multi-member clusters boxed and named (`blocks`: (cluster id, size))."""
-    fig = Figure(figsize=(7.5, 6.4), dpi=100)
-    ax = fig.add_subplot()
-    image = ax.imshow(np.nan_to_num(mi), cmap="viridis", aspect="auto", interpolation="nearest")
-    ticks, names, start = [], [], 0
-    for cluster, size in blocks:
-        if size > 1 or len(blocks) <= 40:
-            ticks.append(start + (size - 1) / 2)
-            names.append(f"c{cluster}")
-        if size > 1:
-            ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, ec="#ff7043", lw=0.8))
-        start += size
-    if len(ticks) <= 60:
-        ax.set_xticks(ticks, names, fontsize=6, rotation=90)
-        ax.set_yticks(ticks, names, fontsize=6)
-    fig.colorbar(image, ax=ax, label="MI (nats)")
-    ax.set_title(f"Co-firing MI of all {len(blocks)} clusters ({hook}); boxes: multi-member clusters",
-                 fontsize=9)
-    fig.tight_layout()
-    return png_data_uri(fig)
 
 
 # ---- what the page knows about each concept and cluster --------------------------------------------------
@@ -916,14 +582,6 @@ def prediction_section(check: PredictionCheck) -> str:
             f'<table class="summary">{summary}</table><img alt="prediction scatter" src="{uri}">'
             + table_html(table, ("hook", "cluster", "n_features", "label", "predicted", "observed", "before", "after"))
             + (f"<h3>Example rollouts</h3>{examples}" if examples else ""))
-
-
-def html_page(title: str, body: str) -> str:
-    """An offline page: our CSS, `body`, our one sorting script, a CSP that admits nothing else."""
-    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}"
-            f"{SCRIPT_TAG}{SCRIPT}</script></body></html>")
 
 
 def prediction_page(check: PredictionCheck, *, title: str = "Prediction check") -> str:
