@@ -39,18 +39,18 @@ class StepProgressBar(TQDMProgressBar):
     starting at the resumed step; the epoch is shown in the postfix instead of a per-epoch bar."""
 
     def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate, leave=True)
-        self._started = False
+        super().__init__(refresh_rate=refresh_rate)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        total = trainer.estimated_stepping_batches
+        bar.reset(total=None if total == float("inf") else int(total))
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("train steps")
 
     def on_train_epoch_start(self, trainer: Any, *_: Any) -> None:
-        if not self._started:
-            self._started = True
-            bar = self.train_progress_bar
-            total = trainer.estimated_stepping_batches
-            bar.reset(total=None if total == float("inf") else int(total))
-            bar.initial = trainer.global_step
-            bar.n = trainer.global_step
-            bar.set_description("train steps")
+        """One bar for the whole fit: nothing to reset per epoch."""
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         bar = self.train_progress_bar
