@@ -358,14 +358,14 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = normalize_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)  # each parser path normalizes its own arguments
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
     try:
         if command in FIT_COMMANDS:
-            return run_fit([command, *rest])
+            return run_fit([command, *normalize_args(rest)])
         if command in JOBS:
             return run_job(command, rest)
     except (argparse.ArgumentError, ConfigError) as err:

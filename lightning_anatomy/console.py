@@ -38,9 +38,6 @@ class StepProgressBar(TQDMProgressBar):
     """One bar for the whole fit, counted in optimizer steps (`trainer.estimated_stepping_batches`),
     starting at the resumed step; the epoch is shown in the postfix instead of a per-epoch bar."""
 
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
-
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar
@@ -56,15 +53,11 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
             bar.n = trainer.global_step
-            bar.set_postfix({"epoch": trainer.current_epoch, **self.get_metrics(trainer, pl_module)})
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
             bar.refresh()
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        bar = self.train_progress_bar
-        if bar is not None and not bar.disable:
-            bar.set_postfix({"epoch": trainer.current_epoch, **self.get_metrics(trainer, pl_module)})
-
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """The epoch in place of Lightning's `v_num`, then the logged progress-bar metrics."""
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        return items
+        return {"epoch": trainer.current_epoch, **items}

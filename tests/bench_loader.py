@@ -22,6 +22,20 @@ def load_benchmark(name: str) -> ModuleType:
     return module
 
 
+def run_quick(name: str, out: Path, *args: str) -> tuple[ModuleType, dict]:
+    """`(module, results)` of `benchmarks/<name>.py --quick` run in-process on one thread (the
+    test process's thread count is restored afterwards: torch loaded before the script could make
+    OpenMP wait passively, and busy-waiting threads on a shared 2-core machine stall)."""
+    import torch
+
+    module = load_benchmark(name)
+    threads = torch.get_num_threads()
+    try:
+        return module, module.main(["--quick", "--out", str(out), "--threads", "1", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def floats_in(obj: object, where: str = "doc") -> Iterator[tuple[str, float]]:
     """Every float of a results document with its path (`doc.a[0].b`), to check they are finite."""
     if isinstance(obj, float):

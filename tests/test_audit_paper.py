@@ -302,13 +302,9 @@ def test_token_firing_counts_the_spans_tokens_in_a_measurement_pass():
 def test_cofiring_scale_benchmark_quick(tmp_path):
     import json
 
-    from bench_loader import load_benchmark
+    from bench_loader import run_quick
 
-    threads = torch.get_num_threads()
-    try:
-        results = load_benchmark("cofiring_scale").main(["--quick", "--out", str(tmp_path), "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    _, results = run_quick("cofiring_scale", tmp_path)
     run = json.loads((tmp_path / "cofiring_scale.quick.json").read_text())["run"]
     assert run == json.loads(json.dumps(results["run"]))
     assert run["d_sae"] == 1024 and 40 < run["mean_l0"] < 70 and run["edges_kept"] == math.ceil(

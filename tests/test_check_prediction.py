@@ -198,13 +198,9 @@ def test_cli_check_prediction_end_to_end(tmp_path, capsys):
 
 
 def test_prediction_benchmark_quick_writes_the_contract(tmp_path):
-    from bench_loader import load_benchmark
+    from bench_loader import run_quick
 
-    threads = torch.get_num_threads()
-    try:
-        results = load_benchmark("prediction").main(["--quick", "--out", str(tmp_path), "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    bench, results = run_quick("prediction", tmp_path)
     on_disk = json.loads((tmp_path / "prediction.quick.json").read_text())
     assert on_disk == json.loads(json.dumps(results)) and on_disk["quick"] is True
     assert set(on_disk["settings"]) == {"graded_controlled", "graded_smollm2", "hh_smollm2"}
@@ -221,7 +217,6 @@ def test_prediction_benchmark_quick_writes_the_contract(tmp_path):
     assert sorted(controlled["disparities"].values()) == [-0.8, -0.5, -0.2, 0.2, 0.5, 0.8]
 
     # parts run one at a time merge into one results file; a quick run is refused
-    bench = load_benchmark("prediction")
     parts = []
     for i, name in enumerate(("graded_controlled", "hh_smollm2")):
         part = {**on_disk, "quick": False, "wall_s": 10.0 * (i + 1), "settings": {name: on_disk["settings"][name]}}

@@ -119,6 +119,7 @@ def load_rows(data: dict[str, Any], tokenizer, seed: int):
 
 
 def run_audit(cfg: DictConfig):
+    """Run the job on `cfg` as `cli.job_config` returns it (parsed, type- and spec-checked there)."""
     from lightning_anatomy.audit import audit_dataset
     from lightning_anatomy.audit.report import train_command
     from lightning_anatomy.concepts import ConceptLens
@@ -126,7 +127,6 @@ def run_audit(cfg: DictConfig):
     from lightning_anatomy.concepts.sae import load_sae
     from lightning_anatomy.models.loading import load_model, load_tokenizer
 
-    check_job(cfg)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.tokenizer)
     rows = load_rows(OmegaConf.to_container(cfg.data, resolve=True), tokenizer, cfg.seed)

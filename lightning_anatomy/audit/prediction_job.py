@@ -118,6 +118,7 @@ def check_job(cfg: DictConfig) -> None:
 
 
 def run_check_prediction(cfg: DictConfig):
+    """Run the job on `cfg` as `cli.job_config` returns it (parsed, type- and spec-checked there)."""
     from lightning_anatomy.audit.job import load_rows
     from lightning_anatomy.audit.prediction import check_prediction
     from lightning_anatomy.audit.result import AuditResult
@@ -125,7 +126,6 @@ def run_check_prediction(cfg: DictConfig):
     from lightning_anatomy.concepts.sae import load_sae
     from lightning_anatomy.models.loading import load_model, load_tokenizer
 
-    check_job(cfg)
     audit = AuditResult.load(str(cfg.audit))
     hooks = sorted(set(audit.feature_clusters["hook"]))
     missing = [h for h in hooks if h not in cfg.saes]

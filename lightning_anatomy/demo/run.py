@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from jsonargparse.typing import PositiveInt
 from omegaconf import DictConfig, OmegaConf
@@ -71,6 +71,10 @@ class DemoTrain:
     warmup_steps: int = 2
 
 
+Intervention = Literal["projection", "mean_ablation", "blocking"]
+INTERVENTIONS = get_args(Intervention)
+
+
 @dataclass
 class DemoIntervention:
     """The shaped run's intervention.
@@ -84,7 +88,7 @@ class DemoIntervention:
         lam: ConceptBlocking weight.
     """
 
-    kind: Literal["projection", "mean_ablation", "blocking"] = "projection"
+    kind: Intervention = "projection"
     mode: Literal["gradient", "ablate", "both"] = "both"
     layers: str | list[int] = "all_later"
     audit_features: int = 0
@@ -203,7 +207,6 @@ def _fit(name: str, cfg: DictConfig, base_state: dict, tokenizer: Any, rows: lis
                                   "drift": tracked}
 
 
-INTERVENTIONS = ("projection", "mean_ablation", "blocking")
 
 
 def shaped_callbacks(icfg: DictConfig, concept_set: Any, model: Any, tokenizer: Any, data: Any, hook: str) -> list:
@@ -226,6 +229,7 @@ def shaped_callbacks(icfg: DictConfig, concept_set: Any, model: Any, tokenizer: 
 
 
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
+    """Run the job on `cfg` as `cli.job_config` returns it (parsed, type- and spec-checked there)."""
     import torch
 
     from lightning_anatomy.audit import audit_dataset
@@ -234,9 +238,6 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from lightning_anatomy.demo.data import make_demo_data
     from lightning_anatomy.models.embedded import EMBEDDED_HOOK, load_embedded, load_embedded_sae
 
-    if cfg.intervention.get("kind", "projection") not in INTERVENTIONS:  # before anything loads
-        raise ValueError(f"intervention.kind={cfg.intervention.kind!r} is not one of {INTERVENTIONS}")
-    check_job(cfg)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
