@@ -26,7 +26,9 @@ interventions issue asks for:
     python benchmarks/interventions.py            # full run (~45 min on 2 shared CPU cores)
     python benchmarks/interventions.py --quick    # every path on small sizes (~2 min)
 
-Writes `<out>/interventions.json` (+ `.png`) and prints the README table
+Writes `<out>/interventions.json` (+ `.png`): `{"scenarios": {"<scenario>_<data>": {"scenario",
+"variant", "kind", "knobs", "conditions": {condition: {"cut", "cut_ci", "spurious_delta",
+"ontarget_delta", "ontarget_vs_vanilla", ...}}, "goals"}}}` (points), and prints the README table
 (`python benchmarks/interventions.py --from-json benchmarks/results/interventions.json` re-renders it).
 """
 
@@ -51,7 +53,7 @@ import numpy as np  # noqa: E402
 import spurious as task  # noqa: E402  (the controlled task, base pretraining, SAE, evaluation)
 
 FORMAT = "lightning-anatomy/bench-interventions"
-VERSION = 1
+VERSION = 2  # 2: one entry per (scenario, data) under "scenarios", as the issue's contract lays it out
 SCENARIOS = {"belief": "input shortcut (stated belief)", "opener": "output style (opener ' Sure!')",
              "marker": "style-marker frequency (opener in corr of chosen, 1-corr of rejected)"}
 VARIANTS = {"corr0.9": 0.9, "corr0.75": 0.75, "corr1.0": 1.0}
@@ -384,6 +386,41 @@ def goals(conditions: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- layout
+def scenario_key(scenario: str, variant: str) -> str:
+    """The results file's key of one (scenario, data) setting, e.g. `opener_corr0.9`."""
+    return f"{scenario}_{variant}"
+
+
+def condition_order(conditions: dict[str, Any]) -> list[str]:
+    """The table's order: this benchmark's conditions first, then any others a part adds."""
+    return [n for n in CONDITIONS if n in conditions] + [n for n in conditions if n not in CONDITIONS]
+
+
+def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 file (`scenarios.<scenario>.variants.<data>`) in the contract's flat layout."""
+    if doc.get("version", 1) >= 2:
+        return doc
+    flat = {}
+    for scenario, sc in doc["scenarios"].items():
+        for variant, vr in sc["variants"].items():
+            flat[scenario_key(scenario, variant)] = {"scenario": scenario, "variant": variant, "kind": sc["kind"], **vr}
+    return {**doc, "version": VERSION, "scenarios": flat}
+
+
+def add_scenarios(path: Path, part: dict[str, Any], *, source: str) -> None:
+    """Add another benchmark's scenarios (same layout) to the results file at `path`, in place."""
+    if not path.is_file():
+        common.log(f"{path} is absent: {source} stays on its own")
+        return
+    doc = upgrade(json.loads(path.read_text()))
+    for key, sc in part["scenarios"].items():
+        doc["scenarios"][key] = {**sc, "source": source}
+    common.atomic_write_json(path, doc)
+    plot(doc, path.with_suffix(".png"))
+    common.log(f"added {', '.join(part['scenarios'])} to {path}")
+
+
 # ---------------------------------------------------------------------------------------- outputs
 def _fmt(value: float | None, ci: Sequence[float | None] | None = None, signed: bool = True) -> str:
     if value is None:
@@ -395,27 +432,25 @@ def _fmt(value: float | None, ci: Sequence[float | None] | None = None, signed: 
 def markdown(doc: dict[str, Any]) -> str:
     """The README table: one row per (scenario, data, condition)."""
     rows = []
-    for scenario, sc in doc["scenarios"].items():
-        for variant, vr in sc["variants"].items():
-            for name in [n for n in CONDITIONS if n in vr["conditions"]]:
-                c = vr["conditions"][name]
-                cut = "∞ (eliminated)" if c["cut"] is None and (c.get("cut_note") or "").startswith("condition") else (
-                    "n/a" if c["cut"] is None else _fmt(c["cut"], c["cut_ci"], signed=False))
-                rows.append([scenario, variant, name, _fmt(c["spurious_delta"], c["spurious_delta_ci"]), cut,
-                             _fmt(c["ontarget_vs_vanilla"], c["ontarget_vs_vanilla_ci"]), f"{c['quality_ontarget_after']:.1f}",
-                             f"{c['fit_s']:.1f}"])
+    for sc in doc["scenarios"].values():
+        for name in condition_order(sc["conditions"]):
+            c = sc["conditions"][name]
+            cut = "∞ (eliminated)" if c["cut"] is None and (c.get("cut_note") or "").startswith("condition") else (
+                "n/a" if c["cut"] is None else _fmt(c["cut"], c["cut_ci"], signed=False))
+            rows.append([sc["scenario"], sc["variant"], name, _fmt(c["spurious_delta"], c["spurious_delta_ci"]), cut,
+                         _fmt(c["ontarget_vs_vanilla"], c["ontarget_vs_vanilla_ci"]), f"{c['quality_ontarget_after']:.1f}",
+                         f"{c['fit_s']:.1f}"])
     table = common.markdown_table(["scenario", "data", "condition", "Δspurious, points [95% CI]", "cut [95% CI]",
                                    "on-target vs vanilla, points", "on-target acc after, %", "fit s"], rows)
     goal_rows = []
-    for scenario, sc in doc["scenarios"].items():
-        for variant, vr in sc["variants"].items():
-            g = vr["goals"]
-            best = g.get("best_within_2_points") or {}
-            goal_rows.append([scenario, variant, f"{g['vanilla_rise_points']:+.1f}", best.get("condition", "none"),
-                              "∞" if best and best.get("cut") is None else f"{best.get('cut') or 0:.2g}",
-                              "yes" if g["meets_goal"] else "no",
-                              {True: "yes", False: "no", None: "n/a"}[g.get("random_projection_within_noise")],
-                              {True: "yes", False: "no", None: "n/a"}[g.get("random_blocking_within_noise")]])
+    for sc in doc["scenarios"].values():
+        g = sc["goals"]
+        best = g.get("best_within_2_points") or {}
+        goal_rows.append([sc["scenario"], sc["variant"], f"{g['vanilla_rise_points']:+.1f}", best.get("condition", "none"),
+                          "∞" if best and best.get("cut") is None else f"{best.get('cut') or 0:.2g}",
+                          "yes" if g["meets_goal"] else "no",
+                          {True: "yes", False: "no", None: "n/a"}[g.get("random_projection_within_noise")],
+                          {True: "yes", False: "no", None: "n/a"}[g.get("random_blocking_within_noise")]])
     goals_table = common.markdown_table(["scenario", "data", "vanilla rise", "best within 2 on-target points", "cut",
                                          "≥10× goal", "random proj ≈ vanilla", "random block ≈ vanilla"], goal_rows)
     return f"{table}\n\n{goals_table}"
@@ -423,14 +458,17 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Δspurious per condition (mean, 95% CI), one panel per scenario, one marker per variant."""
-    scenarios = list(doc["scenarios"])
+    panels: dict[str, dict[str, Any]] = {}
+    for sc in doc["scenarios"].values():
+        panels.setdefault(sc["scenario"], {})[sc["variant"]] = sc
+    scenarios = list(panels)
     with common.matplotlib_agg() as plt:
         fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 5.5), squeeze=False)
         for col, scenario in enumerate(scenarios):
             ax = axes[0][col]
-            variants = doc["scenarios"][scenario]["variants"]
-            for k, (variant, vr) in enumerate(variants.items()):
-                names = [n for n in CONDITIONS if n in vr["conditions"]]
+            names: list[str] = []
+            for k, (variant, vr) in enumerate(panels[scenario].items()):
+                names = condition_order(vr["conditions"])
                 xs = [vr["conditions"][n]["spurious_delta"] for n in names]
                 lo = [x - vr["conditions"][n]["spurious_delta_ci"][0] for x, n in zip(xs, names)]
                 hi = [vr["conditions"][n]["spurious_delta_ci"][1] - x for x, n in zip(xs, names)]
@@ -444,7 +482,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             ax.set_title(f"{scenario}: Δ spurious (points)", fontsize=10)
             ax.grid(axis="x", alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
-        fig.suptitle(f"Interventions vs vanilla DPO, {len(doc['config']['seeds'])} seeds (dotted: vanilla rise / 10)")
+        fig.suptitle("Interventions vs vanilla DPO (dotted: vanilla rise / 10)")
         fig.tight_layout()
         common.atomic_save_figure(fig, path, dpi=110)
 
@@ -495,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         doc = json.loads(Path(args.from_json).read_text())
         if doc.get("format") != FORMAT:
             raise ValueError(f"{args.from_json} is not an interventions-benchmark result (format {doc.get('format')!r})")
+        doc = upgrade(doc)
         plot(doc, Path(args.from_json).with_suffix(".png"))
         print(markdown(doc))
         return doc
@@ -526,8 +565,6 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
         knobs, report = tune(scenario, base, tok, sae, cfg)
         doc["tuning"][scenario] = report
         common.log(f"  {scenario}: {knobs}")
-        variants = {}
-        doc["scenarios"][scenario] = {"kind": SCENARIOS[scenario], "variants": variants}
         for variant in [v for v in cfg.scenario_variants.get(scenario, list(VARIANTS)) if v in cfg.variants]:
             per_cond: dict[str, list[dict[str, Any]]] = {n: [] for n in CONDITIONS}
             concepts = []
@@ -537,8 +574,9 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
                 for name, record in run_conditions(ctx, CONDITIONS, knobs, cfg).items():
                     per_cond[name].append(record)
             conds = {n: summarize_condition(per_cond[n], per_cond["vanilla"], cfg.n_bootstrap) for n in CONDITIONS}
-            variants[variant] = {"knobs": dataclasses.asdict(knobs), "concepts": concepts, "conditions": conds,
-                                 "goals": goals(conds)}
+            doc["scenarios"][scenario_key(scenario, variant)] = {
+                "scenario": scenario, "variant": variant, "kind": SCENARIOS[scenario], "knobs": dataclasses.asdict(knobs),
+                "concepts": concepts, "conditions": conds, "goals": goals(conds)}
             publish(doc, args, started, complete=False)  # a long run leaves its finished settings behind
     return publish(doc, args, started, complete=True)
 

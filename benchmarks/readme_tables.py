@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _interventions(doc: dict[str, Any]) -> str:
     import interventions
 
-    return interventions.markdown(doc)
+    return interventions.markdown(interventions.upgrade(doc))
 
 
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {

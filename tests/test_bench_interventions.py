@@ -25,7 +25,7 @@ def test_quick_run_writes_the_contract_and_numbers_that_follow_from_the_records(
     written = json.loads((tmp_path / "out" / "interventions.json").read_text())
     assert written == json.loads(json.dumps(doc)) and written["format"] == "lightning-anatomy/bench-interventions"
     assert (tmp_path / "out" / "interventions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    conditions = written["scenarios"]["marker"]["variants"]["corr0.9"]["conditions"]
+    conditions = written["scenarios"]["marker_corr0.9"]["conditions"]
     assert list(conditions) == sorted(bench.CONDITIONS)  # every intervention and control ran
     vanilla = conditions["vanilla"]
     v_rise = np.mean([r["d_spurious"] for r in vanilla["per_seed"]])
@@ -42,7 +42,7 @@ def test_quick_run_writes_the_contract_and_numbers_that_follow_from_the_records(
         assert [r["seed"] for r in c["per_seed"]] == [0, 1]
         assert all(r["spurious_before"] == v["spurious_before"] for r, v in zip(c["per_seed"], vanilla["per_seed"]))
     assert all(r["n_pairs"] < 16 for r in conditions["filtering"]["per_seed"])
-    goals = written["scenarios"]["marker"]["variants"]["corr0.9"]["goals"]
+    goals = written["scenarios"]["marker_corr0.9"]["goals"]
     assert goals["vanilla_rise_points"] == pytest.approx(vanilla["spurious_delta"])
     assert {"meets_goal", "best_within_2_points", "random_projection_within_noise"} <= set(goals)
     for where, value in floats_in(written):

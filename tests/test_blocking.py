@@ -432,14 +432,17 @@ def test_state_key_includes_the_settings():
     assert blocking("sae")[0].state_key != a.state_key
 
 
-@pytest.mark.parametrize("sides, tokens", [("chosen", "completion"), ("rejected", "all"), ("both", "all")])
+@pytest.mark.parametrize("sides, tokens", [("chosen", "completion"), ("rejected", "all"), ("both", "all"),
+                                          ("both", "predicting")])
 def test_sides_and_tokens_select_what_is_penalised(sides, tokens):
     module = make_module()
     perturb(module.policy)
     pairs = random_pairs(4, seed=3)
     batch = batches(pairs, 4)[0]
     _, score, signs = blocking("sae")
-    mask = (batch["completion_mask"] if tokens == "completion" else batch["attention_mask"]).bool().clone()
+    mask = (batch["attention_mask"] if tokens == "all" else batch["completion_mask"]).bool().clone()
+    if tokens == "predicting":  # the positions whose logits score a completion token
+        mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     if sides == "chosen":
         mask[4:] = False
     elif sides == "rejected":
@@ -591,3 +594,11 @@ def test_built_from_a_yaml_config_entry(tmp_path):
                            "warmup_steps": 2, "sides": "rejected"}}
     (cb,) = parser.instantiate_classes(parser.parse_args(["--callbacks", json.dumps([entry])])).callbacks
     assert isinstance(cb, ConceptBlocking) and cb.names == ["bad"] and cb.lam == 5.0 and cb.sides == "rejected"
+
+
+def test_predicting_positions_are_the_completion_shifted_left():
+    from lightning_anatomy.callbacks.blocking import predicting_positions
+
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert predicting_positions(mask).tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+

@@ -14,7 +14,8 @@ and the term added to the training loss is
     penalty = λ_k · mean over t ∈ T, c ∈ C of e_c(t)²              (one_sided=False)
 
 with σ_c = +1 for a `suppress` concept (only growth costs) and −1 for `amplify` (only a decrease
-costs), T the selected tokens (completion tokens of the chosen and/or rejected half) and
+costs), T the selected tokens (completion tokens of the chosen and/or rejected half, or the
+positions predicting them, `tokens="predicting"`) and
 λ_k = λ·min(1, (k+1)/warmup_steps) at the k-th blocked optimizer step. The squared hinge is flat
 (zero value, zero gradient) wherever the policy is at or on the allowed side of the reference, so
 blocking never pushes a concept below where the reference model has it, only stops it growing.
@@ -67,7 +68,7 @@ from lightning_anatomy.concepts.hooks import (
 )
 from lightning_anatomy.interventions.steering import ACTION_SIGN, SIDES
 
-TOKENS = ("completion", "all")
+TOKENS = ("completion", "predicting", "all")
 AUX_LOSS_PREFIX = "ConceptBlocking"
 
 
@@ -80,6 +81,15 @@ def blocking_penalty(excess: Tensor, signs: Tensor, one_sided: bool = True) -> T
     signed = excess.float() * signs.to(device=excess.device, dtype=torch.float32)
     hinge = signed.clamp_min(0.0) if one_sided else signed
     return hinge.square().sum() / max(hinge.numel(), 1)
+
+
+def predicting_positions(completion_mask: Tensor) -> Tensor:
+    """The positions whose next-token logits score a completion token: `completion_mask` shifted
+    one to the left (position t is in when token t+1 is a completion token), as bool."""
+    mask = completion_mask.bool()
+    out = torch.zeros_like(mask)
+    out[:, :-1] = mask[:, 1:]
+    return out
 
 
 @dataclass
@@ -133,7 +143,10 @@ class ConceptBlocking(HookedCallback):
             False penalises any excess.
         saes: `{hook: SAE | directory | registry spec}` or a `ConceptLens`, for SAE-feature concepts.
         sides: `"both"`, `"chosen"` or `"rejected"` half of the `[chosen; rejected]` batch.
-        tokens: `"completion"` (the batch's `completion_mask`) or `"all"` (every non-pad token).
+        tokens: `"completion"` (the batch's `completion_mask`), `"predicting"` (the positions whose
+            next-token logits score the completion: the completion shifted one to the left, so the
+            prompt's last token, which decides a completion's first token — an opener — is in
+            and the last completion token is out) or `"all"` (every non-pad token).
         warmup_steps: grow λ linearly over this many optimizer steps (0: full λ from the start).
         allow_untested_strategy: run under strategies other than single-device, DDP and FSDP.
 
@@ -338,12 +351,12 @@ class ConceptBlocking(HookedCallback):
         if self.tokens == "all":
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] % 2:
-            key = "completion_mask" if self.tokens == "completion" else "attention_mask"
+            key = "attention_mask" if self.tokens == "all" else "completion_mask"
             raise ValueError(
                 f"ConceptBlocking needs contract batches: a dict with {key} [2B, T] over [chosen; rejected] rows "
                 "(see docs/ARCHITECTURE.md)"
             )
-        select = mask.bool().clone()
+        select = predicting_positions(mask) if self.tokens == "predicting" else mask.bool().clone()
         half = select.shape[0] // 2
         if self.sides == "chosen":
             select[half:] = False
