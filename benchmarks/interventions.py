@@ -404,7 +404,7 @@ def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
     flat = {}
     for scenario, sc in doc["scenarios"].items():
         for variant, vr in sc["variants"].items():
-            flat[scenario_key(scenario, variant)] = {"scenario": scenario, "variant": variant, "kind": sc["kind"], **vr}
+            flat[scenario_key(scenario, variant)] = {"scenario": scenario, "variant": variant, "kind": sc.get("kind"), **vr}
     return {**doc, "version": VERSION, "scenarios": flat}
 
 

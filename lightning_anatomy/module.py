@@ -138,6 +138,7 @@ class DPOModule(L.LightningModule):
         self._ref_cache: dict[int, tuple[float, float]] = {}
         self._auxiliary_losses: dict[str, Callable[[], Tensor | None]] = {}
         self._ref_from_checkpoint = False
+        self._ref_pending = False  # fit started without a table: compute it before the first batch
         self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
         self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
 
@@ -357,6 +358,7 @@ class DPOModule(L.LightningModule):
             self._ref_cache = {int(i): (float(c), float(r)) for i, c, r in zip(
                 table["row_ids"].tolist(), table["chosen"].tolist(), table["rejected"].tolist())}
             self._ref_from_checkpoint = True
+            self._check_reference_table()
 
     # ------------------------------------------------------------------ setup checks
     def setup(self, stage: str) -> None:
@@ -412,20 +414,44 @@ class DPOModule(L.LightningModule):
         self.__dict__["reference"] = reference
 
     # ------------------------------------------------------------------ precomputed reference
+    def _data_pairs(self) -> list[TokenizedPair]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return list(getattr(dm, "train_pairs", None) or []) + list(getattr(dm, "val_pairs", None) or [])
+
+    def _check_reference_table(self) -> None:
+        """A resumed run's table (from its checkpoint) must cover the data: a trained policy
+        cannot stand in for the reference on rows the table lacks."""
+        missing = [p.row_id for p in self._data_pairs() if p.row_id not in self._ref_cache]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's reference log-probs lack {len(missing)} row id(s) of this data (first: "
+                f"{missing[:5]}); a resumed run cannot compute them from its trained weights. Resume with the "
+                "same data and split"
+            )
+
     def on_fit_start(self) -> None:
-        if self.hparams.reference != "precomputed":
+        if self.hparams.reference != "precomputed" or self._ref_from_checkpoint:
+            return  # a checkpoint's table was checked against the data when it loaded
+        self._ref_pending = True
+        if not getattr(self.trainer.strategy, "restore_checkpoint_after_setup", False):
+            self._compute_pending_reference()
+        # else FSDP2 (ModelParallelStrategy): a checkpoint loads after on_fit_start, and a resumed
+        # run's table comes with it; the first validation or training start computes it otherwise.
+
+    def on_validation_start(self) -> None:
+        self._compute_pending_reference()
+
+    def on_train_start(self) -> None:
+        self._compute_pending_reference()
+
+    def _compute_pending_reference(self) -> None:
+        if not self._ref_pending:
             return
-        dm = getattr(self.trainer, "datamodule", None)
-        pairs = list(getattr(dm, "train_pairs", None) or []) + list(getattr(dm, "val_pairs", None) or [])
+        self._ref_pending = False
         if self._ref_from_checkpoint:
-            missing = [p.row_id for p in pairs if p.row_id not in self._ref_cache]
-            if missing:
-                raise ValueError(
-                    f"the checkpoint's reference log-probs lack {len(missing)} row id(s) of this data (first: "
-                    f"{missing[:5]}); a resumed run cannot compute them from its trained weights. Resume with the "
-                    "same data and split"
-                )
             return
+        pairs = self._data_pairs()
+        dm = getattr(self.trainer, "datamodule", None)
         if not pairs:
             raise ValueError(
                 "reference='precomputed' needs a datamodule with train_pairs/val_pairs (PreferenceDataModule), "

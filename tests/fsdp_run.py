@@ -73,6 +73,9 @@ def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks:
     module = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)), reference=reference, lr=1e-3,
                        adam_eps=1e-4, warmup_steps=1, peft_config=dict(PEFT) if reference == "peft" else None,
                        reference_cache_dir=str(root / "refcache"))
+    computed: list[int] = []  # reference log-prob tables this run computed (not read from a cache or checkpoint)
+    compute = module._compute_reference
+    module._compute_reference = lambda pairs, *a: computed.append(len(pairs)) or compute(pairs, *a)
     data = PreferenceDataModule(make_toy_preferences(ROWS, seed=0), tok, batch_size=PAIRS_PER_STEP // devices,
                                 val_fraction=0.0, max_length=48, max_prompt_length=32, seed=0, shuffle=False)
     logger = MemoryLogger()
@@ -103,7 +106,7 @@ def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks:
             "sharded": is_sharded_module(module.policy),
             "reference_sharded": module.reference is not None and is_sharded_module(module.reference),
             "reference_in_state_dict": any(k.startswith("reference.") for k in module.state_dict()),
-            "refcache": sorted(p.name for p in (root / "refcache").glob("*.safetensors"))}
+            "refcache": sorted(p.name for p in (root / "refcache").glob("*.safetensors")), "computed": computed}
 
 
 def fsdp1_step() -> dict[str, Any]:
@@ -202,6 +205,11 @@ def main(devices: int, out: Path) -> None:
             first = fit(devices, out / kind, stop_at=2, full_checkpoint=full)
             runs[f"resumed_{kind}"] = fit(devices, out / kind, ckpt_path=first["ckpt"], full_checkpoint=full)
             runs[f"resumed_{kind}"]["ckpt_is_dir"] = Path(first["ckpt"]).is_dir()
+        # precomputed reference: FSDP2 loads the checkpoint after on_fit_start; the resumed run (in a
+        # folder without the first run's cache) must take the table from the checkpoint, not compute one
+        first = fit(devices, out / "pre_part", reference="precomputed", concept_callbacks=None, stop_at=2)
+        runs["resumed_precomputed"] = fit(devices, out / "pre_resumed", reference="precomputed",
+                                          concept_callbacks=None, ckpt_path=first["ckpt"])
         runs["fsdp1"] = fsdp1_step()
         runs["refusals"] = refusals(out)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

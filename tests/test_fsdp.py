@@ -105,6 +105,16 @@ def test_fsdp2_checkpoint_resumes_like_the_uninterrupted_run(runs, kind):
 
 
 @pytest.mark.slow
+def test_fsdp2_resume_with_a_precomputed_reference_takes_the_checkpoints_table(runs):
+    resumed = runs[2]["resumed_precomputed"]
+    assert runs[2]["precomputed"]["computed"] == [24]  # the uninterrupted run computed its table once
+    assert resumed["computed"] == [] and resumed["refcache"] == []  # the resumed run computed none
+    expected, got = _values(runs[2]["precomputed"], after=2), _values(resumed, after=2)
+    assert expected and got.keys() == expected.keys()
+    assert [k for k in expected if got[k] != expected[k]] == []
+
+
+@pytest.mark.slow
 def test_fsdp2_extraction_equals_the_one_process_extraction(runs):
     one, two = runs[1]["extraction"], runs[2]["extraction"]
     assert two["sharded"] and not one["sharded"]
