@@ -112,7 +112,7 @@ def test_bad_specs_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SAELoadError, match="has no cfg.json"):
         load_sae(tmp_path / "empty")
-    with pytest.raises(SAELoadError, match="from a int"):
+    with pytest.raises(SAELoadError, match="cannot load an SAE from 3"):
         load_sae(3)
 
 

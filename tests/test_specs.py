@@ -68,7 +68,7 @@ def test_random_sae_spec_waits_for_the_width_and_is_seeded():
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("random:lots", "positive integer"), ("./no/sae", "not an existing SAE directory"),
+    ("random:lots", "positive integer"), ("./no/sae", "SAE directory '\\./no/sae' does not exist"),
     ("justaword", "not an existing SAE directory"), ({"release": "x"}, "exactly the keys"), (3, "cannot load"),
 ])
 def test_sae_specs_refused_with_the_key(spec, message):

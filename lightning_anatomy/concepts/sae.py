@@ -126,7 +126,7 @@ def check_sae_spec(spec: SAESpec, where: str = "SAE spec") -> None:
         return
     if isinstance(spec, dict):
         if set(spec) != {"release", "sae_id"}:
-            raise SAELoadError(f"{where}: an SAE spec dict must have exactly the keys release and sae_id, got "
+            raise SAELoadError(f"{where}: an SAE spec dict must have exactly the keys 'release' and 'sae_id', got "
                                f"{sorted(spec)}")
         return
     if not isinstance(spec, str | Path) or not str(spec):
@@ -145,7 +145,9 @@ def check_sae_spec(spec: SAESpec, where: str = "SAE spec") -> None:
         if not (path / "cfg.json").is_file():
             raise SAELoadError(f"{where}: SAE directory {text!r} has no cfg.json; write one with sae.save_model(dir)")
         return
-    if isinstance(spec, Path) or text.startswith(("/", "./", "../", "~")) or "/" not in text.strip("/"):
+    if isinstance(spec, Path) or text.startswith(("/", "./", "../", "~")):
+        raise SAELoadError(f"{where}: SAE directory {text!r} does not exist")
+    if "/" not in text.strip("/"):
         raise SAELoadError(f"{where}: {text!r} is not an existing SAE directory; pass {SAE_SPECS}")
 
 
@@ -161,6 +163,7 @@ def load_sae(spec: SAESpec, *, device: str | torch.device | None = None, d_in: i
     """
     from sae_lens import SAE, TrainingSAE
 
+    check_sae_spec(spec)  # the one rule for what a spec may be; below, only loading
     dev = str(device) if device is not None else None
     if isinstance(spec, str) and spec.startswith("random:"):
         spec = _random_spec(spec, seed)
@@ -177,29 +180,18 @@ def load_sae(spec: SAESpec, *, device: str | torch.device | None = None, d_in: i
         sae = _to_inference(spec) if isinstance(spec, TrainingSAE) else spec
         return sae.to(dev) if dev is not None else sae
     if isinstance(spec, dict):
-        unknown = set(spec) - {"release", "sae_id"}
-        if unknown or not {"release", "sae_id"} <= set(spec):
-            raise SAELoadError(
-                f"SAE spec dict must have exactly the keys 'release' and 'sae_id', got {sorted(spec)}"
-            )
         return _from_registry(str(spec["release"]), str(spec["sae_id"]), dev, repr(spec))
     if isinstance(spec, str | Path):
         path = Path(spec).expanduser()
         if path.is_dir():
-            if not (path / "cfg.json").is_file():
-                raise SAELoadError(
-                    f"SAE directory {str(path)!r} has no cfg.json; write one with sae.save_model(dir)"
-                )
             return SAE.load_from_disk(path, device=dev or "cpu")
         text = str(spec)
-        if isinstance(spec, Path) or text.startswith(("/", "./", "../", "~")):
-            raise SAELoadError(f"SAE directory {text!r} does not exist")
         if _offline():  # fail before parsing the registry (a 2 s YAML read); a naive split suffices
             release, _, sae_id = text.partition("/")
         else:
             release, sae_id = _split_release(text)
         return _from_registry(release, sae_id, dev, repr(text))
-    raise SAELoadError(f"cannot load an SAE from a {type(spec).__name__}; pass {SAE_SPECS}")
+    raise AssertionError(f"check_sae_spec let {spec!r} through")  # unreachable: every accepted kind loads above
 
 
 def sae_d_in(sae: Any) -> int:
