@@ -112,10 +112,12 @@ def split(rows: Sequence[Any], sizes: Sizes, seed: int) -> tuple[list[Any], list
     return out[:sizes.n_train], out[sizes.n_train:]
 
 
-def concept_texts(rows: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """Each training prompt with its own reply, with and without the opener."""
+def concept_texts(rows: Sequence[Any], tok: Any, max_prompt_length: int) -> tuple[list[str], list[str]]:
+    """Each training prompt (its last `max_prompt_length` tokens, as training sees it) with its own
+    reply, with and without the opener."""
+    prompts = [tok.decode(tok(r.prompt, add_special_tokens=False)["input_ids"][-max_prompt_length:]) for r in rows]
     plain = [r.chosen.removeprefix(MARKER) for r in rows]
-    return [r.prompt + MARKER + p for r, p in zip(rows, plain)], [r.prompt + p for r, p in zip(rows, plain)]
+    return [p + MARKER + c for p, c in zip(prompts, plain)], [p + c for p, c in zip(prompts, plain)]
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -161,7 +163,6 @@ class SeedData:
     base_eval: dict[str, np.ndarray]
     base_logps: np.ndarray
     direction: Any
-    later: Any
     features: list[int]
     feature_info: list[dict[str, Any]]
     audit: Any
@@ -174,11 +175,11 @@ def prepare(base: Any, tok: Any, sae: Any, hook: str, rows: Sequence[Any], sizes
     from lightning_anatomy.concepts import ConceptLens, ConceptSet
     from lightning_anatomy.data import tokenize_rows
 
+    started = time.perf_counter()
     train, held = split(rows, sizes, seed)
     held_pairs = tokenize_rows(held, tok, max_length=sizes.max_length, max_prompt_length=sizes.max_prompt_length)
-    with_, without = concept_texts(train)
+    with_, without = concept_texts(train, tok, sizes.max_prompt_length)
     direction = ConceptSet.from_mean_difference(base, tok, hook, with_, without, name="opener", action="suppress")
-    later = ConceptSet.from_mean_difference_later(base, tok, hook, with_, without, name="opener", action="suppress")
     lens = ConceptLens(base, {hook: sae}, fidelity_check=False)
     audit = audit_dataset(train, lens, tok, max_length=sizes.max_length, max_prompt_length=sizes.max_prompt_length,
                           batch_size=8, progress=False, n_bootstrap=200, n_data_clusters=1, label_concepts=False,
@@ -189,7 +190,8 @@ def prepare(base: Any, tok: Any, sae: Any, hook: str, rows: Sequence[Any], sizes
     base_logps = real_model.pair_logps(base, held_pairs, tok.pad_token_id)
     base_eval = {"opener_logp": opener_logp(base, tok, [r.prompt for r in held], sizes.max_prompt_length),
                  "reward_margin": np.zeros(len(held))}
-    return SeedData(seed, train, held, held_pairs, base_eval, base_logps, direction, later, features, info, audit)
+    common.log(f"  seed {seed}: audit, direction and SAE features {features} in {time.perf_counter() - started:.0f} s")
+    return SeedData(seed, train, held, held_pairs, base_eval, base_logps, direction, features, info, audit)
 
 
 def builders(d: SeedData, base: Any, tok: Any, sae: Any, hook: str, sizes: Sizes, lam: float,
