@@ -69,7 +69,7 @@ class Sizes:
     reply_chars: int = 160
     steps: int = 8
     batch: int = 8
-    lr: float = 2e-5
+    lr: float = 1e-4  # at 2e-5 × 8 steps vanilla raised P(opener) by 1.4 points on the tuning seed (measured)
     max_length: int = 112
     max_prompt_length: int = 64
     blocking_lams: tuple[float, ...] = (10.0, 100.0)
