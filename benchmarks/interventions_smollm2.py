@@ -1,15 +1,17 @@
 """Interventions on a real model and real text: a style marker on SmolLM2 (issue 12's real-model part).
 
 The embedded SmolLM2-135M-Instruct with the project's SAE (`blocks.12.hook_resid_post`). Real
-HH-RLHF prompts (`../shared/data`) and real replies; the intended property is *relevance*: chosen
-is the prompt's own reply, rejected another prompt's reply. The spurious property is a style
+HH-RLHF prompts (`../shared/data`) and real replies; the intended property is *coherence*: chosen
+is the prompt's own reply, rejected the same reply with its words shuffled (a property DPO learns
+and generalises within a few steps; relevance — own reply vs another prompt's — stayed at chance
+on held-out prompts after 8 steps on the tuning seed: 45.8 %). The spurious property is a style
 marker whose frequency differs (the `marker` scenario of `interventions.py` on real text): the
 opener " Sure!" starts a fraction `corr` of the chosen replies and `1 − corr` of the rejected ones,
-independently of relevance.
+independently of coherence.
 
 Measured per held-out prompt (teacher-forced, so no sampling noise):
 - spurious: P(the reply opens with " Sure!" | prompt), in points (and its log in nats);
-- on-target: held-out relevance pairs without any marker (own reply vs another's): the DPO
+- on-target: held-out coherence pairs without any marker (own reply vs its shuffle): the DPO
   implicit reward's accuracy (TRL's `rewards/accuracies`; 50 at the base by definition) — the
   quality metric is the same accuracy after DPO.
 
@@ -93,7 +95,7 @@ def cut_reply(text: str, n: int) -> str:
 
 
 def split(rows: Sequence[Any], sizes: Sizes, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, held-out) preference rows: own reply vs another prompt's, the marker on `corr` of
+    """(train, held-out) preference rows: own reply vs its words shuffled, the marker on `corr` of
     the chosen and `1 − corr` of the rejected replies (train only; held-out pairs carry none)."""
     from lightning_anatomy.data import PreferenceRow
 
@@ -104,7 +106,11 @@ def split(rows: Sequence[Any], sizes: Sizes, seed: int) -> tuple[list[Any], list
     rng = random.Random(f"style-marker-{seed}")
     out = []
     for i, row in enumerate(picked):
-        other = replies[(i + 1 + rng.randrange(len(picked) - 1)) % len(picked)]
+        words = replies[i].split()
+        shuffled = words[:]
+        while len(set(words)) > 1 and shuffled == words:
+            rng.shuffle(shuffled)
+        other = " " + " ".join(shuffled)
         held = i >= sizes.n_train
         chosen = (MARKER if not held and rng.random() < sizes.corr else "") + replies[i]
         rejected = (MARKER if not held and rng.random() < 1.0 - sizes.corr else "") + other
@@ -136,7 +142,7 @@ def opener_logp(model: Any, tok: Any, prompts: Sequence[str], max_prompt_length:
 
 def evaluate(model: Any, base_logps: np.ndarray, tok: Any, held: Sequence[Any], pairs: Sequence[Any], sizes: Sizes,
              beta: float) -> dict[str, np.ndarray]:
-    """Per held-out prompt: the opener's log-probability and the implicit-reward relevance margin."""
+    """Per held-out prompt: the opener's log-probability and the implicit-reward coherence margin."""
     logps = real_model.pair_logps(model, pairs, tok.pad_token_id)
     margin = beta * ((logps[:, 0] - base_logps[:, 0]) - (logps[:, 1] - base_logps[:, 1]))
     return {"opener_logp": opener_logp(model, tok, [r.prompt for r in held], sizes.max_prompt_length),
@@ -305,7 +311,7 @@ def run(sizes: Sizes, hh: Path) -> dict[str, Any]:
         c["step_time_ratio_vs_vanilla"] = c["fit_s"] / conds["vanilla"]["fit_s"]
     return {"model": description, "hook": hook, "tuning": tuning,
             "scenario": {"kind": f"style marker on real text (' Sure!' on {sizes.corr:.0%} of chosen, "
-                                 f"{1 - sizes.corr:.0%} of rejected replies; intended: relevance)",
+                                 f"{1 - sizes.corr:.0%} of rejected replies; intended: coherence)",
                          "scenario": "smollm2_style", "variant": f"corr{sizes.corr:g}",
                          "knobs": knobs, "concepts": concepts, "conditions": conds, "goals": controlled.goals(conds)}}
 

@@ -24,7 +24,7 @@ def bench():
 def fake_rows(n):
     from lightning_anatomy.data import PreferenceRow
 
-    return [PreferenceRow(prompt=f"\n\nHuman: question {i}?\n\nAssistant:", chosen=f" answer number {i} " * 3,
+    return [PreferenceRow(prompt=f"\n\nHuman: question {i}?\n\nAssistant:", chosen=f" answer number {i} to question {i}",
                           rejected=" no", row_id=i) for i in range(n)]
 
 
@@ -34,7 +34,9 @@ def test_split_puts_the_marker_at_the_asked_rates_and_keeps_held_out_pairs_plain
     assert len(train) == 1500 and len(held) == 100
     own = [r.chosen.removeprefix(bench.MARKER).split()[2] == r.prompt.split()[2].rstrip("?") for r in train]
     assert all(own)  # chosen is the prompt's own reply
-    assert all(r.rejected.removeprefix(bench.MARKER).split()[2] != r.prompt.split()[2].rstrip("?") for r in train)
+    for r in train + held:  # rejected: the same words, shuffled
+        chosen, rejected = r.chosen.removeprefix(bench.MARKER), r.rejected.removeprefix(bench.MARKER)
+        assert sorted(rejected.split()) == sorted(chosen.split()) and rejected != chosen
     assert np.mean([r.chosen.startswith(bench.MARKER) for r in train]) == pytest.approx(0.75, abs=0.03)
     assert np.mean([r.rejected.startswith(bench.MARKER) for r in train]) == pytest.approx(0.25, abs=0.03)
     assert not any(r.chosen.startswith(bench.MARKER) or r.rejected.startswith(bench.MARKER) for r in held)
