@@ -15,14 +15,15 @@ Measured per held-out prompt (teacher-forced, so no sampling noise):
   implicit reward's accuracy (TRL's `rewards/accuracies`; 50 at the base by definition) — the
   quality metric is the same accuracy after DPO.
 
-Conditions on the same seeds, data and batch order: vanilla; gradient projection and mean ablation
-of the opener's difference-of-means direction at the SAE's layer and every later one; latent
+Conditions on the same seeds, data and batch order: vanilla; gradient projection of the opener's
+difference-of-means direction at the SAE's layer and every later one; latent
 blocking of the audit's opener features on the completion tokens and on the positions predicting
 them (`tokens="predicting"`: the prompt's last token decides the first reply token, so blocking
 only on completion tokens never sees where an opener is chosen); reward shaping by the direction's
 per-pair score; data filtering by the audit features; random directions of equal rank (control).
-λ and the shaping scale are picked on tuning seed 1000 only (smallest spurious rise with on-target
-within 2 points of vanilla, else the smallest on-target loss); seeds 0, 1, 2 report. Cut = vanilla
+λ and the shaping scale are picked on tuning seed 1000 only (the smallest spurious rise among values
+whose on-target accuracy is within 2 points of vanilla's and whose mean reward margin keeps ≥ 80 %
+of vanilla's — the accuracy saturates —, else the largest margin kept); seeds 0, 1, 2 report. Cut = vanilla
 rise / condition rise, paired bootstrap over held-out prompts, seeds pooled.
 
     python benchmarks/interventions_smollm2.py          # ~35 min on 2 CPU cores
@@ -56,8 +57,8 @@ import torch  # noqa: E402
 FORMAT = "lightning-anatomy/bench-interventions"
 SCENARIO = "smollm2_style_corr0.9"
 MARKER = " Sure!"
-CONDITIONS = ("vanilla", "projection_later", "ablation_mean", "blocking_sae", "blocking_sae_predicting",
-              "reward_shaping", "filtering", "random_projection")
+CONDITIONS = ("vanilla", "projection_later", "blocking_sae", "blocking_sae_predicting", "reward_shaping", "filtering",
+              "random_projection")  # mean ablation on SmolLM2: the demo part of real_model.py
 TUNE_SEED = 1000
 
 
@@ -227,8 +228,6 @@ def builders(d: SeedData, base: Any, tok: Any, sae: Any, hook: str, sizes: Sizes
     return {
         "vanilla": lambda: (d.train, []),
         "projection_later": lambda: (d.train, [ConceptProjection(d.direction, mode="gradient", layers="all_later")]),
-        "ablation_mean": lambda: (d.train, [ConceptProjection(d.direction, mode="ablate", layers="all_later",
-                                                              ablation="mean")]),
         "blocking_sae": lambda: (d.train, block("completion")),
         "blocking_sae_predicting": lambda: (d.train, block("predicting")),
         "reward_shaping": lambda: (d.train, shaping()),
@@ -264,29 +263,32 @@ def _mean(recs: Sequence[dict[str, Any]], key: str) -> float:
     return float(np.mean([r[key] for r in recs]))
 
 
+def _brief(recs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    return {k: _mean(recs, k) for k in ("d_spurious", "d_ontarget", "reward_margin")}
+
+
 def tune(base: Any, tok: Any, sae: Any, hook: str, rows: Sequence[Any], sizes: Sizes) -> tuple[dict[str, float], dict[str, Any]]:
-    """λ and the shaping scale on the tuning seed: the smallest spurious rise among values whose
-    on-target change is within 2 points of vanilla's, else the smallest on-target loss."""
+    """λ and the shaping scale on the tuning seed (the rule in the module docstring)."""
     d = prepare(base, tok, sae, hook, rows, sizes, TUNE_SEED)
-    van = run_conditions(d, ["vanilla"], base, tok, sae, hook, sizes, 0.0, 0.0)["vanilla"]
-    runs: dict[str, Any] = {"vanilla": {"d_spurious": _mean(van, "d_spurious"), "d_ontarget": _mean(van, "d_ontarget")}}
+    van = _brief(run_conditions(d, ["vanilla"], base, tok, sae, hook, sizes, 0.0, 0.0)["vanilla"])
+    runs: dict[str, Any] = {"vanilla": van}
     picked = {}
     for knob, name, values in (("lam", "blocking_sae_predicting", sizes.blocking_lams),
                                ("scale", "reward_shaping", sizes.shaping_scales)):
         tried = {}
         for v in values:
             lam, scale = (v, 0.0) if knob == "lam" else (0.0, v)
-            recs = run_conditions(d, [name], base, tok, sae, hook, sizes, lam, scale)[name]
-            tried[v] = {"d_spurious": _mean(recs, "d_spurious"), "d_ontarget": _mean(recs, "d_ontarget")}
-            runs[f"{name}@{v:g}"] = tried[v]
-        ok = [v for v, r in tried.items() if runs["vanilla"]["d_ontarget"] - r["d_ontarget"] <= 0.02]
-        picked[knob] = (min(ok, key=lambda v: tried[v]["d_spurious"]) if ok
-                        else min(tried, key=lambda v: runs["vanilla"]["d_ontarget"] - tried[v]["d_ontarget"]))
+            tried[v] = runs[f"{name}@{v:g}"] = _brief(run_conditions(d, [name], base, tok, sae, hook, sizes, lam,
+                                                                     scale)[name])
+        kept = {v: r["reward_margin"] / van["reward_margin"] if van["reward_margin"] > 0 else 0.0
+                for v, r in tried.items()}
+        ok = [v for v, r in tried.items() if van["d_ontarget"] - r["d_ontarget"] <= 0.02 and kept[v] >= 0.8]
+        picked[knob] = min(ok, key=lambda v: tried[v]["d_spurious"]) if ok else max(tried, key=lambda v: kept[v])
     return picked, {"seed": TUNE_SEED, "picked": picked, "runs": runs, "features": d.features}
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(sizes: Sizes, hh: Path) -> dict[str, Any]:
+def run(sizes: Sizes, hh: Path, on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from lightning_anatomy.data import read_preferences
 
     if not hh.is_file():
@@ -304,16 +306,26 @@ def run(sizes: Sizes, hh: Path) -> dict[str, Any]:
         for name, recs in run_conditions(d, CONDITIONS, base, tok, sae, hook, sizes, knobs["lam"],
                                          knobs["scale"]).items():
             per_cond[name].extend(recs)
+        if on_seed is not None:
+            on_seed(summarize(per_cond, sizes))  # a long run leaves its finished seeds behind
+    return {"model": description, "hook": hook, "tuning": tuning, "scenario": {**summarize(per_cond, sizes),
+                                                                               "knobs": knobs, "concepts": concepts}}
+
+
+def summarize(per_cond: dict[str, list[dict[str, Any]]], sizes: Sizes) -> dict[str, Any]:
+    """The contract's summaries per condition, plus the opener in nats and the reward margin kept."""
     conds = {n: controlled.summarize_condition(per_cond[n], per_cond["vanilla"], sizes.n_boot) for n in CONDITIONS}
+    van_margin = _mean(per_cond["vanilla"], "reward_margin")
     for name, c in conds.items():
         c["opener_logp_delta_nats"] = common.bootstrap_mean([r["d_opener_logp_nats"] for r in per_cond[name]],
                                                             sizes.n_boot)
+        c["ontarget_reward_margin"] = common.bootstrap_mean([r["reward_margin"] for r in per_cond[name]], sizes.n_boot)
+        c["margin_kept_vs_vanilla"] = _mean(per_cond[name], "reward_margin") / van_margin if van_margin > 0 else None
         c["step_time_ratio_vs_vanilla"] = c["fit_s"] / conds["vanilla"]["fit_s"]
-    return {"model": description, "hook": hook, "tuning": tuning,
-            "scenario": {"kind": f"style marker on real text (' Sure!' on {sizes.corr:.0%} of chosen, "
-                                 f"{1 - sizes.corr:.0%} of rejected replies; intended: coherence)",
-                         "scenario": "smollm2_style", "variant": f"corr{sizes.corr:g}",
-                         "knobs": knobs, "concepts": concepts, "conditions": conds, "goals": controlled.goals(conds)}}
+    return {"scenario": "smollm2_style", "variant": f"corr{sizes.corr:g}",
+            "kind": f"style marker on real text (' Sure!' on {sizes.corr:.0%} of chosen, {1 - sizes.corr:.0%} of "
+                    "rejected replies; intended: coherence)",
+            "conditions": conds, "goals": controlled.goals(conds)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -327,14 +339,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else Sizes()
     started = time.perf_counter()
-    result = run(sizes, args.hh)
-    doc = {"format": FORMAT, "version": controlled.VERSION, "quick": bool(args.quick),
-           "command": " ".join(["python benchmarks/interventions_smollm2.py", *(argv if argv is not None else sys.argv[1:])]),
-           "config": {**dataclasses.asdict(sizes), "seeds": list(sizes.seeds)}, "machine": common.machine_info(),
-           "model": result["model"], "hook": result["hook"], "tuning": {SCENARIO: result["tuning"]},
-           "scenarios": {SCENARIO: result["scenario"]}, "notes": controlled.NOTES,
-           "wall_s": round(time.perf_counter() - started, 1)}
     name = "interventions.smollm2" + (".quick" if args.quick else "")
+    doc: dict[str, Any] = {
+        "format": FORMAT, "version": controlled.VERSION, "quick": bool(args.quick),
+        "command": " ".join(["python benchmarks/interventions_smollm2.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": {**dataclasses.asdict(sizes), "seeds": list(sizes.seeds)}, "machine": common.machine_info(),
+        "notes": controlled.NOTES, "complete": False}
+
+    def partial(scenario: dict[str, Any]) -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        common.atomic_write_json(args.out / f"{name}.json", {**doc, "scenarios": {SCENARIO: scenario},
+                                                            "wall_s": round(time.perf_counter() - started, 1)})
+
+    result = run(sizes, args.hh, partial)
+    doc.update({"model": result["model"], "hook": result["hook"], "tuning": {SCENARIO: result["tuning"]},
+                "scenarios": {SCENARIO: result["scenario"]}, "complete": True,
+                "wall_s": round(time.perf_counter() - started, 1)})
     common.publish(doc, args.out, name, controlled.markdown, None)
     if not args.quick:
         controlled.add_scenarios(args.out / "interventions.json", doc, source=f"{name}.json")

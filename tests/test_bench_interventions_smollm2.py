@@ -89,7 +89,12 @@ def test_quick_run_writes_the_contract(tmp_path, capsys):
         assert c["spurious_delta"] == pytest.approx(100 * np.mean([r["d_spurious"] for r in c["per_seed"]]))
         assert c["ontarget_vs_vanilla"] == pytest.approx(c["ontarget_delta"] - vanilla["ontarget_delta"])
         assert [r["seed"] for r in c["per_seed"]] == [0] * 6 + [1] * 6  # per held-out prompt, seeds pooled
-    assert written["tuning"][bench.SCENARIO]["seed"] == bench.TUNE_SEED
+    assert written["tuning"][bench.SCENARIO]["seed"] == bench.TUNE_SEED and written["complete"]
+    for c in conditions.values():
+        margin = np.mean([r["reward_margin"] for r in c["per_seed"]])
+        assert c["ontarget_reward_margin"]["mean"] == pytest.approx(margin)
+        van = np.mean([r["reward_margin"] for r in vanilla["per_seed"]])
+        assert c["margin_kept_vs_vanilla"] == (pytest.approx(margin / van) if van > 0 else None)
     for where, value in floats_in(written):
         assert math.isfinite(value), where
     assert "| smollm2_style | corr0.9 | blocking_sae_predicting |" in capsys.readouterr().out
