@@ -292,7 +292,8 @@ def run(sizes: Sizes, hh: Path, on_seed: Callable[[dict[str, Any]], None] | None
     from lightning_anatomy.data import read_preferences
 
     if not hh.is_file():
-        raise SystemExit(f"{hh} is absent: this benchmark needs the shared HH-RLHF sample beside the repo")
+        raise SystemExit(f"{hh} is absent: this benchmark needs the shared HH-RLHF sample beside the repo, or "
+                         "--hh <a preference JSONL with HH-style prompts>")
     rows = list(read_preferences(hh, on_bad_rows="skip"))
     base, tok, sae, hook, description = real_model.build(sizes.model)
     common.log(f"tuning λ and the shaping scale on seed {TUNE_SEED}…")
