@@ -115,6 +115,12 @@ def test_bad_specs_name_the_problem(tmp_path):
     with pytest.raises(SAELoadError, match="cannot load an SAE from 3"):
         load_sae(3)
 
+    class LooksLikeAnSAE:  # passes the spec check by shape (W_dec), but is no sae_lens.SAE
+        W_dec = None
+
+    with pytest.raises(SAELoadError, match="cannot load an SAE from a LooksLikeAnSAE"):
+        load_sae(LooksLikeAnSAE())
+
 
 def test_check_width_names_both_numbers():
     model = build_tiny_model("gpt2", hidden_size=32, num_layers=2)

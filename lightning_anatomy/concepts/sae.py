@@ -191,7 +191,8 @@ def load_sae(spec: SAESpec, *, device: str | torch.device | None = None, d_in: i
         else:
             release, sae_id = _split_release(text)
         return _from_registry(release, sae_id, dev, repr(text))
-    raise AssertionError(f"check_sae_spec let {spec!r} through")  # unreachable: every accepted kind loads above
+    # an object check_sae_spec accepts by shape (it has W_dec) that is no sae_lens.SAE
+    raise SAELoadError(f"cannot load an SAE from a {type(spec).__name__}; pass {SAE_SPECS}")
 
 
 def sae_d_in(sae: Any) -> int:
