@@ -150,14 +150,17 @@ def evaluate(model: Any, base_logps: np.ndarray, tok: Any, held: Sequence[Any], 
             "reward_margin": margin}
 
 
-def records(base: dict[str, np.ndarray], after: dict[str, np.ndarray], seed: int, step_s: float) -> list[dict[str, Any]]:
-    """One record per held-out prompt in `interventions.summarize_condition`'s shape (fractions)."""
+def records(base: dict[str, np.ndarray], after: dict[str, np.ndarray], seed: int, step_s: float,
+            steps: int) -> list[dict[str, Any]]:
+    """One record per held-out prompt in `interventions.summarize_condition`'s shape (fractions;
+    `wall_s`, the table's fit seconds, is the median step time × steps: training, setup excluded)."""
     p0, p1 = np.exp(base["opener_logp"]), np.exp(after["opener_logp"])
     acc = (after["reward_margin"] > 0).astype(float) + 0.5 * (after["reward_margin"] == 0)
     return [{"seed": seed, "item": i, "spurious_before": float(p0[i]), "spurious_after": float(p1[i]),
              "d_spurious": float(p1[i] - p0[i]), "d_opener_logp_nats": float(after["opener_logp"][i] - base["opener_logp"][i]),
              "ontarget_before": 0.5, "ontarget_after": float(acc[i]), "d_ontarget": float(acc[i] - 0.5),
-             "reward_margin": float(after["reward_margin"][i]), "wall_s": step_s} for i in range(len(p0))]
+             "reward_margin": float(after["reward_margin"][i]), "step_s": step_s, "wall_s": step_s * steps}
+            for i in range(len(p0))]
 
 
 # ------------------------------------------------------------------------------------------ one seed
@@ -248,7 +251,7 @@ def run_conditions(d: SeedData, names: Sequence[str], base: Any, tok: Any, sae: 
                                         seed=d.seed, callbacks=callbacks, max_length=sizes.max_length,
                                         max_prompt_length=sizes.max_prompt_length)
         after = evaluate(policy, d.base_logps, tok, d.held, d.held_pairs, sizes, setting.beta)
-        out[name] = records(d.base_eval, after, d.seed, step_s)
+        out[name] = records(d.base_eval, after, d.seed, step_s, sizes.steps)
         spur = 100 * np.mean([r["d_spurious"] for r in out[name]])
         acc = 100 * np.mean([r["ontarget_after"] for r in out[name]])
         common.log(f"  seed {d.seed} {name:<24} Δ P(opener) {spur:+.1f} points, held-out reward accuracy {acc:.1f} "

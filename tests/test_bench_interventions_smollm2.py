@@ -69,7 +69,8 @@ def test_opener_logp_is_the_marker_tokens_log_probability_after_the_prompt(bench
 def test_records_turn_margins_into_accuracy_points(bench):
     base = {"opener_logp": np.log([0.1, 0.2]), "reward_margin": np.zeros(2)}
     after = {"opener_logp": np.log([0.4, 0.1]), "reward_margin": np.array([0.3, 0.0])}
-    recs = bench.records(base, after, seed=5, step_s=2.0)
+    recs = bench.records(base, after, seed=5, step_s=2.0, steps=8)
+    assert [(r["step_s"], r["wall_s"]) for r in recs] == [(2.0, 16.0)] * 2  # the table's fit seconds
     assert [r["d_spurious"] for r in recs] == pytest.approx([0.3, -0.1])
     assert [r["ontarget_after"] for r in recs] == [1.0, 0.5]  # a tie counts half, as at the base
     assert [r["d_ontarget"] for r in recs] == [0.5, 0.0]
