@@ -265,13 +265,23 @@ def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path
                   out_dir=tmp_path / "shards", cofire_top_fraction=0.05, label_concepts=False)
     with pytest.raises(ValueError, match="belong to method='paper'"):
         audit_dataset(rows, lens, tokenizer, cofire_max_tokens=10, progress=False)
+    import lightning_anatomy.concepts.token_firing as tf
+
+    separate_pass = tf.pair_span_firing
+    # the co-firing corpus comes from the extraction's own forwards: no second pass
+    monkeypatch.setattr(tf, "pair_span_firing", lambda *a, **k: pytest.fail("a second pass over the pairs"))
     result = audit_dataset(rows, lens, tokenizer, **kwargs)
     assert len(result.cluster_predictions) >= 2 and result.method == "paper"
     assert list((tmp_path / "shards" / "cofiring").glob("clusters-*.parquet"))
-    # a rerun reads the clusters from the cache: no co-firing pass
-    import lightning_anatomy.concepts.token_firing as tf
+    # ... and gives the clusters the separate pass gives
+    from lightning_anatomy.audit.cofiring import cofiring_clusters
+    from lightning_anatomy.data.tokenize import tokenize_rows
 
-    monkeypatch.setattr(tf, "pair_span_firing", lambda *a, **k: pytest.fail("the cache was not used"))
+    pairs = tokenize_rows(rows, tokenizer, max_length=64, max_prompt_length=32)
+    firing = separate_pass(lens, pairs, pad_token_id=tokenizer.pad_token_id, batch_size=16)
+    want = cofiring_clusters(firing, min_tokens=10, top_fraction=0.05, min_cluster_size=4, resolution=1.0, seed=0)
+    pd.testing.assert_frame_equal(result.feature_clusters.reset_index(drop=True), want.reset_index(drop=True))
+    # a rerun reads the clusters from the cache
     again = audit_dataset(rows, lens, tokenizer, **kwargs)
     pd.testing.assert_frame_equal(again.feature_clusters, result.feature_clusters)
     # a text corpus instead of the dataset's spans, capped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from lightning_anatomy.concepts import extraction
 from lightning_anatomy.concepts.extraction import ExtractionError, extract_span_features, load_span_features
 from lightning_anatomy.concepts.lens import ConceptLens
 from lightning_anatomy.concepts.span_features import SPANS, STATS
+from lightning_anatomy.concepts.token_firing import pair_span_firing
 from lightning_anatomy.data import TokenizedPair
 from lightning_anatomy.models.tiny import build_tiny_model
 
@@ -195,6 +197,71 @@ def test_out_dir_manifest_shards_and_rerun_skips(lens, pairs, reference, tmp_pat
     shard.write_bytes(bytes(raw))
     with pytest.raises(ExtractionError, match="does not match its sha256"):
         load_span_features(out)
+
+
+def test_hooks_not_in_name_order_read_back_from_disk(pairs, tmp_path):
+    """manifest.json sorts its keys: shards written in the lens's hook order must still be read
+    back under the right hook (two SAEs of one width would swap silently)."""
+    model = build_tiny_model("gpt2", vocab_size=VOCAB, hidden_size=64, num_layers=2, seed=0)
+    saes = {}
+    for seed, hook in ((3, HOOK), (4, "blocks.0.hook_resid_post")):  # not in name order
+        torch.manual_seed(seed)
+        saes[hook] = StandardSAE(StandardSAEConfig(d_in=64, d_sae=D_SAE))
+    two = ConceptLens(model, saes=saes)
+    in_memory = extract_span_features(pairs, two, batch_size=BATCH, shard_size=SHARD, progress=False,
+                                      token_firing=True)
+    on_disk = extract_span_features(pairs, two, batch_size=BATCH, shard_size=SHARD, progress=False,
+                                    token_firing=True, out_dir=tmp_path / "f")
+    assert_same_features(on_disk, in_memory)
+    for hook in saes:
+        assert (on_disk.token_firing[hook] != in_memory.token_firing[hook]).nnz == 0, hook
+    direct = pair_span_firing(two, pairs, pad_token_id=0, batch_size=BATCH)
+    for hook in saes:  # same tokens (row order aside): the column counts and co-firing counts agree
+        a, b = on_disk.token_firing[hook].astype(np.int64), direct[hook].astype(np.int64)
+        assert a.shape == b.shape
+        np.testing.assert_array_equal((a.T @ a).toarray(), (b.T @ b).toarray())
+
+
+def test_token_firing_is_the_separate_pass_from_the_same_forwards(lens, pairs, reference, tmp_path, monkeypatch):
+    """token_firing=True: the co-firing corpus of `pair_span_firing` (the same token rows, in
+    processing order) from the extraction's own forwards, resumable like the span stats."""
+    direct = pair_span_firing(lens, pairs, pad_token_id=0, batch_size=BATCH)[HOOK]
+    seen = count_encodes(monkeypatch, lens)
+    out = tmp_path / "tf"
+    feats = extract_span_features(pairs, lens, batch_size=BATCH, shard_size=SHARD, progress=False, out_dir=out,
+                                  token_firing=True)
+    assert len(seen) == math.ceil(N_PAIRS / BATCH)  # no second pass
+    assert_same_features(feats, reference)  # the span statistics are untouched
+    got = feats.token_firing[HOOK]
+    assert got.shape == direct.shape and got.dtype == direct.dtype
+    # processing order is length-sorted: compare as multisets of token rows
+    key = lambda m: sorted(tuple(m.indices[m.indptr[i]:m.indptr[i + 1]]) for i in range(m.shape[0]))  # noqa: E731
+    assert key(got) == key(direct)
+    assert extraction.recorded_token_firing(out) is True and extraction.recorded_token_firing(tmp_path / "x") is None
+    assert feats.subset(np.arange(3)).token_firing is None  # a corpus, not rows: not subset
+    # without it: no token firing, the fingerprint of before (a plain extraction is reused as it was)
+    plain = extract_span_features(pairs, lens, batch_size=BATCH, shard_size=SHARD, progress=False,
+                                  out_dir=tmp_path / "plain")
+    assert plain.token_firing is None and extraction.recorded_token_firing(tmp_path / "plain") is False
+    assert "token_firing" not in json.loads((tmp_path / "plain" / "manifest.json").read_text())["settings"]
+    with pytest.raises(ExtractionError, match="changed: token_firing"):
+        extract_span_features(pairs, lens, batch_size=BATCH, shard_size=SHARD, progress=False,
+                              out_dir=tmp_path / "plain", token_firing=True)
+    with pytest.raises(ExtractionError, match="token_firing must be True or False"):
+        extract_span_features(pairs, lens, batch_size=BATCH, token_firing="yes")
+
+
+def test_token_firing_resumes_after_a_kill(lens, pairs, tmp_path, monkeypatch):
+    whole = extract_span_features(pairs, lens, batch_size=BATCH, shard_size=SHARD, progress=False, token_firing=True)
+    out = tmp_path / "killed"
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        extract_span_features(pairs, lens, batch_size=BATCH, shard_size=SHARD, out_dir=out, progress=False,
+                              token_firing=True)
+    monkeypatch.undo()
+    resumed = extract_span_features(pairs, lens, batch_size=BATCH, shard_size=SHARD, out_dir=out, progress=False,
+                                    token_firing=True)
+    assert (resumed.token_firing[HOOK] != whole.token_firing[HOOK]).nnz == 0
 
 
 def _kill_after(monkeypatch, n_ok: int) -> list[int]:

@@ -442,10 +442,10 @@ def audit_dataset(
     """Audit preference rows through a `ConceptLens`: tokenize, extract span features, test.
 
     `method="paper"`: the feature-conditioned audit of Bergen et al. (module docstring). Its
-    co-firing corpus is the pairs' prompt, chosen and rejected tokens (one more measurement pass
-    through the lens), or `cofire_corpus` (texts, tokenized with `tokenizer`, or token-id lists),
-    cut to its first `cofire_max_tokens` tokens (None: all); `feature_clusters` (hook, cluster,
-    feature) skips that pass and reuses clusters. With `out_dir` the clusters are cached in
+    co-firing corpus is the pairs' prompt, chosen and rejected tokens (read from the extraction's
+    own forwards, `extract_span_features(token_firing=True)`; cut to the first `cofire_max_tokens`
+    tokens it takes one more pass), or `cofire_corpus` (texts, tokenized with `tokenizer`, or
+    token-id lists); `feature_clusters` (hook, cluster, feature) reuses clusters. With `out_dir` the clusters are cached in
     `<out_dir>/cofiring/` under a key of the model, SAE and corpus digests and the settings.
 
     With `label_concepts`, the traced concepts get a heuristic label (`concepts.labels`) and
@@ -458,7 +458,7 @@ def audit_dataset(
     option is an `AuditOptions` field (stat="max", n_bootstrap=1000, seed=0, min_fire_count=5,
     n_clusters=None, top_k_trace=10, ...), validated before the model runs.
     """
-    from lightning_anatomy.concepts.extraction import extract_span_features
+    from lightning_anatomy.concepts.extraction import extract_span_features, recorded_token_firing
     from lightning_anatomy.data.tokenize import resolve_pad_token_id, tokenize_rows
 
     unknown = sorted(set(options) - set(AuditOptions.__dataclass_fields__))
@@ -481,15 +481,20 @@ def audit_dataset(
     if max_prompt_length is None and isinstance(max_length, int):
         max_prompt_length = max(1, min(256, max_length // 2))
     pairs = tokenize_rows(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    # The paper method's default co-firing corpus (the pairs' own tokens) comes from the
+    # extraction's forwards; an out_dir keeps whatever its extraction already holds.
+    recorded = recorded_token_firing(out_dir)
+    wants_firing = method == "paper" and feature_clusters is None and cofire_corpus is None and cofire_max_tokens is None
     features = extract_span_features(pairs, lens, batch_size=batch_size, threshold=threshold, out_dir=out_dir,
                                      progress=progress, trainer_kwargs=trainer_kwargs,
-                                     pad_token_id=resolve_pad_token_id(tokenizer))
+                                     pad_token_id=resolve_pad_token_id(tokenizer),
+                                     token_firing=wants_firing if recorded is None else recorded)
     saes = dict(getattr(lens, "saes", {}) or {})
     extra: dict[str, Any] = {}
     if method == "paper":
         extra["feature_clusters"] = feature_clusters if feature_clusters is not None else _cofiring_clusters_of(
             lens, tokenizer, pairs, opts, corpus=cofire_corpus, max_tokens=cofire_max_tokens, batch_size=batch_size,
-            threshold=threshold, max_length=max_length, out_dir=out_dir)
+            threshold=threshold, max_length=max_length, out_dir=out_dir, firing=features.token_firing)
     result = audit_features(features, rows=rows, labels=labels, saes=saes or None, **extra, **options)
     result.options.update(max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size,
                           threshold=threshold)
@@ -501,8 +506,10 @@ def audit_dataset(
 def _cofiring_clusters_of(
     lens: Any, tokenizer: Any, pairs: Sequence[Any], opts: AuditOptions, *, corpus: Sequence[Any] | None,
     max_tokens: int | None, batch_size: int, threshold: float, max_length: int, out_dir: str | os.PathLike | None,
+    firing: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Feature clusters from the co-firing corpus through the lens (cached under out_dir when given)."""
+    """Feature clusters from the co-firing corpus through the lens (cached under out_dir when given);
+    `firing`: the pairs' token firing the extraction kept, used instead of a second pass."""
     from lightning_anatomy.concepts.token_firing import pair_span_firing, sequence_firing
     from lightning_anatomy.data.tokenize import resolve_pad_token_id
     from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
@@ -525,12 +532,12 @@ def _cofiring_clusters_of(
     cache = None if out_dir is None else Path(out_dir) / "cofiring" / f"clusters-{key}.parquet"
     if cache is not None and cache.is_file():
         return pd.read_parquet(cache)
-    if sequences is None:
-        firing = pair_span_firing(lens, pairs, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
-                                  max_tokens=max_tokens)
-    else:
+    if sequences is not None:
         firing = sequence_firing(lens, sequences, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
                                  max_tokens=max_tokens)
+    elif firing is None or max_tokens is not None:  # else: the same corpus, already read by the extraction
+        firing = pair_span_firing(lens, pairs, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
+                                  max_tokens=max_tokens)
     clusters = cofiring_clusters(firing, min_tokens=opts.cofire_min_tokens, top_fraction=opts.cofire_top_fraction,
                                  min_cluster_size=opts.min_cluster_size, resolution=opts.leiden_resolution,
                                  seed=opts.seed, block_size=opts.cofire_block_size)

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_anatomy.concepts.lens import ConceptLens, span_stats
 from lightning_anatomy.concepts.span_features import SPANS, STATS, SpanFeatures
+from lightning_anatomy.concepts.token_firing import masked_firing, pair_firing_mask
 from lightning_anatomy.data.tokenize import TokenizedPair, collate_pairs
 from lightning_anatomy.digests import full_model_digest, model_digest, pairs_digest
 from lightning_anatomy.files import atomic_write_bytes
@@ -56,7 +57,7 @@ from lightning_anatomy.sharding import (
     unsharded_class_name,
 )
 
-__all__ = ["ExtractionError", "extract_span_features", "load_span_features"]
+__all__ = ["ExtractionError", "extract_span_features", "load_span_features", "recorded_token_firing"]
 
 MANIFEST = "manifest.json"
 FORMAT = "lightning-anatomy/span-features"
@@ -114,13 +115,17 @@ def _lens_saes(lens: ConceptLens) -> dict[str, nn.Module]:
 
 def _settings(
     pairs: Sequence[TokenizedPair], lens: ConceptLens, batch_size: int, batches_per_shard: int,
-    threshold: float, stats: tuple[str, ...],
+    threshold: float, stats: tuple[str, ...], token_firing: bool,
 ) -> dict[str, Any]:
     saes = _lens_saes(lens)
+    # Only when on, so that the fingerprints of extractions made without it stay as they were.
+    extra = {"token_firing": True} if token_firing else {}
     return {
         "n_pairs": len(pairs),
         "pairs_sha256": pairs_digest(pairs),
-        "hooks": {h: int(lens.d_sae(h)) for h in lens.hooks},
+        # In name order: manifest.json sorts its keys, and the shards' matrix numbering must be
+        # the same whether the settings come from the lens or from the manifest.
+        "hooks": {h: int(lens.d_sae(h)) for h in sorted(lens.hooks)},
         "sae_digests": {h: f"{type(saes[h]).__name__}:{model_digest(saes[h])}" for h in lens.hooks},
         "model_digest": f"{unsharded_class_name(lens.model)}:{_weights_digest(lens.model)}",
         "threshold": float(threshold),
@@ -128,6 +133,7 @@ def _settings(
         "spans": list(SPANS),
         "batch_size": batch_size,
         "batches_per_shard": batches_per_shard,
+        **extra,
     }
 
 
@@ -251,6 +257,7 @@ class _ShardBuffer:
         self.positions: list[np.ndarray] = []
         self.lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPANS}
         self.parts: dict[tuple[str, str, str], list[sp.csr_matrix]] = {}
+        self.tokens: dict[str, list[sp.csr_matrix]] = {}  # binary token firing per hook (token_firing)
 
     def arrays(self, keys: list[tuple[str, str, str]], row_ids: np.ndarray) -> dict[str, np.ndarray]:
         positions = np.concatenate(self.positions).astype(np.int64)
@@ -263,6 +270,11 @@ class _ShardBuffer:
             out[f"m{i}.data"] = np.ascontiguousarray(m.data, dtype=np.float32)
             out[f"m{i}.indices"] = np.ascontiguousarray(m.indices, dtype=np.int32)
             out[f"m{i}.indptr"] = np.ascontiguousarray(m.indptr, dtype=np.int64)
+        for j, parts in enumerate(self.tokens.values()):  # hooks in settings order
+            t = sp.vstack(parts, format="csr")
+            t.sort_indices()
+            out[f"t{j}.indices"] = np.ascontiguousarray(t.indices, dtype=np.int32)
+            out[f"t{j}.indptr"] = np.ascontiguousarray(t.indptr, dtype=np.int64)
         return out
 
 
@@ -397,12 +409,15 @@ class _ExtractionModule(pl.LightningModule):
         threshold = self.job.settings["threshold"]
         for span, (_, mask) in masks.items():
             buf.lengths[span].append(mask.sum(dim=1).cpu().numpy())
+        firing_mask = pair_firing_mask(batch) if self.job.settings.get("token_firing") else None
         for hook in self.job.settings["hooks"]:
             f = feats[hook]
             for span, (rows, mask) in masks.items():
                 stats = span_stats(f[rows], mask, threshold)
                 for stat in self.job.settings["stats"]:
                     buf.parts.setdefault((hook, span, stat), []).append(_dense_to_csr(stats[stat]))
+            if firing_mask is not None:
+                buf.tokens.setdefault(hook, []).append(masked_firing(f, firing_mask, threshold))
         buf.positions.append(batch["positions"].cpu().numpy())
         if batch["last_of_shard"]:
             self._finish_shard(k, self._buffers.pop(k))
@@ -482,6 +497,10 @@ def _assemble(
         m = sp.vstack([_csr_from(s, i, d_sae) for s in shards], format="csr")[back]
         m.sort_indices()
         matrices[key] = m
+    token_firing = None
+    if settings.get("token_firing"):
+        token_firing = {hook: sp.vstack([_token_csr_from(s, j, d_sae) for s in shards], format="csr")
+                        for j, (hook, d_sae) in enumerate(settings["hooks"].items())}
     return SpanFeatures(
         row_ids=np.concatenate([s["row_ids"] for s in shards])[back],
         lengths={span: np.concatenate([s[f"lengths.{span}"] for s in shards])[back] for span in SPANS},
@@ -489,7 +508,20 @@ def _assemble(
         d_sae=dict(settings["hooks"]),
         threshold=settings["threshold"],
         meta={"fingerprint": fingerprint, "stats": list(settings["stats"]), **meta},
+        token_firing=token_firing,
     )
+
+
+def _token_csr_from(arrays: dict[str, np.ndarray], j: int, d_sae: int) -> sp.csr_matrix:
+    indices, indptr = arrays[f"t{j}.indices"], arrays[f"t{j}.indptr"]
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.int32), indices, indptr), shape=(len(indptr) - 1, d_sae))
+
+
+def recorded_token_firing(out_dir: str | os.PathLike | None) -> bool | None:
+    """Whether the extraction in `out_dir` keeps token firing (None: no extraction there yet), so a
+    caller can ask for what the directory already holds instead of a different fingerprint."""
+    manifest = None if out_dir is None or not Path(out_dir).is_dir() else _read_manifest(Path(out_dir))
+    return None if manifest is None else bool(manifest.get("settings", {}).get("token_firing", False))
 
 
 def load_span_features(out_dir: str | os.PathLike) -> SpanFeatures:
@@ -588,6 +620,7 @@ def extract_span_features(
     trainer: pl.Trainer | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     pad_token_id: int = 0,
+    token_firing: bool = False,
 ) -> SpanFeatures:
     """Per-pair, per-span sparse SAE statistics for every hook of `lens`, rows in the order of `pairs`.
 
@@ -597,10 +630,16 @@ def extract_span_features(
     ranks. With `out_dir`, shards and `manifest.json` go there and a rerun resumes; without it
     everything stays in memory (single process only). Multi-device: pass a `trainer` (or
     `trainer_kwargs`, e.g. `{"devices": 8, "strategy": "ddp"}`); every rank returns the full result.
+
+    `token_firing` also keeps, from the same forwards, the binary token × feature firing of the
+    prompt (once) and both completions (`.token_firing`, as `token_firing.pair_span_firing` gives
+    it, rows in processing order): the paper audit's co-firing corpus without a second pass.
     """
     stats = _validate(pairs, lens, batch_size, threshold, shard_size, stats, trainer, trainer_kwargs, pad_token_id)
     batches_per_shard = DEFAULT_BATCHES_PER_SHARD if shard_size is None else math.ceil(shard_size / batch_size)
-    settings = _settings(pairs, lens, batch_size, batches_per_shard, threshold, stats)
+    if not isinstance(token_firing, bool):
+        raise ExtractionError(f"token_firing must be True or False, got {token_firing!r}")
+    settings = _settings(pairs, lens, batch_size, batches_per_shard, threshold, stats, token_firing)
     fingerprint = _fingerprint(settings)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:

@@ -23,6 +23,9 @@ class SpanFeatures:
     `matrices[(hook, span, stat)]` is csr [n_pairs, d_sae] (float32); `lengths[span]` is the
     number of tokens of that span per pair (int64, the length control of the audit);
     `row_ids` are the `PreferenceRow.row_id` of each matrix row; `d_sae[hook]` the width.
+    `token_firing[hook]` (only from `extract_span_features(..., token_firing=True)`) is the binary
+    csr [n_tokens, d_sae] of the pairs' prompt and completion tokens: a corpus, not per pair, so
+    `subset` drops it.
     """
 
     row_ids: np.ndarray
@@ -31,6 +34,7 @@ class SpanFeatures:
     d_sae: dict[str, int]
     threshold: float = 0.0
     meta: dict = field(default_factory=dict)
+    token_firing: dict[str, sp.csr_matrix] | None = None
 
     @property
     def hooks(self) -> list[str]:

@@ -22,10 +22,10 @@ import torch
 
 from lightning_anatomy.concepts.hooks import measurement_pass
 
-__all__ = ["pair_span_firing", "sequence_firing"]
+__all__ = ["masked_firing", "pair_firing_mask", "pair_span_firing", "sequence_firing"]
 
 
-def _masked_csr(features: torch.Tensor, mask: torch.Tensor, threshold: float) -> sp.csr_matrix:
+def masked_firing(features: torch.Tensor, mask: torch.Tensor, threshold: float) -> sp.csr_matrix:
     """Rows = the masked tokens of `features` [b, s, d] (row-major order), 1 where > threshold."""
     rows = features[mask.to(features.device)]
     r, c = (rows > threshold).nonzero(as_tuple=True)
@@ -33,6 +33,15 @@ def _masked_csr(features: torch.Tensor, mask: torch.Tensor, threshold: float) ->
     indptr = np.zeros(rows.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(r, minlength=rows.shape[0]), out=indptr[1:])
     return sp.csr_matrix((np.ones(len(c), dtype=np.int32), c, indptr), shape=(rows.shape[0], features.shape[-1]))
+
+
+def pair_firing_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The co-firing tokens of a collated `[chosen; rejected]` batch: both completions, and the
+    prompt once (from the chosen half: it is the same tokens in the rejected half)."""
+    b = batch["input_ids"].shape[0] // 2
+    mask = batch["completion_mask"].clone()
+    mask[:b] |= batch["prompt_mask"][:b].to(mask.dtype)
+    return mask
 
 
 class _Collector:
@@ -56,7 +65,7 @@ class _Collector:
             n = int(mask.sum())
         for hook, f in feats.items():
             if hook in self.parts:
-                self.parts[hook].append(_masked_csr(f, mask, threshold))
+                self.parts[hook].append(masked_firing(f, mask, threshold))
         self.n_tokens += n
 
     def result(self, widths: dict[str, int]) -> dict[str, sp.csr_matrix]:
@@ -96,10 +105,7 @@ def pair_span_firing(
             if out.full:
                 break
             batch = collate_pairs(list(pairs[start:start + batch_size]), pad_token_id)
-            b = batch["input_ids"].shape[0] // 2
-            mask = batch["completion_mask"].clone()
-            mask[:b] |= batch["prompt_mask"][:b]
-            out.add(lens.encode(batch["input_ids"], batch["attention_mask"]), mask, threshold)
+            out.add(lens.encode(batch["input_ids"], batch["attention_mask"]), pair_firing_mask(batch), threshold)
     return out.result(widths)
 
 
