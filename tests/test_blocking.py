@@ -17,6 +17,7 @@ import pytest
 import torch
 from concept_callback_helpers import PAD, batches, hook_count, loader, random_pairs, random_sae, trainer
 from intervention_helpers import MemoryLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_anatomy import ConceptBlocking, ConceptSet
 from lightning_anatomy.callbacks.blocking import blocking_penalty
@@ -388,6 +389,14 @@ def test_warmup_and_log_schedule():
     assert cb.state_dict()["blocked_steps"] == 5
 
 
+class _RestoresAfterSetup(SingleDeviceStrategy):
+    """Loads checkpoints after `on_fit_start`, as `ModelParallelStrategy` (FSDP2) does."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
 def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
     pairs = random_pairs(4, seed=9)  # 2 batches of 2: one epoch = 2 optimizer steps, no shuffling
 
@@ -414,6 +423,12 @@ def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
 
     with pytest.raises(ValueError, match="settings or concepts differ"):
         run(2, ckpt_path=ckpt, lam=5.0)
+    # ... also where the strategy loads the checkpoint only after on_fit_start (as FSDP2 does)
+    changed, _, _ = blocking("sae", lam=5.0, warmup_steps=3, one_sided=False)
+    late = trainer([changed], max_steps=-1, max_epochs=2, root=tmp_path,
+                   strategy=_RestoresAfterSetup(device=torch.device("cpu")))
+    with pytest.raises(ValueError, match="settings or concepts differ"):
+        late.fit(make_module(scheduler="constant"), loader(pairs, 2), ckpt_path=ckpt)
     other = ConceptBlocking({"up": (HOOK, 3), "down": (HOOK, 7, "amplify"), "third": f"{HOOK}:11"},
                             saes={HOOK: random_sae(seed=2)}, lam=20.0, warmup_steps=3, one_sided=False)
     assert other.state_key == full_cb.state_key and other.fingerprint != full_cb.fingerprint

@@ -246,16 +246,15 @@ class ConceptBlocking(HookedCallback):
             )
         self.blocked_steps = int(state_dict["blocked_steps"])
 
-    def _check_resumed(self, trainer: Trainer) -> None:
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse a resume whose checkpoint holds ConceptBlocking state under another key.
 
         The key includes the settings and concept names, so Lightning would silently skip the
         saved state (restarting the warm-up) when either changed; `load_state_dict` catches
-        the rest (same names, other directions or SAE).
+        the rest (same names, other directions or SAE). Lightning calls this hook with the whole
+        checkpoint under every strategy (FSDP2 restores only after `on_fit_start`).
         """
-        connector = getattr(trainer, "_checkpoint_connector", None)
-        loaded = getattr(connector, "_loaded_checkpoint", None)
-        states = loaded.get("callbacks") if isinstance(loaded, Mapping) else None
+        states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
         if not isinstance(states, Mapping) or self.state_key in states:
             return
         others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__qualname__)]
@@ -307,7 +306,6 @@ class ConceptBlocking(HookedCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._points:  # fit without setup (a Trainer subclass skipping it)
             self.setup(trainer, pl_module, "fit")
-        self._check_resumed(trainer)
         self.remove_hooks()
         directions = trainer.strategy.broadcast(
             {hook: plan.vectors for hook, plan in self.plans.items() if plan.sae is None}, src=0)
