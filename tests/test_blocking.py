@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,6 +15,7 @@ import torch
 from concept_callback_helpers import PAD, batches, hook_count, loader, random_pairs, random_sae, trainer
 from intervention_helpers import MemoryLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from subprocess_helpers import run_python
 
 from lightning_anatomy import ConceptBlocking, ConceptSet
 from lightning_anatomy.callbacks.blocking import blocking_penalty
@@ -503,11 +501,7 @@ torch.save({{"terms": [float(t) for t in terms], "rows": rows[0], "grads": grads
 def test_ddp_two_processes_give_the_one_process_penalty_and_gradient_and_log_on_rank_zero(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(script, cwd=tmp_path, timeout=180)
     ranks = [torch.load(tmp_path / f"result-{r}.pt", weights_only=True) for r in (0, 1)]
     assert set(ranks[0]["rows"].tolist()).isdisjoint(ranks[1]["rows"].tolist())
     assert all(r["blocked_steps"] == 1 and len(r["terms"]) == 1 for r in ranks)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +26,7 @@ from concept_callback_helpers import (
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from subprocess_helpers import run_python
 
 from lightning_anatomy.callbacks.drift import TABLE_COLUMNS, ConceptDriftMonitor, parse_predicted, r_squared
 from lightning_anatomy.data import collate_pairs
@@ -340,11 +338,7 @@ torch.save({{"push": attr.last_push, "drift": drift.last_drift, "evaluated": dri
 def test_ddp_two_processes_average_attribution_and_measure_drift_on_rank_zero(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(script, cwd=tmp_path, timeout=180)
     rank0 = torch.load(tmp_path / "result-0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "result-1.pt", weights_only=True)
 

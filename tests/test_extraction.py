@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
+from subprocess_helpers import run_python
 
 from lightning_anatomy.concepts import extraction
 from lightning_anatomy.concepts.extraction import ExtractionError, extract_span_features, load_span_features
@@ -417,13 +415,7 @@ print(f"rank={{dist.get_rank()}} pairs={{feats.n_pairs}}", flush=True)
 def _run_ddp(tmp_path: Path, out: Path) -> str:
     script = tmp_path / "ddp_extract.py"
     script.write_text(DDP_SCRIPT.format(tests=str(TESTS_DIR)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")]))
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return run_python(script, out, cwd=tmp_path, timeout=150).stdout
 
 
 @pytest.mark.slow

@@ -5,15 +5,13 @@ the strategy guards of the concept callbacks."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from concept_callback_helpers import random_pairs, random_sae
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from subprocess_helpers import run_python
 
 from lightning_anatomy.callbacks import (
     ConceptAttribution,
@@ -36,14 +34,10 @@ PER_PROCESS = ("concepts/projection/", "train/logits/")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, dict]:
     """tests/fsdp_run.py on 1 process (no sharding) and on 2 (FSDP2): ~30 s together."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
     out = {}
     for devices in (1, 2):
         root = tmp_path_factory.mktemp(f"fsdp{devices}")
-        proc = subprocess.run([sys.executable, str(TESTS / "fsdp_run.py"), str(devices), str(root)], cwd=root,
-                              env=env, capture_output=True, text=True, timeout=280)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        run_python(TESTS / "fsdp_run.py", devices, root, cwd=root, timeout=280)
         out[devices] = json.loads((root / "result.json").read_text())
     return out
 

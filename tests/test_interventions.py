@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from intervention_helpers import TinyLM, hook_count, trainer, watch
+from subprocess_helpers import run_python
 from torch.utils.data import DataLoader
 
 from lightning_anatomy.concepts import ConceptSet
@@ -354,12 +352,7 @@ def test_ddp_ranks_project_with_rank_zeros_basis(tmp_path):
     tests_dir = str(Path(__file__).resolve().parent)
     script = tmp_path / "ddp_projection.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=tests_dir, out=str(tmp_path))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests_dir).parent), tests_dir]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=170)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(script, cwd=tmp_path, timeout=170)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["basis_sha"] == results[1]["basis_sha"]  # rank 1 uses rank 0's basis, bit for bit
     assert results[1]["basis_vs_rank0"] < 1e-7

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from subprocess_helpers import run_python
 
 from lightning_anatomy import DPOModule, PreferenceDataModule
 from lightning_anatomy.data import collate_pairs, tokenize_rows
@@ -292,14 +290,11 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_ddp_two_processes_match_one_process(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     losses, params = {}, {}
     for devices, bs in ((1, 8), (2, 4)):
         out = tmp_path / f"d{devices}"
         out.mkdir()
-        proc = subprocess.run([sys.executable, str(script), str(devices), str(bs), str(out)], env=env,
-                              capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_python(script, devices, bs, out, cwd=tmp_path, timeout=240)
         rows = _read_csv_metrics(out / "run" / "version_0")
         losses[devices] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
         params[devices] = json.loads((out / "params.json").read_text())

@@ -3,15 +3,13 @@ end and mid-epoch, on 1 and 2 (DDP) processes; and what a checkpoint holds."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from resume_helpers import N_ROWS, after, run
+from subprocess_helpers import run_python
 
 TESTS = Path(__file__).resolve().parent
 
@@ -91,11 +89,7 @@ out = {{"full": full["batches"], "first": first["batches"], "resumed": resumed["
 def test_ddp_two_processes_resume_mid_epoch_like_the_uninterrupted_run(tmp_path):
     script = tmp_path / "ddp_resume.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS), root=str(tmp_path), total=7, stop=3)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(script, cwd=tmp_path, timeout=280)
     import json
 
     results = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
