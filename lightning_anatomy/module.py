@@ -432,11 +432,10 @@ class DPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.reference != "precomputed" or self._ref_from_checkpoint:
             return  # a checkpoint's table was checked against the data when it loaded
+        # Computed at the first validation or training start, not here: some strategies (FSDP2's
+        # ModelParallelStrategy) load a checkpoint only after on_fit_start, and a resumed run's
+        # table comes with it. One rule for every strategy.
         self._ref_pending = True
-        if not getattr(self.trainer.strategy, "restore_checkpoint_after_setup", False):
-            self._compute_pending_reference()
-        # else FSDP2 (ModelParallelStrategy): a checkpoint loads after on_fit_start, and a resumed
-        # run's table comes with it; the first validation or training start computes it otherwise.
 
     def on_validation_start(self) -> None:
         self._compute_pending_reference()

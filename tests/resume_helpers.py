@@ -14,6 +14,7 @@ import lightning as L
 from concept_callback_helpers import random_sae
 from intervention_helpers import MemoryLogger
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_anatomy import ConceptAttribution, ConceptDriftMonitor, DPOModule, PreferenceDataModule
 from lightning_anatomy.data.toy import make_toy_preferences
@@ -24,6 +25,15 @@ N_ROWS = 40  # 36 training pairs, batch 4: 9 batches per epoch
 BATCH = 4
 TRACK = {f"f{i}": (HOOK, i) for i in range(16)}  # enough features that some fire
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.0}
+
+
+class RestoresAfterSetup(SingleDeviceStrategy):
+    """Loads checkpoints only after `on_fit_start`, as `ModelParallelStrategy` (FSDP2) does: the
+    late-restore path of a resume, in one process."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
 
 
 def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = None, stop_at: int | None = None,

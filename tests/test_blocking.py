@@ -14,7 +14,7 @@ import pytest
 import torch
 from concept_callback_helpers import PAD, batches, hook_count, loader, random_pairs, random_sae, trainer
 from intervention_helpers import MemoryLogger
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from resume_helpers import RestoresAfterSetup
 from subprocess_helpers import run_python
 
 from lightning_anatomy import ConceptBlocking, ConceptSet
@@ -387,14 +387,6 @@ def test_warmup_and_log_schedule():
     assert cb.state_dict()["blocked_steps"] == 5
 
 
-class _RestoresAfterSetup(SingleDeviceStrategy):
-    """Loads checkpoints after `on_fit_start`, as `ModelParallelStrategy` (FSDP2) does."""
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-
 def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
     pairs = random_pairs(4, seed=9)  # 2 batches of 2: one epoch = 2 optimizer steps, no shuffling
 
@@ -424,7 +416,7 @@ def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
     # ... also where the strategy loads the checkpoint only after on_fit_start (as FSDP2 does)
     changed, _, _ = blocking("sae", lam=5.0, warmup_steps=3, one_sided=False)
     late = trainer([changed], max_steps=-1, max_epochs=2, root=tmp_path,
-                   strategy=_RestoresAfterSetup(device=torch.device("cpu")))
+                   strategy=RestoresAfterSetup(device=torch.device("cpu")))
     with pytest.raises(ValueError, match="settings or concepts differ"):
         late.fit(make_module(scheduler="constant"), loader(pairs, 2), ckpt_path=ckpt)
     other = ConceptBlocking({"up": (HOOK, 3), "down": (HOOK, 7, "amplify"), "third": f"{HOOK}:11"},

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from resume_helpers import RestoresAfterSetup
 from subprocess_helpers import run_python
 
 from lightning_anatomy import DPOModule, PreferenceDataModule
@@ -122,6 +123,30 @@ def test_precomputed_reference_in_fit(tmp_path):
                        reference_cache_dir=str(tmp_path / "cache"))
     _trainer(3).fit(module, datamodule=_dm(tok, n=16))
     assert len(module._ref_cache) == 16
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["restore_before_fit_start", "restore_after_fit_start"])
+def test_resumed_precomputed_run_takes_the_checkpoints_table(tmp_path, late, monkeypatch):
+    """Whenever the strategy loads the checkpoint, a resumed run (here without the first run's
+    cache) uses the checkpoint's table and computes none: the same numbers, no pass over the data."""
+    tok = build_tiny_tokenizer()
+
+    def module(cache: str) -> DPOModule:
+        return DPOModule(build_tiny_model("gpt2", vocab_size=len(tok), seed=0), reference="precomputed", lr=3e-3,
+                         reference_cache_dir=str(tmp_path / cache))
+
+    def strategy() -> dict:
+        return {"strategy": RestoresAfterSetup(device=torch.device("cpu"))} if late else {}
+
+    first = module("a")
+    t = _trainer(2, **strategy())
+    t.fit(first, datamodule=_dm(tok, n=16))
+    t.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = module("b")
+    monkeypatch.setattr(resumed, "_compute_reference", lambda *a: pytest.fail("the resumed run computed a table"))
+    _trainer(3, **strategy()).fit(resumed, datamodule=_dm(tok, n=16), ckpt_path=tmp_path / "half.ckpt")
+    assert resumed._ref_cache.keys() == first._ref_cache.keys()
+    assert not list((tmp_path / "b").glob("*"))  # no cache written either
 
 
 def test_peft_reference_has_no_second_copy():
