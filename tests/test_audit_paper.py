@@ -290,6 +290,36 @@ def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path
     assert corpus.options["method"] == "paper"
 
 
+def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs():
+    """With few traced concepts, the cluster table would name few clusters: the best-ranked
+    tested members of the top clusters get labels and contexts too (cluster_label_members)."""
+    from test_audit_end_to_end import build_lens, planted_rows
+
+    from lightning_anatomy.models.tiny import build_tiny_tokenizer
+
+    tokenizer, lens, rows = build_tiny_tokenizer(), build_lens(vocab_size=260), planted_rows(48)
+    kwargs = dict(method="paper", max_length=64, batch_size=16, n_bootstrap=0, progress=False,
+                  cofire_top_fraction=0.05, top_k_trace=2)
+    some = audit_dataset(rows, lens, tokenizer, **kwargs, cluster_label_members=2)
+    none = audit_dataset(rows, lens, tokenizer, **kwargs, cluster_label_members=0)
+    labelled = lambda r: {(h, int(f)) for h, f, lab in r.concepts[["hook", "feature", "label"]].itertuples(  # noqa: E731
+        index=False) if isinstance(lab, str) and lab}
+    traced = {(h, int(f)) for h, f in some.traces[["hook", "feature"]].drop_duplicates().itertuples(index=False)}
+    assert labelled(none) == traced
+    rank = {(h, int(f)): int(r) for h, f, r in some.concepts[["hook", "feature", "rank"]].itertuples(index=False)}
+    want = set(traced)
+    for _, row in some.clusters.head(2).iterrows():  # the top top_k_trace clusters
+        if (some.cluster_examples["cluster"] == row["cluster"]).any():
+            tested = sorted((int(f) for f in row["features"] if (row["hook"], int(f)) in rank),
+                            key=lambda f, h=row["hook"]: rank[(h, f)])
+            want |= {(row["hook"], f) for f in tested[:2]}
+    assert len(want) > len(traced)
+    assert labelled(some) == want
+    assert {(c["hook"], c["feature"]) for c in some.contexts} == want
+    with pytest.raises(ValueError, match="cluster_label_members=-1"):
+        audit_dataset(rows, lens, tokenizer, **kwargs, cluster_label_members=-1)
+
+
 def test_token_firing_counts_the_spans_tokens_in_a_measurement_pass():
     from test_audit_end_to_end import build_lens
 

@@ -113,8 +113,9 @@ class ReportIndex:
         text, real = self.label(hook, feature)
         if real:
             return esc(text)
-        why = ("no label in this audit: only the top audit.top_k_trace concepts are labelled "
-               "(concepts.labels), or pass labels={(hook, feature): text}")
+        why = ("no label in this audit: only the top audit.top_k_trace concepts (and the best "
+               "audit.cluster_label_members members of the top clusters) are labelled (concepts.labels), "
+               "or pass labels={(hook, feature): text}")
         return f'<span class="unl" title="{esc(why)}">unlabelled</span> · {esc(text)}'
 
     def cluster_label_html(self, hook: str, cluster: int, n: int = 3) -> str:

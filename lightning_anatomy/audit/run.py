@@ -54,6 +54,8 @@ class AuditOptions:
     n_data_clusters: k of the prompt k-means (1 disables the local table).
     min_cluster_pairs: data clusters smaller than this are left out of the local table.
     top_k_trace: concepts traced to their pairs; trace_pairs: pairs listed per traced concept.
+    cluster_label_members: with labels on, the best-ranked tested members labelled per feature
+        cluster, for the top `top_k_trace` clusters (paper method: the cluster table's names).
 
     Paper method (defaults are the paper's; `seed` also seeds Leiden and k-means):
     tau: a feature is active in a span when its firing frequency exceeds τ (0.01).
@@ -84,6 +86,7 @@ class AuditOptions:
     top_k_trace: int = 10
     trace_pairs: int = 5
     snippet_chars: int = 200
+    cluster_label_members: int = 3
     tau: float = 0.01
     cofire_top_fraction: float = 0.01
     cofire_min_tokens: int = 10
@@ -112,7 +115,8 @@ class AuditOptions:
         if self.method == "paper" and self.stat not in (None, "freq"):
             raise bad("stat", self.stat, "method='paper' compares firing frequencies; drop stat or pass stat='freq'")
         for name, low in (("cofire_min_tokens", 1), ("min_cluster_size", 1), ("cofire_block_size", 1),
-                          ("local_min_features", 1), ("local_min_pairs", 1), ("cluster_examples", 0)):
+                          ("local_min_features", 1), ("local_min_pairs", 1), ("cluster_examples", 0),
+                          ("cluster_label_members", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise bad(name, value, f"must be an integer >= {low}")
@@ -546,17 +550,40 @@ def _cofiring_clusters_of(
     return clusters
 
 
+def _to_label(result: AuditResult) -> dict[str, tuple[list[int], list[int]]]:
+    """{hook: (features, row ids of the pairs to read them on)}: the traced concepts on their traced
+    pairs, and (paper method) the best-ranked tested members of the top `top_k_trace` feature
+    clusters on the clusters' example pairs, so that the cluster table names what they are."""
+    plan: dict[str, tuple[dict[int, None], dict[int, None]]] = {}
+    for hook, part in result.traces.groupby("hook", sort=False):
+        feats, rows = plan.setdefault(str(hook), ({}, {}))
+        feats.update(dict.fromkeys(int(f) for f in part["feature"]))
+        rows.update(dict.fromkeys(int(r) for r in part["row_id"]))
+    n_members = int(result.options.get("cluster_label_members", 0))
+    if n_members and result.options.get("method") == "paper" and len(result.clusters):
+        rank = {(str(h), int(f)): int(r) for h, f, r in result.concepts[["hook", "feature", "rank"]].itertuples(index=False)}
+        examples = result.cluster_examples
+        for _, row in result.clusters.head(int(result.options.get("top_k_trace", 10))).iterrows():
+            hook, cluster = str(row["hook"]), int(row["cluster"])
+            tested = sorted((int(f) for f in row["features"] if (hook, int(f)) in rank), key=lambda f: rank[(hook, f)])
+            pairs = examples.loc[examples["cluster"] == cluster, "row_id"] if len(examples) else []
+            if tested and len(pairs):
+                feats, rows = plan.setdefault(hook, ({}, {}))
+                feats.update(dict.fromkeys(tested[:n_members]))
+                rows.update(dict.fromkeys(int(r) for r in pairs))
+    return {hook: (list(f), list(r)) for hook, (f, r) in plan.items()}
+
+
 def _annotate(result: AuditResult, lens: Any, tokenizer: Any, given: Mapping, *, batch_size: int,
               max_length: int) -> None:
-    """Heuristic labels and marked top contexts for the traced concepts, from the pairs traced at
-    each hook (one encode pass per hook for every traced feature)."""
+    """Heuristic labels and marked top contexts for the traced concepts (and the top clusters' best
+    members), read on their pairs (one encode pass per hook for every feature to label)."""
     from lightning_anatomy.concepts.labels import feature_contexts, label_features
 
     rows = result.rows or {}
     n_ctx = int(result.options.get("trace_pairs", 5))
-    for hook, part in result.traces.groupby("hook", sort=False):
-        feature_ids = [int(f) for f in dict.fromkeys(part["feature"])]
-        texts = [rows[int(r)] for r in dict.fromkeys(part["row_id"]) if int(r) in rows]
+    for hook, (feature_ids, row_ids) in _to_label(result).items():
+        texts = [rows[r] for r in row_ids if r in rows]
         if not texts:
             continue
         contexts = feature_contexts(lens, tokenizer, texts, hook, feature_ids, k=max(n_ctx, 10), window=8,
