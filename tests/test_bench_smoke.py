@@ -259,3 +259,32 @@ def test_run_all_lists_the_real_benchmarks(capsys):
     listed = capsys.readouterr().out.split()
     assert {"cost", "throughput"} <= set(listed)
     assert "run_all" not in listed and "_common" not in listed
+
+
+# --------------------------------------------------------------------------- audit_speed.py
+def test_audit_speed_quick_times_each_method_in_its_own_process(tmp_path):
+    speed = load_benchmark("audit_speed")
+    results = speed.main(["--quick", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "audit_speed.quick.json").read_text())
+    assert on_disk == json.loads(json.dumps(results)) and on_disk["format"] == speed.FORMAT
+    assert set(on_disk["methods"]) == {"paper", "paired"}
+    for method, r in on_disk["methods"].items():
+        assert r["n_pairs"] == 64 and r["goal_s"] is None and r["goal_met"] is None  # below every goal's size
+        for key in ("wall_s", "cpu_s", "peak_rss_mb", "report_bytes"):
+            _finite_positive(r[key], f"{method}.{key}")
+        assert r["pairs_per_s"] == pytest.approx(64 / r["wall_s"])
+        assert r["command"].startswith("anatomy audit --config configs/audit/tiny.yaml")
+        assert f"--audit.method={method}" in r["command"]
+
+
+def test_audit_speed_repeats_a_file_for_timing_and_refuses_bad_sizes(tmp_path):
+    speed = load_benchmark("audit_speed")
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}\n')
+    assert speed.count_rows(src) == 3
+    out = speed.repeated_file(src, 7, tmp_path)
+    assert out.read_text().splitlines() == ['{"a": 1}', '{"a": 2}', '{"a": 3}'] * 2 + ['{"a": 1}']
+    with pytest.raises(SystemExit):
+        speed.main(["--pairs", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        speed.main(["--data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
