@@ -449,8 +449,9 @@ def audit_dataset(
     co-firing corpus is the pairs' prompt, chosen and rejected tokens (read from the extraction's
     own forwards, `extract_span_features(token_firing=True)`; cut to the first `cofire_max_tokens`
     tokens it takes one more pass), or `cofire_corpus` (texts, tokenized with `tokenizer`, or
-    token-id lists); `feature_clusters` (hook, cluster, feature) reuses clusters. With `out_dir` the clusters are cached in
-    `<out_dir>/cofiring/` under a key of the model, SAE and corpus digests and the settings.
+    token-id lists); `feature_clusters` (hook, cluster, feature) reuses clusters. With `out_dir`
+    the clusters are cached in `<out_dir>/cofiring/` under a key of the model, SAE and corpus
+    digests and the settings.
 
     With `label_concepts`, the traced concepts get a heuristic label (`concepts.labels`) and
     their example pairs token-level contexts (the firing tokens marked), read from the traced
