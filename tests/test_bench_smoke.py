@@ -288,3 +288,10 @@ def test_audit_speed_repeats_a_file_for_timing_and_refuses_bad_sizes(tmp_path):
         speed.main(["--pairs", "3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         speed.main(["--data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
+
+
+def test_audit_speed_goal_follows_the_requested_size():
+    speed = load_benchmark("audit_speed")
+    assert speed.goal_for(None) is None and speed.goal_for(500) is None
+    assert speed.goal_for(1156) == 15 * 60  # the whole sample (one row of it is dropped when read)
+    assert speed.goal_for(10_000) == 2 * 3600  # 9,991 readable pairs: still the 10k goal
