@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config.relative_to(REPO)), "machine": common.machine_info("cpu"), "methods": {}}
     try:
         data_args: list[str] = []
+        requested = None  # pairs the goal is for (the toy set of --quick has none)
         if not args.quick:
             n_file = count_rows(args.data)
             source = args.data if args.pairs is None or args.pairs <= n_file else repeated_file(
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.pairs is not None and args.pairs < n_file:
                 data_args.append(f"--data.limit={args.pairs}")
             results["data"] = {"file": args.data.name, "lines_in_file": n_file, "repeated": source != args.data}
+            requested = args.pairs or n_file
+        goal = goal_for(requested)
         for method in args.methods:
             out_dir = work / method
             command = [sys.executable, "-m", "lightning_anatomy.cli", "audit", "--config",
@@ -112,7 +115,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             audit = out_dir / "audit"
             meta = json.loads((audit / "audit.json").read_text())
             n_pairs = int(meta["options"]["n_pairs"])
-            goal = goal_for(None if args.quick else args.pairs or n_file)
             results["methods"][method] = {
                 **measured, "n_pairs": n_pairs, "pairs_per_s": n_pairs / measured["wall_s"],
                 "report_bytes": (audit / "report.html").stat().st_size,
