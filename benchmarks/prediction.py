@@ -175,8 +175,8 @@ def train_sae(model: Any, tok: Any, hook: str, texts: list[str], sizes: Sizes, s
     """A StandardSAE (ReLU, L1 on decoder-norm-weighted features) fitted to the hook's activations."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from lightning_anatomy.concepts.hooks import hidden_size_at
     from lightning_anatomy.concepts.lens import capture_activations
+    from lightning_anatomy.model_access import hidden_size_at
 
     enc = tok(texts, return_tensors="pt", padding=True)
     acts = capture_activations(model, [hook], enc["input_ids"], enc["attention_mask"])[hook]

@@ -64,7 +64,7 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_anatomy.concepts.hooks import measurement_pass  # noqa: E402
+from lightning_anatomy.model_access import measurement_pass  # noqa: E402
 
 FORMAT = "lightning-anatomy/real-model-benchmark"
 VERSION = 1

@@ -65,7 +65,7 @@ import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy b
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_anatomy.concepts.hooks import measurement_pass  # noqa: E402
+from lightning_anatomy.model_access import measurement_pass  # noqa: E402
 
 FORMAT = "lightning-anatomy/bench-spurious"
 VERSION = 1

@@ -184,7 +184,7 @@ def token_counts(pairs: list[Any], batch_size: int) -> dict[str, float]:
 
 def params_up_to(model: Any, layer: int) -> int:
     """Parameters of the transformer blocks 0..layer (embeddings are lookups, not FLOPs)."""
-    from lightning_anatomy.concepts.hooks import find_blocks
+    from lightning_anatomy.model_access import find_blocks
 
     _, blocks = find_blocks(model)
     return sum(p.numel() for block in list(blocks)[: layer + 1] for p in block.parameters())
@@ -195,10 +195,10 @@ def run_model(setting: ModelSetting) -> dict[str, Any]:
     from lightning_anatomy.audit import audit_dataset
     from lightning_anatomy.concepts import ConceptLens
     from lightning_anatomy.concepts.extraction import extract_span_features
-    from lightning_anatomy.concepts.hooks import resolve_hook
     from lightning_anatomy.concepts.lens import capture_activations
     from lightning_anatomy.data import collate_pairs, tokenize_rows
     from lightning_anatomy.data.tokenize import resolve_pad_token_id
+    from lightning_anatomy.model_access import resolve_hook
 
     common.log(f"== {setting.name}: {setting.n_pairs} pairs, max_length {setting.max_length}, "
                f"batch {setting.batch_size}")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_anatomy.sharding import clean_name, has_fsdp1_units, is_sharded_tensor
+
 
 @torch.no_grad()
 def model_digest(module: nn.Module) -> str:
@@ -57,8 +59,6 @@ def full_model_digest(module: nn.Module, fsdp_root: nn.Module | None = None) -> 
     FSDP1, `fsdp_root` is the outermost FSDP unit owning any of the module's parameters (under
     Lightning's FSDPStrategy, `trainer.model`); by default the module itself.
     """
-    from lightning_anatomy.sharding import has_fsdp1_units
-
     root = module if fsdp_root is None else fsdp_root
     if has_fsdp1_units(root):
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -70,8 +70,6 @@ def full_model_digest(module: nn.Module, fsdp_root: nn.Module | None = None) -> 
 
 def _gathered_digest(module: nn.Module) -> str:
     import itertools
-
-    from lightning_anatomy.sharding import clean_name, is_sharded_tensor
 
     h = hashlib.sha256()
     for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_anatomy.concepts.hooks import hook_output, unwrap_model
+from lightning_anatomy.model_access import hook_output, unwrap_model
 
 DEFAULT_CHUNK_SIZE = 512
 

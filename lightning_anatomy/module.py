@@ -29,12 +29,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lightning_anatomy.concepts.hooks import reference_pass, unwrap_model
 from lightning_anatomy.data import TokenizedPair, collate_pairs
 from lightning_anatomy.digests import combined_digest, full_model_digest, model_digest, pairs_digest
 from lightning_anatomy.files import atomic_directory, atomic_write_file
 from lightning_anatomy.logprobs import DEFAULT_CHUNK_SIZE, completion_logps, masked_logit_mean, sequence_logps
 from lightning_anatomy.losses import preference_loss, validate_loss_options
+from lightning_anatomy.model_access import reference_pass, unwrap_model
 from lightning_anatomy.models.loading import load_model, max_positions
 from lightning_anatomy.sharding import (
     fsdp2_data_mesh,

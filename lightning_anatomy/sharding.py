@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_anatomy.concepts.hooks import find_blocks
+from lightning_anatomy.model_access import find_blocks
 
 _FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 

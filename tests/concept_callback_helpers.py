@@ -12,8 +12,8 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_anatomy.concepts.hooks import hook_input, hook_output, resolve_hook
 from lightning_anatomy.data import TokenizedPair, collate_pairs
+from lightning_anatomy.model_access import hook_input, hook_output, resolve_hook
 
 PAD = 3
 VOCAB = 260

@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_anatomy.concepts.hooks import hook_input, hook_output, resolve_hook
+from lightning_anatomy.model_access import hook_input, hook_output, resolve_hook
 from lightning_anatomy.models.tiny import build_tiny_model
 
 VOCAB = 260

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lightning_anatomy.callbacks.attribution import TABLE_COLUMNS, ConceptAttribution, feature_attribution
-from lightning_anatomy.concepts.hooks import reference_pass
+from lightning_anatomy.model_access import reference_pass
 from lightning_anatomy.models.tiny import build_tiny_model
 from lightning_anatomy.module import DPOModule
 

@@ -323,9 +323,9 @@ def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs():
 def test_token_firing_counts_the_spans_tokens_in_a_measurement_pass():
     from test_audit_end_to_end import build_lens
 
-    from lightning_anatomy.concepts.hooks import is_measurement_pass
     from lightning_anatomy.concepts.token_firing import pair_span_firing, sequence_firing
     from lightning_anatomy.data import TokenizedPair
+    from lightning_anatomy.model_access import is_measurement_pass
 
     lens = build_lens(vocab_size=260)
     seen = []

@@ -386,7 +386,7 @@ def test_probes_see_the_model_without_training_time_edits(edit):
 
 
 def test_edits_act_outside_measurement_passes_only():
-    from lightning_anatomy.concepts.hooks import (
+    from lightning_anatomy.model_access import (
         edits_suspended,
         is_measurement_pass,
         is_reference_pass,

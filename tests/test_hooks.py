@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from lightning_anatomy.concepts.hooks import (
+from lightning_anatomy.model_access import (
     HookPoint,
     find_blocks,
     find_causal_lm,

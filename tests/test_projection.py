@@ -266,7 +266,7 @@ def test_reference_passes_are_left_alone():
     from intervention_helpers import TinyLM, trainer
 
     from lightning_anatomy.callbacks import ConceptProjection
-    from lightning_anatomy.concepts.hooks import reference_pass
+    from lightning_anatomy.model_access import reference_pass
 
     module = TinyLM()
     callback = ConceptProjection(_concepts(), mode="ablate")

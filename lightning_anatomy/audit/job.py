@@ -123,8 +123,8 @@ def run_audit(cfg: DictConfig):
     from lightning_anatomy.audit import audit_dataset
     from lightning_anatomy.audit.report import train_command
     from lightning_anatomy.concepts import ConceptLens
-    from lightning_anatomy.concepts.hooks import hidden_size_at
     from lightning_anatomy.concepts.sae import load_sae
+    from lightning_anatomy.model_access import hidden_size_at
     from lightning_anatomy.models.loading import load_model, load_tokenizer
 
     out = Path(cfg.output_dir)

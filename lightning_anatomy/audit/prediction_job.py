@@ -122,8 +122,8 @@ def run_check_prediction(cfg: DictConfig):
     from lightning_anatomy.audit.job import load_rows
     from lightning_anatomy.audit.prediction import check_prediction
     from lightning_anatomy.audit.result import AuditResult
-    from lightning_anatomy.concepts.hooks import hidden_size_at
     from lightning_anatomy.concepts.sae import load_sae
+    from lightning_anatomy.model_access import hidden_size_at
     from lightning_anatomy.models.loading import load_model, load_tokenizer
 
     audit = AuditResult.load(str(cfg.audit))

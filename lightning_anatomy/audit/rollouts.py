@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from lightning_anatomy.audit.feature_conditioned import membership
-from lightning_anatomy.concepts.hooks import measurement_pass
+from lightning_anatomy.model_access import measurement_pass
 
 MEASURES = ("active", "freq")
 

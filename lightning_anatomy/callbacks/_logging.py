@@ -173,8 +173,8 @@ def load_saes(saes: Mapping[str, Any] | Any, owner: str) -> tuple[dict[str, Any]
 
 def build_pending_saes(saes: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """`saes` with every `RandomSAESpec` built at the model's width at its hook (at setup)."""
-    from lightning_anatomy.concepts.hooks import hidden_size_at
     from lightning_anatomy.concepts.sae import RandomSAESpec
+    from lightning_anatomy.model_access import hidden_size_at
 
     return {hook: sae.build(hidden_size_at(model, hook)) if isinstance(sae, RandomSAESpec) else sae
             for hook, sae in saes.items()}

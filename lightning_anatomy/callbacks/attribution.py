@@ -35,7 +35,8 @@ from lightning_anatomy.callbacks._logging import (
     parse_track,
     wandb_table,
 )
-from lightning_anatomy.concepts.hooks import (
+from lightning_anatomy.concepts.sae import check_width
+from lightning_anatomy.model_access import (
     HookPoint,
     edits_suspended,
     find_causal_lm,
@@ -43,7 +44,6 @@ from lightning_anatomy.concepts.hooks import (
     hook_output,
     resolve_hook,
 )
-from lightning_anatomy.concepts.sae import check_width
 
 # Tokens encoded at once: bounds the two [tokens, d_sae] fp32 temporaries to 2 × 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24

@@ -56,7 +56,8 @@ from torch import Tensor, nn
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import check_strategy, load_saes, log_scalars, parse_concept
-from lightning_anatomy.concepts.hooks import (
+from lightning_anatomy.interventions.steering import ACTION_SIGN, SIDES
+from lightning_anatomy.model_access import (
     HookPoint,
     find_causal_lm,
     hidden_size_at,
@@ -66,7 +67,6 @@ from lightning_anatomy.concepts.hooks import (
     is_reference_pass,
     resolve_hook,
 )
-from lightning_anatomy.interventions.steering import ACTION_SIGN, SIDES
 
 TOKENS = ("completion", "predicting", "all")
 AUX_LOSS_PREFIX = "ConceptBlocking"

@@ -47,7 +47,7 @@ from lightning_anatomy.callbacks._logging import (
     parse_track,
     wandb_table,
 )
-from lightning_anatomy.concepts.hooks import find_causal_lm, measurement_pass
+from lightning_anatomy.model_access import find_causal_lm, measurement_pass
 
 RESPONSES = ("chosen", "rejected", "both")
 TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "drift", "predicted")

@@ -33,7 +33,15 @@ from torch import Tensor
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import check_strategy, log_scalars, measures_on_every_rank
-from lightning_anatomy.concepts.hooks import (
+from lightning_anatomy.interventions.ablation import orthonormal_union, register_activation_edit
+from lightning_anatomy.interventions.projection import (
+    GradientAmplification,
+    GradientProjection,
+    component_along,
+    mean_ablate,
+    project_out,
+)
+from lightning_anatomy.model_access import (
     HookPoint,
     find_blocks,
     find_causal_lm,
@@ -42,14 +50,6 @@ from lightning_anatomy.concepts.hooks import (
     hook_output,
     measurement_pass,
     resolve_hook,
-)
-from lightning_anatomy.interventions.ablation import orthonormal_union, register_activation_edit
-from lightning_anatomy.interventions.projection import (
-    GradientAmplification,
-    GradientProjection,
-    component_along,
-    mean_ablate,
-    project_out,
 )
 from lightning_anatomy.sharding import rank_batches
 

@@ -19,10 +19,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
 from lightning_anatomy.callbacks._logging import check_strategy
-from lightning_anatomy.concepts.hooks import find_causal_lm, hidden_size_at, resolve_hook
 from lightning_anatomy.interventions.ablation import register_activation_edit
 from lightning_anatomy.interventions.reward_shaping import load_scores, validate_scores
 from lightning_anatomy.interventions.steering import SIDES, signed_vectors, steering_edit
+from lightning_anatomy.model_access import find_causal_lm, hidden_size_at, resolve_hook
 
 
 class RewardShaping(Callback):

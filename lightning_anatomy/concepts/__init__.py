@@ -17,18 +17,18 @@ _EXPORTS: dict[str, str] = {
     "ConceptSet": "lightning_anatomy.concepts.concept_set",
     "Concept": "lightning_anatomy.concepts.concept_set",
     "ConceptSetError": "lightning_anatomy.concepts.concept_set",
-    "HookPoint": "lightning_anatomy.concepts.hooks",
-    "resolve_hook": "lightning_anatomy.concepts.hooks",
-    "hook_names": "lightning_anatomy.concepts.hooks",
-    "hook_output": "lightning_anatomy.concepts.hooks",
-    "hook_input": "lightning_anatomy.concepts.hooks",
-    "hidden_size_at": "lightning_anatomy.concepts.hooks",
-    "find_causal_lm": "lightning_anatomy.concepts.hooks",
-    "reference_pass": "lightning_anatomy.concepts.hooks",
-    "is_reference_pass": "lightning_anatomy.concepts.hooks",
-    "measurement_pass": "lightning_anatomy.concepts.hooks",
-    "is_measurement_pass": "lightning_anatomy.concepts.hooks",
-    "edits_suspended": "lightning_anatomy.concepts.hooks",
+    "HookPoint": "lightning_anatomy.model_access",
+    "resolve_hook": "lightning_anatomy.model_access",
+    "hook_names": "lightning_anatomy.model_access",
+    "hook_output": "lightning_anatomy.model_access",
+    "hook_input": "lightning_anatomy.model_access",
+    "hidden_size_at": "lightning_anatomy.model_access",
+    "find_causal_lm": "lightning_anatomy.model_access",
+    "reference_pass": "lightning_anatomy.model_access",
+    "is_reference_pass": "lightning_anatomy.model_access",
+    "measurement_pass": "lightning_anatomy.model_access",
+    "is_measurement_pass": "lightning_anatomy.model_access",
+    "edits_suspended": "lightning_anatomy.model_access",
     "load_sae": "lightning_anatomy.concepts.sae",
     "check_width": "lightning_anatomy.concepts.sae",
     "measure_fidelity": "lightning_anatomy.concepts.sae",
@@ -82,7 +82,19 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.concepts.concept_set import Concept, ConceptSet, ConceptSetError
-    from lightning_anatomy.concepts.hooks import (
+    from lightning_anatomy.concepts.labels import (
+        Context,
+        HeuristicLabeller,
+        Labeller,
+        feature_contexts,
+        label_features,
+        logit_lens_tokens,
+        top_activating_contexts,
+    )
+    from lightning_anatomy.concepts.lens import ConceptLens, capture_activations, span_stats
+    from lightning_anatomy.concepts.sae import SAELoadError, check_width, load_sae, measure_fidelity
+    from lightning_anatomy.concepts.span_features import SpanFeatures
+    from lightning_anatomy.model_access import (
         HookPoint,
         edits_suspended,
         find_causal_lm,
@@ -96,15 +108,3 @@ if TYPE_CHECKING:  # pragma: no cover
         reference_pass,
         resolve_hook,
     )
-    from lightning_anatomy.concepts.labels import (
-        Context,
-        HeuristicLabeller,
-        Labeller,
-        feature_contexts,
-        label_features,
-        logit_lens_tokens,
-        top_activating_contexts,
-    )
-    from lightning_anatomy.concepts.lens import ConceptLens, capture_activations, span_stats
-    from lightning_anatomy.concepts.sae import SAELoadError, check_width, load_sae, measure_fidelity
-    from lightning_anatomy.concepts.span_features import SpanFeatures

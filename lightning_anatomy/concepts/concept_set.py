@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_anatomy.concepts.errors import ConceptSetError
 from lightning_anatomy.files import atomic_write_file, atomic_write_text
 
 __all__ = ["ACTIONS", "Concept", "ConceptSet", "ConceptSetError"]
@@ -35,8 +36,6 @@ _YAML_HEADER = """\
 """
 
 
-class ConceptSetError(ValueError):
-    """A malformed concept set: names the concept and field, and how to fix it."""
 
 
 def _check_action(action: str, where: str) -> str:
@@ -357,7 +356,7 @@ class ConceptSet:
 
         For edits that must act wherever the model could reroute the concept after the hook
         (blocking at later layers; BLOCK-EM reports re-emergence through other layers)."""
-        from lightning_anatomy.concepts.hooks import find_blocks, resolve_hook
+        from lightning_anatomy.model_access import find_blocks, resolve_hook
 
         point = resolve_hook(model, hook_name)
         n_blocks = len(find_blocks(model)[1])
@@ -468,7 +467,7 @@ class ConceptSet:
 
     def validate_against(self, model: nn.Module) -> None:
         """Raise unless every hook resolves on `model` and every vector has the width there."""
-        from lightning_anatomy.concepts.hooks import hidden_size_at
+        from lightning_anatomy.model_access import hidden_size_at
 
         for hook in self.hooks:
             try:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_anatomy.concepts.concept_set import ConceptSetError
+from lightning_anatomy.concepts.errors import ConceptSetError
 from lightning_anatomy.data.tokenize import pad_right
 
 
@@ -41,8 +41,8 @@ def mean_activation(
     max_length: int,
     what: str,
 ) -> tuple[torch.Tensor, int]:
-    from lightning_anatomy.concepts.hooks import resolve_hook
     from lightning_anatomy.concepts.lens import capture_activations
+    from lightning_anatomy.model_access import resolve_hook
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:

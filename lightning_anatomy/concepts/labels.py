@@ -15,8 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from lightning_anatomy.concepts.hooks import unwrap_model
 from lightning_anatomy.data.tokenize import pad_right
+from lightning_anatomy.model_access import unwrap_model
 
 __all__ = [
     "Context",

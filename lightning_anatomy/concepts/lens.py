@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_anatomy.concepts.hooks import (
+from lightning_anatomy.concepts.sae import check_width, load_sae, measure_fidelity
+from lightning_anatomy.model_access import (
     HookPoint,
     hook_input,
     hook_output,
     measurement_pass,
     resolve_hook,
 )
-from lightning_anatomy.concepts.sae import check_width, load_sae, measure_fidelity
 from lightning_anatomy.sharding import is_sharded_module
 
 __all__ = ["ConceptLens", "capture_activations", "span_stats"]

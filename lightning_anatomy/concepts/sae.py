@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_anatomy.concepts.hooks import HookPoint, hidden_size_at
+from lightning_anatomy.model_access import HookPoint, hidden_size_at
 
 __all__ = ["SAELoadError", "load_sae", "check_sae_spec", "RandomSAESpec", "check_width", "measure_fidelity",
            "sae_d_in", "sae_d_sae", "SAE_SPECS"]

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from lightning_anatomy.concepts.hooks import measurement_pass
+from lightning_anatomy.model_access import measurement_pass
 
 __all__ = ["masked_firing", "pair_firing_mask", "pair_span_firing", "sequence_firing"]
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from lightning_anatomy.concepts.hooks import measurement_pass
 from lightning_anatomy.data.tokenize import pad_right
+from lightning_anatomy.model_access import measurement_pass
 
 QUESTION_TEMPLATES = (
     "What is {a} + {b}?",

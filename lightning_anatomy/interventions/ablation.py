@@ -4,7 +4,7 @@ Every intervention that changes what flows through the model (ablation, steering
 projection Function) is a forward hook (or, for `resid_pre`, a forward-pre hook) on a resolved
 `HookPoint`. `register_activation_edit` is the one place that handles both kinds and both output
 structures, and that skips reference and measurement forwards (`edits_suspended()`, the rule in
-`concepts/hooks.py`), so the callbacks cannot get these details subtly different.
+`model_access.py`), so the callbacks cannot get these details subtly different.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_anatomy.concepts.hooks import HookPoint, edits_suspended, hook_input, hook_output
 from lightning_anatomy.interventions.projection import project_out
+from lightning_anatomy.model_access import HookPoint, edits_suspended, hook_input, hook_output
 
 # edit(hidden, module) -> new hidden (same shape and dtype), or None to leave it as it is
 ActivationEdit = Callable[[Tensor, torch.nn.Module], Tensor | None]

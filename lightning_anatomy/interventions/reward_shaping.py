@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_anatomy.concepts.hooks import reference_pass, resolve_hook
 from lightning_anatomy.concepts.lens import capture_activations
 from lightning_anatomy.data import TokenizedPair, collate_pairs
 from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
 from lightning_anatomy.files import atomic_write_text
 from lightning_anatomy.interventions.steering import signed_vectors
+from lightning_anatomy.model_access import reference_pass, resolve_hook
 
 REDUCTIONS = ("mean", "max")
 SCORES_FORMAT = "lightning-anatomy/concept-scores"

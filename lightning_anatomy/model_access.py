@@ -1,4 +1,8 @@
-"""Where in a Hugging Face causal LM a concept lives: hook-name resolution and hook plumbing.
+"""Model access, the foundation below everything that trains or measures: hook points, the pass
+flags, and finding the causal LM and its blocks.
+
+It imports nothing of the package, so `concepts/`, `sharding`, `module` and `logprobs` can all
+build on it.
 
 SAE releases name their hook points TransformerLens-style (`blocks.8.hook_resid_pre`); the
 models we train are plain `transformers` models. This module maps one onto the other for the
