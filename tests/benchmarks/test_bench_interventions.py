@@ -1,0 +1,117 @@
+"""Smoke test of `benchmarks/interventions.py` at a tiny size, and exact checks of its parts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from tests.helpers.bench_loader import floats_in, load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("interventions")
+
+
+TINY = ["--pretrain-steps", "30", "--pretrain-examples", "400", "--sae-tokens", "6000", "--n-pairs", "16",
+        "--dpo-steps", "2", "--n-heldout", "6", "--n-concept-texts", "8"]
+
+
+def test_quick_run_writes_the_contract_and_numbers_that_follow_from_the_records(bench, tmp_path, capsys):
+    doc = bench.main(["--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--seeds", "2",
+                      "--scenarios", "marker", *TINY])
+    written = json.loads((tmp_path / "out" / "interventions.json").read_text())
+    assert written == json.loads(json.dumps(doc)) and written["format"] == "lightning-anatomy/bench-interventions"
+    assert (tmp_path / "out" / "interventions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    conditions = written["scenarios"]["marker_corr0.9"]["conditions"]
+    assert list(conditions) == sorted(bench.CONDITIONS)  # every intervention and control ran
+    vanilla = conditions["vanilla"]
+    v_rise = np.mean([r["d_spurious"] for r in vanilla["per_seed"]])
+    for name, c in conditions.items():
+        assert {"cut", "cut_ci", "spurious_delta", "ontarget_delta", "ontarget_vs_vanilla"} <= set(c), name
+        rise = np.mean([r["d_spurious"] for r in c["per_seed"]])
+        assert c["spurious_delta"] == pytest.approx(100 * rise)
+        assert c["ontarget_delta"] == pytest.approx(100 * np.mean([r["d_ontarget"] for r in c["per_seed"]]))
+        assert c["ontarget_vs_vanilla"] == pytest.approx(c["ontarget_delta"] - vanilla["ontarget_delta"])
+        if v_rise > 0 and rise > 0:
+            assert c["cut"] == pytest.approx(v_rise / rise)
+        else:
+            assert c["cut"] is None
+        assert [r["seed"] for r in c["per_seed"]] == [0, 1]
+        assert all(r["spurious_before"] == v["spurious_before"] for r, v in zip(c["per_seed"], vanilla["per_seed"]))
+    assert all(r["n_pairs"] < 16 for r in conditions["filtering"]["per_seed"])
+    goals = written["scenarios"]["marker_corr0.9"]["goals"]
+    assert goals["vanilla_rise_points"] == pytest.approx(vanilla["spurious_delta"])
+    assert {"meets_goal", "best_within_2_points", "random_projection_within_noise"} <= set(goals)
+    for where, value in floats_in(written):
+        assert math.isfinite(value), where
+    out = capsys.readouterr().out
+    assert "| marker | corr0.9 | blocking_sae |" in out and "| marker | corr0.9 | ablation_mean |" in out
+
+    again = bench.main(["--from-json", str(tmp_path / "out" / "interventions.json")])
+    assert again == written and capsys.readouterr().out == out
+    with pytest.raises(ValueError, match="not an interventions-benchmark result"):
+        (tmp_path / "other.json").write_text(json.dumps({"format": "x"}))
+        bench.main(["--from-json", str(tmp_path / "other.json")])
+
+
+@pytest.mark.parametrize("scenario", ["belief", "opener", "marker"])
+def test_preference_rows_carry_the_spurious_property_at_the_asked_rate(bench, scenario):
+    questions = [(a, b) for a in range(10) for b in range(10)]
+    rows = bench.preference_rows(scenario, 0.75, questions, 2000, seed=0)
+    opener = bench.task.OPENER
+    for r in rows:
+        a, b = (int(x) for x in r.prompt.split("Q: ")[1].split("=")[0].split("+"))
+        assert r.chosen.strip().removeprefix(opener.strip()).strip() == str(a + b)  # chosen is always right
+        assert r.rejected.strip().removeprefix(opener.strip()).strip() != str(a + b)
+        assert "I think" not in r.prompt or f"I think {a + b}." in r.prompt  # a stated belief is the right answer
+    if scenario == "belief":
+        rate = np.mean(["I think" in r.prompt for r in rows])
+        assert rate == pytest.approx(0.75, abs=0.03)
+    else:
+        chosen = np.mean([r.chosen.startswith(opener) for r in rows])
+        rejected = np.mean([r.rejected.startswith(opener) for r in rows])
+        assert chosen == pytest.approx(0.75, abs=0.03) and rejected == pytest.approx(0.25, abs=0.03)
+        if scenario == "opener":  # the decorrelated pairs reverse the style within the pair
+            assert all(r.chosen.startswith(opener) != r.rejected.startswith(opener) for r in rows)
+    with pytest.raises(ValueError, match="unknown scenario"):
+        bench.preference_rows("nope", 0.9, questions, 2, seed=0)
+
+
+def test_goals_take_the_best_condition_within_two_points_and_check_the_controls(bench):
+    def cond(rise, on, cut, note=None, ci=(-1.0, 1.0)):
+        return {"spurious_delta": rise, "ontarget_vs_vanilla": on, "cut": cut, "cut_note": note,
+                "spurious_vs_vanilla_ci": list(ci)}
+
+    conditions = {"vanilla": cond(40.0, 0.0, 1.0), "projection_own": cond(20.0, -1.0, 2.0),
+                  "blocking_sae": cond(3.0, -5.0, 13.0), "ablation_mean": cond(-1.0, 1.5, None, "condition's mean rise <= 0"),
+                  "random_projection": cond(39.0, 0.0, 1.03, ci=(-3.0, 1.0)),
+                  "random_blocking": cond(20.0, 0.0, 2.0, ci=(-22.0, -18.0))}
+    g = bench.goals(conditions)
+    assert g["vanilla_rise_at_least_20"] and g["meets_goal"]
+    assert g["best_within_2_points"] == {"condition": "ablation_mean", "cut": None}  # eliminated beats 13× at −5
+    assert g["random_projection_within_noise"] and not g["random_blocking_within_noise"]
+
+
+
+def test_readme_tables_are_regenerated_from_the_results_file(bench, tmp_path):
+    tables = load_benchmark("readme_tables")
+    doc = {"scenarios": {"opener": {"variants": {"corr0.9": {
+        "conditions": {"vanilla": {"cut": 1.0, "cut_ci": [1.0, 1.0], "cut_note": None, "spurious_delta": 40.0,
+                                   "spurious_delta_ci": [39.0, 41.0], "ontarget_vs_vanilla": 0.0,
+                                   "ontarget_vs_vanilla_ci": [0.0, 0.0], "quality_ontarget_after": 50.0, "fit_s": 1.0}},
+        "goals": {"vanilla_rise_points": 40.0, "best_within_2_points": None, "meets_goal": False}}}}}}
+    (tmp_path / "interventions.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- interventions-table:begin -->\nstale\n<!-- interventions-table:end -->\nend\n")
+    tables.main(["--readme", str(readme), "--results", str(tmp_path)])
+    text = readme.read_text()
+    assert "stale" not in text and "| opener | corr0.9 | vanilla | +40.0 [+39.0, +41.0] |" in text
+    assert text.startswith("intro\n") and text.endswith("<!-- interventions-table:end -->\nend\n")
+    tables.main(["--readme", str(readme), "--results", str(tmp_path)])
+    assert readme.read_text() == text  # idempotent
+    (tmp_path / "interventions.json").unlink()
+    with pytest.raises(FileNotFoundError, match="interventions.json is missing"):
+        tables.main(["--readme", str(readme), "--results", str(tmp_path)])
