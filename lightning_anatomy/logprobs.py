@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_anatomy.losses import ld_token_weights, wpo_weights
 from lightning_anatomy.model_access import hook_output, unwrap_model
+from lightning_anatomy.token_stats import TokenStats, token_stats
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -71,6 +74,8 @@ class CompletionLogps:
     lengths: Tensor
     logit_sums: Tensor | None
     vocab_size: int
+    token_logps: Tensor | None = None  # [R, T-1] per-token log-probs (0 off the completion), with grad
+    token_stats: TokenStats | None = None  # [R, T-1] each, detached (entropy, log Σp², top-1): `token_stats=True`
 
     def logit_mean(self, rows: slice) -> Tensor:
         """TRL's mean logit over the completion positions and vocabulary of `rows`."""
@@ -140,6 +145,13 @@ def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     return captured[0], None if logits is None else logits[:, -1]
 
 
+def _chunk_stats(head: nn.Module, transform: _HeadTransform, hidden: Tensor, labels: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    logits = transform(head(hidden).float())
+    stats = token_stats(logits, labels)
+    return stats.logps, logits.detach().sum(-1), stats.entropy, stats.log_sum_sq_probs, stats.is_top1.float()
+
+
 def _chunk(head: nn.Module, transform: _HeadTransform, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     logits = transform(head(hidden).float())
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -180,7 +192,8 @@ def _head_weight_problem(head: nn.Module) -> str | None:
 
 
 def completion_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE, logit_sums: bool = False) -> CompletionLogps:
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, logit_sums: bool = False, with_token_stats: bool = False
+                     ) -> CompletionLogps:
     """`sequence_logps` (and the logit sums behind `logits/*`) without the full logits.
 
     Only completion positions reach the head, `chunk_size` at a time; under grad each chunk is
@@ -209,12 +222,14 @@ def completion_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     # them there (the recompute would run while every activation is still alive), so skip it.
     recompute = selected.shape[0] > chunk_size and torch.is_grad_enabled() and (
         selected.requires_grad or any(p.requires_grad for p in head.parameters()))
-    token_logps, token_sums = [], []
+    token_logps, token_sums, extras = [], [], []
+    fn = _chunk_stats if with_token_stats else _chunk
     for start in range(0, selected.shape[0], chunk_size):
         args = (head, transform, selected[start:start + chunk_size], labels[start:start + chunk_size])
-        lp, ls = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
+        lp, ls, *more = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
         token_logps.append(lp)
         token_sums.append(ls)
+        extras.append(more)
     shape, maskf = mask.shape, mask.to(torch.float32)
     dense = hidden.new_zeros(shape, dtype=torch.float32)
     if token_logps:
@@ -227,8 +242,77 @@ def completion_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
         if token_sums:
             sums = sums.index_put((rows, cols), torch.cat(token_sums))
         sums = sums.sum(-1)
-    return CompletionLogps((dense * maskf).sum(-1), maskf.sum(-1), sums, vocab)
+    stats = None
+    if with_token_stats:
+        dense_stats = []
+        for i in range(3):
+            t = hidden.new_zeros(shape, dtype=torch.float32)
+            dense_stats.append(t.index_put((rows, cols), torch.cat([e[i] for e in extras])) if extras else t)
+        stats = TokenStats(dense * maskf, dense_stats[0], dense_stats[1], dense_stats[2].bool())
+    return CompletionLogps((dense * maskf).sum(-1), maskf.sum(-1), sums, vocab, dense * maskf, stats)
+
+
+def _full_logits_token_stats(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> TokenStats:
+    """`TokenStats` `[R, T-1]` from the model's full logits (row by row, fp32), 0 off the completion."""
+    rows = [token_stats(row_logits, row_labels) for row_logits, row_labels in zip(logits[:, :-1], input_ids[:, 1:])]
+    maskf = completion_mask[:, 1:].to(torch.float32)
+    stacked = [torch.stack([r[i] for r in rows]) for i in range(4)]
+    return TokenStats(stacked[0] * maskf, stacked[1] * maskf, stacked[2] * maskf, stacked[3] & maskf.bool())
+
+
+def pair_logps(model: nn.Module, batch: Mapping[str, Tensor], *, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+               with_stats: bool = False, with_nll: bool = False, ld_alpha: float | None = None,
+               with_token_stats: bool = False) -> dict[str, Tensor]:
+    """One forward over a `[chosen; rejected]` batch: per-pair log-probs and completion lengths.
+
+    Returns `chosen_logps`, `rejected_logps`, `chosen_lengths`, `rejected_lengths` (`[B]` each);
+    with `with_stats` also TRL's `chosen_logits` / `rejected_logits` means, and with `with_nll` too
+    the chosen completions' mean NLL (`nll`, RPO's term). `chunk_size=None` scores from the model's
+    full logits (`sequence_logps`), else through `completion_logps`. The tokens scored are
+    `batch["loss_mask"]` where the batch has one (token filtering), else `completion_mask`.
+    """
+    ids, mask = batch["input_ids"], batch.get("loss_mask", batch["completion_mask"])
+    n = ids.shape[0] // 2
+    per_token = ld_alpha is not None or with_token_stats
+    stats: TokenStats | None = None
+    if chunk_size is None:  # the full-logits path
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+        if per_token:
+            stats = _full_logits_token_stats(logits, ids, mask)
+            lengths = mask[:, 1:].to(torch.float32).sum(-1)
+            logps = stats.logps.sum(-1)
+        else:
+            logps, lengths = sequence_logps(logits, ids, mask)
+        if with_stats:
+            means = masked_logit_mean(logits[:n], mask[:n]), masked_logit_mean(logits[n:], mask[n:])
+    else:
+        out = completion_logps(model, ids, batch["attention_mask"], mask, chunk_size=chunk_size,
+                               logit_sums=with_stats, with_token_stats=per_token)
+        logps, lengths, stats = out.logps, out.lengths, out.token_stats
+        if with_stats:
+            means = out.logit_mean(slice(None, n)), out.logit_mean(slice(n, None))
+    raw_logps = logps
+    if ld_alpha is not None:  # LD-DPO: the longer response's tokens beyond the shared length weigh α
+        logps = (stats.logps * ld_token_weights(mask[:, 1:], ld_alpha)).sum(-1)
+    result = {
+        "chosen_logps": logps[:n], "rejected_logps": logps[n:],
+        "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:],
+    }
+    if with_stats:
+        result["chosen_logits"], result["rejected_logits"] = means
+        if with_nll:
+            result["nll"] = -raw_logps[:n].sum() / lengths[:n].sum().clamp_min(1)
+    if ld_alpha is not None:
+        result["chosen_logps_raw"] = raw_logps[:n]
+    if with_token_stats:
+        maskf = mask[:, 1:].to(torch.float32)
+        result["entropy_sum"] = (stats.entropy * maskf).sum()
+        result["tokens"] = maskf.sum()
+        result["top1_correct"] = (stats.is_top1[:n].float() * maskf[:n]).sum()
+        result["chosen_tokens"] = maskf[:n].sum()
+        result["wpo_weights"] = wpo_weights(stats.logps, stats.log_sum_sq_probs, maskf)
+    return result
 
 
 __all__ = ["CompletionLogps", "DEFAULT_CHUNK_SIZE", "completion_logps", "final_hidden_states", "head_transform",
-           "masked_logit_mean", "sequence_logps"]
+           "masked_logit_mean", "pair_logps", "sequence_logps"]

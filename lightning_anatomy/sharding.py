@@ -89,6 +89,47 @@ def shard_fsdp2(model: nn.Module, mesh: Any, **kwargs: Any) -> nn.Module:
     return model
 
 
+def shard_dpo_module(module: nn.Module, trainer: Any) -> None:
+    """Shard `module.policy` and `module.reference` (a copy reference, or None) for the Trainer's strategy.
+
+    `ModelParallelStrategy` (FSDP2): `fully_shard` on every decoder block and on the root, for
+    the policy (a PEFT policy's reference is that same sharded model) and the copy reference,
+    over the data-parallel mesh (no tensor parallelism: `tensor_parallel_size=1`).
+    `FSDPStrategy` (FSDP1): Lightning wraps the module itself (pass
+    `auto_wrap_policy=decoder_block_classes(policy)`); the copy reference is wrapped here as
+    its own FSDP unit with the strategy's settings. Either way a sharded reference is taken
+    out of the module tree (`keep_outside_module_tree`): checkpoints hold no reference weights,
+    so a strict load of a sharded or full checkpoint must not expect any. Other strategies:
+    nothing to do.
+    """
+    strategy = trainer.strategy
+    kind = {c.__name__ for c in type(strategy).__mro__}
+    mesh = fsdp2_data_mesh(strategy, "DPOModule")
+    reference = module.reference
+    if mesh is not None:
+        if not is_fsdp2_module(module.policy):
+            shard_fsdp2(module.policy, mesh)
+        if reference is not None and not is_fsdp2_module(reference):
+            reference = trainer.precision_plugin.convert_module(reference)
+            keep_outside_module_tree(module, "reference", shard_fsdp2(reference, mesh))
+    elif "FSDPStrategy" in kind and reference is not None and not has_fsdp1_units(reference):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        reference = trainer.precision_plugin.convert_module(reference)
+        wrapped = FullyShardedDataParallel(
+            reference, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
+            sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device.index,
+            **strategy.kwargs,
+        )
+        keep_outside_module_tree(module, "reference", wrapped)
+
+
+def keep_outside_module_tree(owner: nn.Module, name: str, child: nn.Module) -> None:
+    """`owner.<name>` becomes `child`, an attribute but no longer a submodule (state_dict, parameters, `.to`)."""
+    owner._modules.pop(name, None)
+    owner.__dict__[name] = child
+
+
 def rank_batches(n_batches: int, rank: int, world: int) -> list[int | None]:
     """The batch indices this rank measures when the work is split over sharded ranks: `rank`,
     `rank + world`, ..., then `None` (a dummy forward whose result is dropped) up to
@@ -116,4 +157,5 @@ def is_fsdp2_module(module: nn.Module) -> bool:
 
 
 __all__ = ["clean_name", "decoder_block_classes", "has_fsdp1_units", "is_fsdp2_module", "is_sharded_module",
-           "is_sharded_strategy", "is_sharded_tensor", "rank_batches", "shard_fsdp2", "unsharded_class_name"]
+           "is_sharded_strategy", "is_sharded_tensor", "keep_outside_module_tree", "rank_batches", "shard_dpo_module",
+           "shard_fsdp2", "unsharded_class_name"]

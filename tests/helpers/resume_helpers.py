@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from tests.helpers.concept_callback_helpers import random_sae
-from tests.helpers.intervention_helpers import MemoryLogger
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_anatomy import ConceptAttribution, ConceptDriftMonitor, DPOModule, PreferenceDataModule
 from lightning_anatomy.data.toy import make_toy_preferences
 from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
+from tests.helpers.concept_callback_helpers import random_sae
+from tests.helpers.intervention_helpers import MemoryLogger
 
 HOOK = "blocks.0.hook_resid_post"
 N_ROWS = 40  # 36 training pairs, batch 4: 9 batches per epoch
