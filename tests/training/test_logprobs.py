@@ -205,8 +205,8 @@ def test_dpomodule_chunks_by_default_and_both_paths_give_the_same_step():
         for m in (chunked.policy, full.policy):
             for i, p in enumerate(m.parameters()):
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-    loss_c, stats_c = chunked._step(batch)
-    loss_f, stats_f = full._step(batch)
+    loss_c, stats_c = chunked.compute_loss(batch)
+    loss_f, stats_f = full.compute_loss(batch)
     torch.testing.assert_close(loss_c, loss_f, rtol=1e-6, atol=1e-7)
     for key in stats_f:
         torch.testing.assert_close(stats_c[key], stats_f[key], rtol=1e-5, atol=1e-7)
