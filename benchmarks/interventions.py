@@ -267,7 +267,7 @@ def condition_specs(ctx: SeedContext, knobs: Knobs, cfg: Config) -> dict[str, tu
                                      lambda v: plain(lambda: [ConceptBlocking(ctx.spurious_later, lam=v)])),
         "reward_shaping": (cfg.shaping_scales, knobs.shaping_scale, lambda v: plain(lambda: shaping(v))),
         "steering": (cfg.steering_alphas, knobs.steering_alpha,
-                     lambda v: plain(lambda: [ConceptSteering(direction, alpha=v, sides="both")])),
+                     lambda v: plain(lambda: [ConceptSteering(direction, strength=v, sides="both")])),
         "filtering": (cfg.filter_fractions, knobs.filter_fraction, filtering),
     }
     for name, (values, picked, make) in grids.items():

@@ -725,7 +725,7 @@ def condition_specs(ctx: SeedContext, choice: Choice, cfg: Config) -> dict[str, 
 
     def steering(alpha: float) -> Builder:
         # persona-vector steering uses the raw difference of means: its norm is the trait's natural size
-        return lambda: (ctx.pairs, [ConceptSteering(ctx.spurious["mean_diff"], alpha=alpha, sides="both")])
+        return lambda: (ctx.pairs, [ConceptSteering(ctx.spurious["mean_diff"], strength=alpha, sides="both")])
 
     def filtering(fraction: float) -> Builder:
         def build() -> tuple[list[Any], list[Any]]:

@@ -13,10 +13,11 @@ from lightning_anatomy._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "ConceptBlocking": "lightning_anatomy.callbacks.blocking",
     "ConceptProjection": "lightning_anatomy.callbacks.projection",
-    "RewardShaping": "lightning_anatomy.callbacks.shaping",
-    "ConceptSteering": "lightning_anatomy.callbacks.shaping",
+    "RewardShaping": "lightning_anatomy.callbacks.reward_shaping",
+    "ConceptSteering": "lightning_anatomy.callbacks.steering",
     "ConceptAttribution": "lightning_anatomy.callbacks.attribution",
     "ConceptDriftMonitor": "lightning_anatomy.callbacks.drift",
+    "TokenFiltering": "lightning_anatomy.callbacks.token_filtering",
 }
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "ConceptProjection",
     "ConceptSteering",
     "RewardShaping",
+    "TokenFiltering",
 ]  # literal so linters see the re-exports
 
 
@@ -37,4 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.callbacks.blocking import ConceptBlocking
     from lightning_anatomy.callbacks.drift import ConceptDriftMonitor
     from lightning_anatomy.callbacks.projection import ConceptProjection
-    from lightning_anatomy.callbacks.shaping import ConceptSteering, RewardShaping
+    from lightning_anatomy.callbacks.reward_shaping import RewardShaping
+    from lightning_anatomy.callbacks.steering import ConceptSteering
+    from lightning_anatomy.callbacks.token_filtering import TokenFiltering

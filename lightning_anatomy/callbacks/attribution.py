@@ -15,26 +15,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
-from lightning_anatomy.callbacks._logging import (
-    ConceptRef,
-    build_pending_saes,
-    check_every,
-    check_resumed_widths,
-    check_strategy,
-    load_saes,
-    log_scalars,
-    log_wandb,
-    parse_labels,
-    parse_track,
-    wandb_table,
-)
+from lightning_anatomy.callbacks.concept_refs import ConceptRef, ConceptRefSpec, parse_labels, parse_track
+from lightning_anatomy.callbacks.logging import log_scalars, log_wandb, wandb_table
+from lightning_anatomy.callbacks.options import check_every
+from lightning_anatomy.callbacks.sae_specs import build_pending_saes, check_resumed_widths, load_saes
+from lightning_anatomy.callbacks.strategies import DATA_PARALLEL, SHARDED, check_strategy
+from lightning_anatomy.concepts.lens import ConceptLens
 from lightning_anatomy.concepts.sae import check_width
 from lightning_anatomy.model_access import (
     HookPoint,
@@ -44,6 +38,9 @@ from lightning_anatomy.model_access import (
     hook_output,
     resolve_hook,
 )
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 # Tokens encoded at once: bounds the two [tokens, d_sae] fp32 temporaries to 2 × 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24
@@ -90,7 +87,10 @@ class ConceptAttribution(HookedCallback):
         log_table_every: log the table every this many optimizer steps (a multiple of
             `every_n_steps`; default `10 × every_n_steps`), ranked by the push summed over the
             attributed steps since the previous table.
-        allow_untested_strategy: run under strategies other than single-device/DDP anyway.
+        allow_untested_strategy: run under strategies other than `supported_strategies` anyway.
+
+    Strategies (`supported_strategies`): SingleDeviceStrategy, DDPStrategy, FSDPStrategy and
+    ModelParallelStrategy (FSDP2, without tensor parallelism); others are refused at setup.
 
     Logged (at the step's index, like the module's `train/*` metrics), for each tracked concept:
     `concepts/attribution/<name>` (push over chosen + rejected completion tokens),
@@ -103,13 +103,15 @@ class ConceptAttribution(HookedCallback):
     attributed step until its optimizer step, and are removed on fit end and on exceptions.
     """
 
+    supported_strategies: ClassVar[tuple[type[Strategy], ...]] = DATA_PARALLEL + SHARDED
+
     def __init__(
         self,
-        saes: Mapping[str, Any] | Any,
+        saes: Mapping[str, SAE | str | Mapping[str, str]] | ConceptLens,
         every_n_steps: int = 1,
         top_k: int = 10,
-        track: Mapping[str, Any] | Sequence[Any] | None = None,
-        labels: Mapping[Any, str] | None = None,
+        track: Mapping[str, ConceptRefSpec] | Sequence[ConceptRefSpec] | None = None,
+        labels: Mapping[ConceptRefSpec, str] | None = None,
         log_table_every: int | None = None,
         allow_untested_strategy: bool = False,
     ) -> None:
@@ -174,7 +176,7 @@ class ConceptAttribution(HookedCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "ConceptAttribution", self.allow_untested_strategy)
+        check_strategy(trainer, self)
         model = find_causal_lm(pl_module)
         self.saes = build_pending_saes(self.saes, model)
         self._points = {hook: resolve_hook(model, hook) for hook in self.widths}

@@ -26,7 +26,7 @@ gradient, the logged loss and the penalty equal those of one process on the whol
 the tokens fall on the ranks. Gradient accumulation keeps one mean per micro-batch, like the loss.
 
 The reference activation comes from the reference forward DPOModule already runs, captured by a
-forward hook at the same hook point: on `pl_module.reference` for `reference="copy"`, on the
+forward hook at the same hook point: on `pl_module.reference_forward_module()` for `reference="copy"`, on the
 policy's own modules inside `reference_pass()` for `reference="peft"` (adapters off).
 `reference="precomputed"` keeps only log-probs, so it is refused. Under FSDP the hooks sit on the
 sharded blocks (activations are whole there) and a copy reference is sharded like the policy:
@@ -48,14 +48,20 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
-from lightning_anatomy.callbacks._logging import check_strategy, load_saes, log_scalars, parse_concept
+from lightning_anatomy.callbacks.concept_refs import ConceptRefSpec, parse_concept
+from lightning_anatomy.callbacks.logging import log_scalars
+from lightning_anatomy.callbacks.sae_specs import load_saes
+from lightning_anatomy.callbacks.strategies import DATA_PARALLEL, SHARDED, check_strategy
+from lightning_anatomy.concepts.concept_set import ConceptSet
+from lightning_anatomy.concepts.lens import ConceptLens
 from lightning_anatomy.interventions.steering import ACTION_SIGN, SIDES
 from lightning_anatomy.model_access import (
     HookPoint,
@@ -67,6 +73,9 @@ from lightning_anatomy.model_access import (
     is_reference_pass,
     resolve_hook,
 )
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 TOKENS = ("completion", "predicting", "all")
 AUX_LOSS_PREFIX = "ConceptBlocking"
@@ -148,7 +157,7 @@ class ConceptBlocking(HookedCallback):
             prompt's last token, which decides a completion's first token — an opener — is in
             and the last completion token is out) or `"all"` (every non-pad token).
         warmup_steps: grow λ linearly over this many optimizer steps (0: full λ from the start).
-        allow_untested_strategy: run under strategies other than single-device, DDP and FSDP.
+        allow_untested_strategy: run under strategies other than `supported_strategies`.
 
     Needs a LightningModule with `register_auxiliary_loss` (DPOModule) whose reference runs as a
     forward each training step (`reference="copy"` or `"peft"`). Captures happen only between a
@@ -156,14 +165,23 @@ class ConceptBlocking(HookedCallback):
     and gradient-checkpointing recomputations are never counted (one capture per hook, model role
     and micro-batch). SAE parameters are frozen (`requires_grad_(False)`) and moved to the
     module's device in fp32 at fit start.
+
+    Strategies (`supported_strategies`): SingleDeviceStrategy, DDPStrategy, FSDPStrategy and
+    ModelParallelStrategy (FSDP2, without tensor parallelism); others are refused at setup.
     """
+
+    supported_strategies: ClassVar[tuple[type[Strategy], ...]] = DATA_PARALLEL + SHARDED
 
     def __init__(
         self,
-        concepts: Any,
+        # the mapping and list forms come first: LightningCLI tries the union in order, and `str`
+        # would take a YAML dict as its text
+        concepts: (Mapping[str, ConceptRefSpec | tuple[str, int, str]]
+                   | Sequence[ConceptRefSpec | tuple[str, int, str]]
+                   | ConceptSet | str | os.PathLike),
         lam: float = 1.0,
         one_sided: bool = True,
-        saes: Mapping[str, Any] | Any | None = None,
+        saes: Mapping[str, SAE | str | Mapping[str, str]] | ConceptLens | None = None,
         sides: str = "both",
         tokens: str = "completion",
         warmup_steps: int = 0,
@@ -269,7 +287,7 @@ class ConceptBlocking(HookedCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "ConceptBlocking", self.allow_untested_strategy)
+        check_strategy(trainer, self)
         if not callable(getattr(pl_module, "register_auxiliary_loss", None)) or not callable(
                 getattr(pl_module, "remove_auxiliary_loss", None)):
             raise ValueError(
@@ -283,7 +301,7 @@ class ConceptBlocking(HookedCallback):
         policy = find_causal_lm(pl_module)
         self._points = {hook: self._resolve(policy, hook, "the policy") for hook in self.plans}
         if self._mode == "copy":
-            reference = pl_module.reference
+            reference = pl_module.reference_forward_module()
             self._reference_points = {hook: self._resolve(reference, hook, "the reference model")
                                       for hook in self.plans}
         for hook, plan in self.plans.items():
@@ -522,10 +540,11 @@ def _capture_hook(point: HookPoint, capture) -> Any:
 
 
 def _reference_mode(pl_module: LightningModule) -> str:
-    """`"copy"` (a separate reference model at `.reference`) or `"peft"` (adapters off inside
-    `reference_pass()`); refuses a precomputed reference, which runs no forward to capture."""
-    hparams = getattr(pl_module, "hparams", None)
-    mode = hparams.get("reference") if isinstance(hparams, Mapping) else None
+    """`"copy"` (a separate reference model: `reference_forward_module()`) or `"peft"` (the policy's
+    own modules, adapters off inside `reference_pass()`), read through the `PreferenceModule` surface
+    (`lightning_anatomy.preference_module`); refuses a precomputed reference, which runs no forward
+    to capture."""
+    mode = getattr(pl_module, "reference_mode", None)
     if mode == "precomputed":
         raise ValueError(
             "ConceptBlocking compares the policy's activations with the reference model's on every training batch, "
@@ -533,16 +552,15 @@ def _reference_mode(pl_module: LightningModule) -> str:
             "use DPOModule(reference='copy') (a frozen copy of the initial policy) or reference='peft' "
             "(LoRA adapters, reference = adapters off)"
         )
-    if mode == "peft":
-        return "peft"
-    if isinstance(getattr(pl_module, "reference", None), nn.Module):
-        return "copy"
+    forward_module = getattr(pl_module, "reference_forward_module", None)
+    if mode in ("copy", "peft") and callable(forward_module) and isinstance(forward_module(), nn.Module):
+        return mode
     raise ValueError(
-        f"ConceptBlocking cannot find the reference model of {type(pl_module).__name__}: expected a module at "
-        "`.reference` (DPOModule reference='copy') or hparams reference='peft' (the reference forward runs inside "
-        "reference_pass() with adapters off)"
+        f"ConceptBlocking cannot find the reference forward of {type(pl_module).__name__}: expected "
+        "reference_mode 'copy' or 'peft' and reference_forward_module() returning the module the reference "
+        "forward runs through (the PreferenceModule surface of lightning_anatomy.preference_module, as DPOModule "
+        "has)"
     )
-
 
 def _plan_concepts(concepts: Any, saes: Any) -> dict[str, _HookPlan]:
     """`{hook: _HookPlan}` from a ConceptSet (directions) or SAE-feature references with `saes`."""

@@ -22,32 +22,43 @@ those changes against the clusters' predicted shifts (`concepts/drift_cluster_r2
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from lightning_anatomy.audit.agreement import r_squared
-from lightning_anatomy.callbacks._logging import (
+from lightning_anatomy.callbacks.concept_refs import (
     ConceptRef,
-    build_pending_saes,
-    check_every,
-    check_resumed_widths,
-    check_strategy,
-    load_saes,
-    log_scalars,
-    log_wandb,
-    measures_on_every_rank,
+    ConceptRefSpec,
     parse_concept,
     parse_labels,
     parse_track,
-    wandb_table,
 )
+from lightning_anatomy.callbacks.logging import log_scalars, log_wandb, wandb_table
+from lightning_anatomy.callbacks.options import check_every, renamed_option
+from lightning_anatomy.callbacks.sae_specs import build_pending_saes, check_resumed_widths, load_saes
+from lightning_anatomy.callbacks.strategies import (
+    DATA_PARALLEL,
+    SHARDED,
+    check_strategy,
+    measures_on_every_rank,
+)
+from lightning_anatomy.concepts.lens import ConceptLens
+from lightning_anatomy.data.tokenize import TokenizedPair
 from lightning_anatomy.model_access import find_causal_lm, measurement_pass
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from lightning_anatomy.audit.result import AuditResult
+    from lightning_anatomy.data.datamodule import PreferenceDataModule
 
 RESPONSES = ("chosen", "rejected", "both")
 TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "drift", "predicted")
@@ -56,10 +67,8 @@ TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "dri
 ProbeBatch = tuple[Tensor, Tensor, Tensor]
 
 
-def parse_clusters(clusters: Any, widths: Mapping[str, int]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+def parse_clusters(clusters: object, widths: Mapping[str, int]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(feature clusters, cluster predictions, audit options) from an AuditResult or its saved directory."""
-    import os
-
     if isinstance(clusters, str | os.PathLike):
         from lightning_anatomy.audit.result import AuditResult
 
@@ -136,11 +145,11 @@ class ConceptDriftMonitor(Callback):
     """Log the drift of SAE feature means on a fixed probe set, from step 0, while training.
 
     Args:
-        lens_or_saes: a `ConceptLens` (rebuilt on the policy if it wraps another model) or
-            `{hook_name: SAE | directory | registry spec}`.
-        probe: the fixed probe set: a list of `TokenizedPair`, a collated batch dict (contract
-            keys), an object with `val_pairs` (a `PreferenceDataModule`), or `"val"` for the
-            trainer's datamodule's `val_pairs`. Teacher-forced on `responses`.
+        saes: `{hook_name: SAE | directory | registry spec}` or a `ConceptLens` (rebuilt on the
+            policy if it wraps another model); required.
+        probe: the fixed probe set (required): a list of `TokenizedPair`, a collated batch dict
+            (contract keys), an object with `val_pairs` (a `PreferenceDataModule`), or `"val"` for
+            the trainer's datamodule's `val_pairs`. Teacher-forced on `responses`.
         every_n_steps: evaluate at step 0 (fit start) and after every this many optimizer steps.
         track: concepts with a scalar series (as for `ConceptAttribution`).
         top_k: rows of the W&B table `concepts/drift_top` (largest |drift|).
@@ -157,7 +166,15 @@ class ConceptDriftMonitor(Callback):
         batch_size: probe sequences per forward.
         evaluate_on_train_end: one more evaluation at the end of training if the last step
             was not an evaluation step.
-        allow_untested_strategy: run under strategies other than single-device/DDP anyway.
+        allow_untested_strategy: run under strategies other than `supported_strategies` anyway.
+        lens_or_saes: deprecated name of `saes` (accepted for one release, with a
+            DeprecationWarning).
+        predictor: which prediction of the clusters the cluster R² tests: None (the audit's
+            own), "paper" (each cluster's mean disparity) or "tilt" (the joint Bradley–Terry
+            reward tilted over the audit's pairs, `audit.tilt`); needs `clusters`.
+
+    Strategies (`supported_strategies`): SingleDeviceStrategy, DDPStrategy, FSDPStrategy and
+    ModelParallelStrategy (FSDP2, without tensor parallelism); others are refused at setup.
 
     Logged at the number of optimizer steps taken: `concepts/drift/<name>` per tracked concept,
     `concepts/drift_r2` (when `predicted` is set and R² is defined), with rollouts also
@@ -170,26 +187,38 @@ class ConceptDriftMonitor(Callback):
     weights (FSDP) on every rank, since each probe forward is a collective, logged from rank zero.
     """
 
+    supported_strategies: ClassVar[tuple[type[Strategy], ...]] = DATA_PARALLEL + SHARDED
+
     def __init__(
         self,
-        lens_or_saes: Any,
-        probe: Any,
+        saes: Mapping[str, SAE | str | Mapping[str, str]] | ConceptLens | None = None,
+        probe: (Sequence[TokenizedPair] | Mapping[str, torch.Tensor] | PreferenceDataModule | Literal["val"]
+                | None) = None,
         every_n_steps: int = 50,
-        track: Mapping[str, Any] | Sequence[Any] | None = None,
+        track: Mapping[str, ConceptRefSpec] | Sequence[ConceptRefSpec] | None = None,
         top_k: int = 20,
-        predicted: Any = None,
+        predicted: Mapping[ConceptRefSpec, float] | pd.DataFrame | None = None,
         rollouts: int = 0,
         rollout_max_new_tokens: int = 32,
-        labels: Mapping[Any, str] | None = None,
-        clusters: Any = None,
+        labels: Mapping[ConceptRefSpec, str] | None = None,
+        clusters: AuditResult | str | os.PathLike | None = None,
         cluster_tau: float | None = None,
         responses: str = "chosen",
         batch_size: int = 8,
         evaluate_on_train_end: bool = True,
         allow_untested_strategy: bool = False,
+        *,
+        lens_or_saes: Mapping[str, SAE | str | Mapping[str, str]] | ConceptLens | None = None,
+        predictor: str | None = None,
     ) -> None:
-        self._given_lens = lens_or_saes if hasattr(lens_or_saes, "encode") and hasattr(lens_or_saes, "model") else None
-        self.saes, self.widths = load_saes(lens_or_saes, "ConceptDriftMonitor")
+        saes = renamed_option("ConceptDriftMonitor", "saes", saes, "lens_or_saes", lens_or_saes)
+        if saes is None:
+            raise ValueError("ConceptDriftMonitor: saes is required: {hook_name: SAE or SAE spec} or a ConceptLens")
+        if probe is None:
+            raise ValueError("ConceptDriftMonitor: probe is required: a list of TokenizedPair, a collated batch dict, "
+                             "a PreferenceDataModule or 'val'")
+        self._given_lens = saes if hasattr(saes, "encode") and hasattr(saes, "model") else None
+        self.saes, self.widths = load_saes(saes, "ConceptDriftMonitor")
         self.every_n_steps = check_every(every_n_steps, "every_n_steps")
         self.top_k = check_every(top_k, "top_k")
         self.batch_size = check_every(batch_size, "batch_size")
@@ -217,12 +246,22 @@ class ConceptDriftMonitor(Callback):
         self.cluster_reader = None
         self.cluster_predictions: pd.DataFrame | None = None
         self.cluster_threshold = 0.0
+        if predictor is not None:
+            from lightning_anatomy.audit.tilt import check_predictor
+
+            check_predictor(predictor)
+            if clusters is None:
+                raise ValueError("predictor= chooses the prediction of the audit's clusters; pass clusters=<AuditResult>")
         if clusters is not None:
             from lightning_anatomy.audit.rollouts import ClusterReader
 
             if not self.rollouts:
                 raise ValueError("clusters= measures cluster firing on the model's own rollouts; pass rollouts=N (> 0)")
             assign, self.cluster_predictions, audit_options = parse_clusters(clusters, self.widths)
+            if predictor is not None:
+                from lightning_anatomy.audit.tilt import predictions_for
+
+                self.cluster_predictions = predictions_for(clusters, predictor)
             tau = float(audit_options.get("tau", 0.01) if cluster_tau is None else cluster_tau)
             if not 0 <= tau < 1:
                 raise ValueError(f"cluster_tau={cluster_tau!r} is invalid: the activity threshold must be in [0, 1)")
@@ -281,9 +320,7 @@ class ConceptDriftMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "ConceptDriftMonitor", self.allow_untested_strategy)
-        from lightning_anatomy.concepts.lens import ConceptLens
-
+        check_strategy(trainer, self)
         policy = find_causal_lm(pl_module)
         self.saes = build_pending_saes(self.saes, policy)
         lens = self._given_lens

@@ -25,22 +25,31 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
-from lightning_anatomy.callbacks._logging import check_strategy, log_scalars, measures_on_every_rank
-from lightning_anatomy.interventions.ablation import orthonormal_union, register_activation_edit
-from lightning_anatomy.interventions.projection import (
-    GradientAmplification,
-    GradientProjection,
+from lightning_anatomy.callbacks.logging import log_scalars
+from lightning_anatomy.callbacks.options import renamed_option
+from lightning_anatomy.callbacks.strategies import (
+    DATA_PARALLEL,
+    SHARDED,
+    check_strategy,
+    measures_on_every_rank,
+)
+from lightning_anatomy.concepts.concept_set import ConceptSet
+from lightning_anatomy.interventions.activation_edits import (
     component_along,
     mean_ablate,
+    orthonormal_union,
     project_out,
+    register_activation_edit,
 )
+from lightning_anatomy.interventions.projection import GradientAmplification, GradientProjection
 from lightning_anatomy.model_access import (
     HookPoint,
     find_blocks,
@@ -58,6 +67,7 @@ LAYER_MODES = ("own", "all_later")
 ACTIONS = ("suppress", "amplify")
 ABLATIONS = ("zero", "mean")
 DEFAULT_MEAN_PAIRS = 64
+DEFAULT_STRENGTH = 2.0
 # Two bases describe the same subspace when their projectors differ by less than this (spectral
 # norm): far above float noise between machines, far below any real change of a concept.
 SUBSPACE_TOL = 1e-4
@@ -96,7 +106,8 @@ class ConceptProjection(HookedCallback):
             of every later block) or an explicit list of hook names / block indices (an int i
             means `blocks.{i}.hook_resid_post`), where the union of all the set's bases of the
             matching width is applied.
-        amplify_factor: gradient factor (> 1) along amplified concepts.
+        strength: the gradient factor (> 1) along amplified concepts (suppressed ones are
+            removed whatever it is).
         ablation: what the ablated component is replaced by: `"zero"` (CAFT, h − QQᵀh) or
             `"mean"` (h − QQᵀh + Qμ, μ the mean of Qᵀh over the completion tokens of the first
             `mean_pairs` training pairs, measured at fit start (FSDP: train start) with the initial weights in a
@@ -104,31 +115,41 @@ class ConceptProjection(HookedCallback):
             uses the same μ). Needs `mode="ablate"` or `"both"` and a datamodule with
             `train_pairs` (`PreferenceDataModule`).
         mean_pairs: how many training pairs μ is measured on.
-        allow_untested_strategy: run under strategies other than single-device and DDP.
+        allow_untested_strategy: run under strategies other than `supported_strategies`.
+        amplify_factor: deprecated name of `strength` (accepted for one release, with a
+            DeprecationWarning).
+
+    Strategies (`supported_strategies`): SingleDeviceStrategy, DDPStrategy, FSDPStrategy and
+    ModelParallelStrategy (FSDP2, without tensor parallelism); others are refused at setup.
     """
+
+    supported_strategies: ClassVar[tuple[type[Strategy], ...]] = DATA_PARALLEL + SHARDED
 
     def __init__(
         self,
-        concepts: Any,
+        concepts: ConceptSet | str | os.PathLike,
         mode: str = "gradient",
         layers: str | Sequence[str | int] = "own",
-        amplify_factor: float = 2.0,
+        strength: float = DEFAULT_STRENGTH,
         ablation: str = "zero",
         mean_pairs: int = DEFAULT_MEAN_PAIRS,
         allow_untested_strategy: bool = False,
+        *,
+        amplify_factor: float | None = None,
     ) -> None:
         super().__init__()
+        strength = renamed_option("ConceptProjection", "strength", strength, "amplify_factor", amplify_factor,
+                                  default=DEFAULT_STRENGTH)
         if isinstance(concepts, str | os.PathLike):
-            from lightning_anatomy.concepts import ConceptSet
-
             concepts = ConceptSet.load(concepts)
         if mode not in MODES:
             raise ValueError(f"ConceptProjection: mode={mode!r} is not one of {MODES}")
         self.layers = _check_layers(layers)
-        if isinstance(amplify_factor, bool) or not isinstance(amplify_factor, int | float) or not (
-            math.isfinite(amplify_factor) and amplify_factor > 1
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not (
+            math.isfinite(strength) and strength > 1
         ):
-            raise ValueError(f"ConceptProjection: amplify_factor must be a finite number > 1, got {amplify_factor!r}")
+            raise ValueError(f"ConceptProjection: strength (the amplify factor) must be a finite number > 1, "
+                             f"got {strength!r}")
         if ablation not in ABLATIONS:
             raise ValueError(f"ConceptProjection: ablation={ablation!r} is not one of {ABLATIONS}")
         if ablation == "mean" and mode == "gradient":
@@ -141,7 +162,7 @@ class ConceptProjection(HookedCallback):
         self.mode = mode
         self.ablation = ablation
         self.mean_pairs = mean_pairs
-        self.amplify_factor = float(amplify_factor)
+        self.strength = float(strength)
         self.allow_untested_strategy = bool(allow_untested_strategy)
         self.concepts = concepts
         self.sources = _source_bases(concepts)
@@ -154,10 +175,17 @@ class ConceptProjection(HookedCallback):
         layers = self.layers if isinstance(self.layers, str) else tuple(self.layers)
         # the mean-ablation settings only enter when used: zero-ablation checkpoints keep their key
         extra = {"ablation": self.ablation, "mean_pairs": self.mean_pairs} if self.ablation == "mean" else {}
-        return self._generate_state_key(mode=self.mode, layers=layers, amplify_factor=self.amplify_factor, **extra)
+        # "amplify_factor" stays the name in the key and the saved settings: checkpoints written
+        # before `strength` was its name resume unchanged
+        return self._generate_state_key(mode=self.mode, layers=layers, amplify_factor=self.strength, **extra)
+
+    @property
+    def amplify_factor(self) -> float:
+        """Deprecated name of `strength`."""
+        return self.strength
 
     def _settings(self) -> dict[str, Any]:
-        settings = {"mode": self.mode, "layers": self.layers, "amplify_factor": self.amplify_factor,
+        settings = {"mode": self.mode, "layers": self.layers, "amplify_factor": self.strength,
                     "ablation": self.ablation}
         if self.ablation == "mean":
             settings["mean_pairs"] = self.mean_pairs
@@ -230,12 +258,12 @@ class ConceptProjection(HookedCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "ConceptProjection", self.allow_untested_strategy)
+        check_strategy(trainer, self)
         self._targets = self._plan(find_causal_lm(pl_module))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._targets:  # fit without setup (a Trainer subclass skipping it): plan now
-            check_strategy(trainer, "ConceptProjection", self.allow_untested_strategy)
+            check_strategy(trainer, self)
             self._targets = self._plan(find_causal_lm(pl_module))
         self.remove_hooks()  # before measuring the means: none of this callback's edits may act
         means = {} if _restores_after_fit_start(trainer) else self._ablation_means(trainer, pl_module)
@@ -388,7 +416,7 @@ class ConceptProjection(HookedCallback):
         """The edit at one target. Ablation follows the Trainer's training stage, not the module's
         train/eval mode (Lightning trains a model built in eval mode in eval mode); it must not
         depend on grad mode either, or reentrant checkpointing would recompute a different forward."""
-        mode, factor = self.mode, self.amplify_factor
+        mode, factor = self.mode, self.strength
 
         def edit(hidden: Tensor, module: torch.nn.Module) -> Tensor | None:
             out = hidden

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_anatomy.interventions.ablation import ActivationEdit, training_only_edit
+from lightning_anatomy.interventions.activation_edits import ActivationEdit, training_only_edit
 
 SIDES = ("both", "chosen", "rejected")
 ACTION_SIGN = {"suppress": 1.0, "amplify": -1.0}

@@ -9,6 +9,13 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+from lightning_anatomy.callbacks.attribution import TABLE_COLUMNS, ConceptAttribution, feature_attribution
+from lightning_anatomy.model_access import reference_pass
+from lightning_anatomy.models.tiny import build_tiny_model
+from lightning_anatomy.module import DPOModule
 from tests.helpers.concept_callback_helpers import (
     batches,
     hook_count,
@@ -19,13 +26,6 @@ from tests.helpers.concept_callback_helpers import (
     reference_push,
     trainer,
 )
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-from lightning_anatomy.callbacks.attribution import TABLE_COLUMNS, ConceptAttribution, feature_attribution
-from lightning_anatomy.model_access import reference_pass
-from lightning_anatomy.models.tiny import build_tiny_model
-from lightning_anatomy.module import DPOModule
 
 POST0 = "blocks.0.hook_resid_post"  # a block output (kind "output")
 PRE1 = "blocks.1.hook_resid_pre"    # a block input (kind "input"), same tensor as POST0

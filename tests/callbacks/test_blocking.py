@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import textwrap
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,16 +11,23 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from tests.helpers.concept_callback_helpers import PAD, batches, hook_count, loader, random_pairs, random_sae, trainer
-from tests.helpers.intervention_helpers import MemoryLogger
-from tests.helpers.resume_helpers import RestoresAfterSetup
-from tests.helpers.subprocess_helpers import run_python
 
 from lightning_anatomy import ConceptBlocking, ConceptSet
 from lightning_anatomy.callbacks.blocking import blocking_penalty
 from lightning_anatomy.data import collate_pairs
 from lightning_anatomy.models.tiny import build_tiny_model
 from lightning_anatomy.module import DPOModule
+from tests.helpers.concept_callback_helpers import (
+    PAD,
+    batches,
+    hook_count,
+    loader,
+    random_pairs,
+    random_sae,
+    trainer,
+)
+from tests.helpers.intervention_helpers import MemoryLogger
+from tests.helpers.resume_helpers import RestoresAfterSetup
 
 HOOK = "blocks.0.hook_resid_post"  # block 0's output: hidden_states[1] of the tiny 2-layer GPT-2
 TESTS = Path(__file__).resolve().parent
@@ -79,7 +85,7 @@ def block0(model, batch, reference: bool = False, ctx=nullcontext) -> torch.Tens
 def hand_penalty(module: DPOModule, batch, score, signs, lam: float, one_sided: bool = True,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """The documented formula written out: lam · mean_{t,c} relu(σ_c·(s_c(policy) − s_c(reference)))²."""
-    if module.hparams.reference == "peft":
+    if module.reference_mode == "peft":
         ref = block0(module.policy, batch, reference=True, ctx=module.policy.disable_adapter)
     else:
         ref = block0(module.reference, batch, reference=True)
@@ -98,7 +104,7 @@ def hand_grads(module: DPOModule, micro_batches, penalty=None, scale: float = 1.
     """∂/∂θ of Σ_micro scale·(DPO loss + penalty(module, batch)) by plain autograd."""
     module = copy.deepcopy(module)
     for batch in micro_batches:
-        loss = module._step(batch)[0]
+        loss = module.compute_loss(batch)[0]
         if penalty is not None:
             loss = loss + penalty(module, batch)
         (scale * loss).backward()
@@ -319,7 +325,7 @@ def test_peft_reference_is_captured_inside_the_reference_pass():
     assert {n for n in grads.steps[0]} == {n for n, p in module.policy.named_parameters() if p.requires_grad}
     assert_grads_close(grads.steps[0], expected)
     assert logged(logger, "concepts/blocking/penalty") == [pytest.approx(pen, rel=1e-5)]
-    assert hook_count(module.policy) == peft_hooks and module._auxiliary_losses == {}
+    assert hook_count(module.policy) == peft_hooks and module.auxiliary_loss_names == ()
 
 
 def test_precomputed_reference_is_refused_before_any_work(tmp_path):
@@ -327,7 +333,7 @@ def test_precomputed_reference_is_refused_before_any_work(tmp_path):
     cb, _, _ = blocking("direction")
     with pytest.raises(ValueError, match=r"reference='precomputed'.*reference='copy'.*reference='peft'"):
         trainer([cb]).fit(module, loader(random_pairs(4), 2))
-    assert module._ref_cache == {}  # refused before the reference log-probs were computed
+    assert module.reference_table == {}  # refused before the reference log-probs were computed
     assert hook_count(module.policy) == 0
 
 
@@ -344,30 +350,30 @@ def test_hooks_and_the_loss_term_are_removed_after_fit_and_after_an_exception():
     cb, _, _ = blocking("sae", lam=1.0)
     live: list[tuple[int, int, int]] = []
     spy = L.pytorch.callbacks.LambdaCallback(on_train_batch_start=lambda tr, pl, *a: live.append(
-        (hook_count(pl.policy), hook_count(pl.reference), len(pl._auxiliary_losses))))
+        (hook_count(pl.policy), hook_count(pl.reference), len(pl.auxiliary_loss_names))))
     module = make_module()
     trainer([cb, spy], max_steps=2).fit(module, loader(random_pairs(4), 2))
     assert live == [(1, 1, 1)] * 2
-    assert hook_count(module.policy) == hook_count(module.reference) == 0 and module._auxiliary_losses == {}
+    assert hook_count(module.policy) == hook_count(module.reference) == 0 and module.auxiliary_loss_names == ()
     assert cb.hooked == []
 
     failing = Failing(build_tiny_model("gpt2", seed=0), lr=1e-3)
     with pytest.raises(RuntimeError, match="boom in step 1"):
         trainer([cb, spy], max_steps=3).fit(failing, loader(random_pairs(6), 2))
-    assert hook_count(failing.policy) == hook_count(failing.reference) == 0 and failing._auxiliary_losses == {}
+    assert hook_count(failing.policy) == hook_count(failing.reference) == 0 and failing.auxiliary_loss_names == ()
     assert cb.hooked == [] and not cb._armed
 
 
 def test_a_module_that_never_asks_for_the_term_is_an_error():
     class Ignoring(DPOModule):
         def training_step(self, batch, batch_idx):
-            return self._step(batch)[0]  # training=False: auxiliary terms are skipped
+            return self.compute_loss(batch)[0]  # training=False: auxiliary terms are skipped
 
     cb, _, _ = blocking("direction")
     module = Ignoring(build_tiny_model("gpt2", seed=0))
     with pytest.raises(RuntimeError, match="without asking for the blocking penalty"):
         trainer([cb]).fit(module, loader(random_pairs(2), 2))
-    assert hook_count(module.policy) == 0 and module._auxiliary_losses == {}
+    assert hook_count(module.policy) == 0 and module.auxiliary_loss_names == ()
 
 
 # --------------------------------------------------------------------------- logging, warm-up, resume
@@ -457,67 +463,8 @@ def test_sides_and_tokens_select_what_is_penalised(sides, tokens):
     assert logged(logger, "concepts/blocking/penalty") == [pytest.approx(expected, rel=1e-5)]
 
 
-# --------------------------------------------------------------------------- DDP
 
 
-DDP_SCRIPT = """
-import sys, torch, lightning as L
-sys.path.insert(0, {tests!r})
-from tests.helpers.concept_callback_helpers import loader, random_pairs, random_sae
-from tests.helpers.intervention_helpers import MemoryLogger
-from test_blocking import GradRecorder, perturb
-from lightning_anatomy import ConceptBlocking
-from lightning_anatomy.models.tiny import build_tiny_model
-from lightning_anatomy.module import DPOModule
-
-torch.manual_seed(0)
-hook = "blocks.0.hook_resid_post"
-module = DPOModule(build_tiny_model("gpt2", seed=0), lr=1e-3)
-perturb(module.policy)
-cb = ConceptBlocking({{"up": (hook, 3), "down": (hook, 7, "amplify")}}, saes={{hook: random_sae(seed=1)}}, lam=50.0)
-terms, rows = [], []
-original = cb.penalty
-cb.penalty = lambda: terms.append(original()) or terms[-1]
-keep_rows = L.pytorch.callbacks.LambdaCallback(on_train_batch_start=lambda tr, pl, b, i: rows.append(b["row_ids"]))
-grads, logger = GradRecorder(), MemoryLogger()
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=logger, log_every_n_steps=1,
-                    callbacks=[cb, keep_rows, grads], enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False)
-trainer.fit(module, loader(random_pairs(8, seed=5), 2))
-torch.save({{"terms": [float(t) for t in terms], "rows": rows[0], "grads": grads.steps[0], "logged": logger.rows,
-            "blocked_steps": cb.blocked_steps}}, f"result-{{trainer.global_rank}}.pt")
-"""
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_give_the_one_process_penalty_and_gradient_and_log_on_rank_zero(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS))))
-    run_python(script, cwd=tmp_path, timeout=180)
-    ranks = [torch.load(tmp_path / f"result-{r}.pt", weights_only=True) for r in (0, 1)]
-    assert set(ranks[0]["rows"].tolist()).isdisjoint(ranks[1]["rows"].tolist())
-    assert all(r["blocked_steps"] == 1 and len(r["terms"]) == 1 for r in ranks)
-
-    # Each rank's term is its share of the mean over both ranks' tokens (2·n_rank/n_all times its own
-    # batch's mean), so the DDP-averaged gradient and the logged penalty are one process's on all 8 pairs.
-    module = make_module()
-    perturb(module.policy)
-    pairs = random_pairs(8, seed=5)
-    _, score, signs = blocking("sae")
-    score2, signs2 = (lambda h: score(h)[:, :2]), signs[:2]
-    own = [collate_pairs([pairs[i] for i in r["rows"].tolist()], PAD) for r in ranks]
-    tokens = [int(b["completion_mask"].sum()) for b in own]
-    assert tokens[0] != tokens[1], [r["rows"].tolist() for r in ranks]  # else a per-rank mean passes too
-    for r, batch, n in zip(ranks, own, tokens):
-        share = 2 * n / sum(tokens)
-        assert r["terms"][0] == pytest.approx(share * penalty_value(module, batch, score2, signs2, 50.0), rel=1e-5)
-    whole = collate_pairs([pairs[i] for r in ranks for i in r["rows"].tolist()], PAD)
-    expected = hand_grads(module, [whole], lambda m, b: hand_penalty(m, b, score2, signs2, 50.0))
-    for r in ranks:
-        assert_grads_close(r["grads"], expected, rtol=1e-4, atol=1e-6)
-    penalties = [row["concepts/blocking/penalty"] for _, row in ranks[0]["logged"] if "concepts/blocking/penalty" in row]
-    assert penalties == [pytest.approx(penalty_value(module, whole, score2, signs2, 50.0), rel=1e-5)]
-    assert not any("concepts/blocking/penalty" in row for _, row in ranks[1]["logged"])  # rank 0 logs
 
 
 # --------------------------------------------------------------------------- options
@@ -557,8 +504,9 @@ def test_bad_options_are_refused_by_name():
 
 
 def test_setup_refuses_modules_without_the_loss_hook_bad_hooks_widths_and_deepspeed():
-    from tests.helpers.intervention_helpers import TinyLM
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from tests.helpers.intervention_helpers import TinyLM
 
     t = trainer([])
     with pytest.raises(ValueError, match="register_auxiliary_loss.*TinyLM does not have"):

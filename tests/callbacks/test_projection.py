@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_anatomy.interventions.ablation import orthonormal_union
-from lightning_anatomy.interventions.projection import (
-    GradientAmplification,
-    GradientProjection,
-    component_along,
-    project_out,
-)
+from lightning_anatomy.interventions.activation_edits import component_along, orthonormal_union, project_out
+from lightning_anatomy.interventions.projection import GradientAmplification, GradientProjection
 
 
 def _basis(d: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -176,9 +171,8 @@ def _fit_and_watch(callbacks, hook=HOOK, acts=None, **module_kwargs):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_gradient_mode_removes_the_concept_from_the_gradient_at_the_hook(family):
-    from tests.helpers.intervention_helpers import hook_count, in_span_fraction
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import hook_count, in_span_fraction
 
     concepts = _concepts()
     Q = concepts.basis(HOOK)
@@ -221,9 +215,8 @@ def test_hooks_are_removed_after_an_exception_mid_fit():
 
 
 def test_ablation_changes_the_forward_only_while_training():
-    from tests.helpers.intervention_helpers import TinyLM, in_span_fraction, token_loader, trainer, watch
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import TinyLM, in_span_fraction, token_loader, trainer, watch
 
     concepts = _concepts()
     Q = concepts.basis(HOOK)
@@ -263,10 +256,9 @@ def test_ablation_changes_the_forward_only_while_training():
 
 
 def test_reference_passes_are_left_alone():
-    from tests.helpers.intervention_helpers import TinyLM, trainer
-
     from lightning_anatomy.callbacks import ConceptProjection
     from lightning_anatomy.model_access import reference_pass
+    from tests.helpers.intervention_helpers import TinyLM, trainer
 
     module = TinyLM()
     callback = ConceptProjection(_concepts(), mode="ablate")
@@ -298,9 +290,8 @@ def test_reference_passes_are_left_alone():
     ],
 )
 def test_layers_option_picks_the_hooked_points(layers, hook, expected):
-    from tests.helpers.intervention_helpers import TinyLM, hook_count, trainer
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import TinyLM, hook_count, trainer
 
     module = TinyLM()
     callback = ConceptProjection(_concepts(hook), layers=layers)
@@ -313,9 +304,8 @@ def test_layers_option_picks_the_hooked_points(layers, hook, expected):
 
 
 def test_all_later_projects_every_later_block_and_unions_bases():
-    from tests.helpers.intervention_helpers import in_span_fraction
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import in_span_fraction
 
     first, second = _concepts("blocks.0.hook_resid_post", k=1, seed=1), _concepts(HOOK, k=2, seed=2)
     concepts = first + second
@@ -328,9 +318,8 @@ def test_all_later_projects_every_later_block_and_unions_bases():
 
 @pytest.mark.parametrize("checkpointing", ["non_reentrant", "reentrant"])
 def test_gradient_checkpointing_projects_once_and_counts_once(checkpointing):
-    from tests.helpers.intervention_helpers import in_span_fraction
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import in_span_fraction
 
     hook = "blocks.1.hook_mlp_out"  # inside the checkpointed block: its hooks re-run in backward
     concepts = _concepts(hook)
@@ -352,14 +341,13 @@ def test_gradient_checkpointing_projects_once_and_counts_once(checkpointing):
 
 
 def test_amplified_concepts_get_a_scaled_gradient():
-    from tests.helpers.intervention_helpers import in_span_fraction
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import in_span_fraction
 
     concepts = _concepts(action="amplify")
     Q = concepts.basis(HOOK, "amplify")
     _, _, baseline = _fit_and_watch([])
-    _, _, grads = _fit_and_watch([ConceptProjection(concepts, amplify_factor=3.0)])
+    _, _, grads = _fit_and_watch([ConceptProjection(concepts, strength=3.0)])
     torch.testing.assert_close(grads[0] @ Q, 3.0 * (baseline[0] @ Q), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(project_out(grads[0], Q), project_out(baseline[0], Q), rtol=1e-4, atol=1e-7)
     assert in_span_fraction(grads[0], Q) > in_span_fraction(baseline[0], Q)
@@ -375,8 +363,8 @@ def test_options_are_validated_by_name():
         ConceptProjection(concepts, layers="later")
     with pytest.raises(ValueError, match=r"layers\[1\]=-1 is neither"):
         ConceptProjection(concepts, layers=[0, -1])
-    with pytest.raises(ValueError, match="amplify_factor must be a finite number > 1"):
-        ConceptProjection(concepts, amplify_factor=0.5)
+    with pytest.raises(ValueError, match=r"strength \(the amplify factor\) must be a finite number > 1"):
+        ConceptProjection(concepts, strength=0.5)
     with pytest.raises(ValueError, match="no concept with action 'suppress' or 'amplify'"):
         ConceptProjection(_concepts(action="allow"))
     with pytest.raises(ValueError, match="must be a ConceptSet"):
@@ -386,11 +374,11 @@ def test_options_are_validated_by_name():
 def test_setup_refuses_bad_hooks_widths_and_untested_strategies():
     from types import SimpleNamespace
 
-    from tests.helpers.intervention_helpers import TinyLM, trainer
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     from lightning_anatomy.callbacks import ConceptProjection
     from lightning_anatomy.concepts import ConceptSet
+    from tests.helpers.intervention_helpers import TinyLM, trainer
 
     module = TinyLM()
     t = trainer([])
@@ -417,9 +405,8 @@ def test_setup_refuses_bad_hooks_widths_and_untested_strategies():
 
 
 def test_state_dict_refuses_a_resume_with_another_concept_set(tmp_path):
-    from tests.helpers.intervention_helpers import TinyLM, token_loader, trainer
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import TinyLM, token_loader, trainer
 
     first = ConceptProjection(_concepts(seed=0), layers="all_later")
     t = trainer([first], max_steps=1)
@@ -460,7 +447,7 @@ def test_state_dict_refuses_a_resume_with_another_concept_set(tmp_path):
 
 
 def test_mean_ablate_keeps_the_reference_mean_and_the_orthogonal_part():
-    from lightning_anatomy.interventions.projection import mean_ablate
+    from lightning_anatomy.interventions.activation_edits import mean_ablate
 
     torch.manual_seed(6)
     Q = _basis(16, 3)
@@ -502,9 +489,8 @@ POST0 = "blocks.0.hook_resid_post"
 
 def _hand_mean(model, pairs, Q) -> torch.Tensor:
     """Mean of Qᵀh over the completion tokens of `pairs`, via transformers' hidden_states (block 0's output)."""
-    from tests.helpers.concept_callback_helpers import PAD
-
     from lightning_anatomy.data import collate_pairs
+    from tests.helpers.concept_callback_helpers import PAD
 
     batch = collate_pairs(pairs, PAD)
     with torch.no_grad():
@@ -516,12 +502,11 @@ def _hand_mean(model, pairs, Q) -> torch.Tensor:
 def test_mean_ablation_replaces_the_component_by_its_reference_mean():
     import copy
 
-    from tests.helpers.intervention_helpers import trainer, watch
-
     from lightning_anatomy.callbacks import ConceptProjection, ConceptSteering
     from lightning_anatomy.concepts import ConceptSet
     from lightning_anatomy.models.tiny import build_tiny_model
     from lightning_anatomy.module import DPOModule
+    from tests.helpers.intervention_helpers import trainer, watch
 
     data = _PairsData()
     # the mean activation's direction (plus a random one): a component with a clear non-zero mean
@@ -541,7 +526,7 @@ def test_mean_ablation_replaces_the_component_by_its_reference_mean():
     watch(module.policy, POST0, acts=raw)  # registered first: the raw activation
     callback = ConceptProjection(concepts, mode="ablate", ablation="mean", mean_pairs=8)
     # another training-time edit upstream, installed first: the measurement must not see it
-    steer = ConceptSteering(ConceptSet.from_vectors(torch.randn(1, 64), "blocks.0.hook_resid_pre"), alpha=0.05)
+    steer = ConceptSteering(ConceptSet.from_vectors(torch.randn(1, 64), "blocks.0.hook_resid_pre"), strength=0.05)
     trainer([steer, callback]).fit(module, datamodule=data)
 
     mu = callback.means[POST0]
@@ -558,9 +543,8 @@ def test_mean_ablation_replaces_the_component_by_its_reference_mean():
 
 
 def test_zero_ablation_is_unchanged_and_mean_options_are_refused_by_name():
-    from tests.helpers.intervention_helpers import TinyLM, token_loader, trainer
-
     from lightning_anatomy.callbacks import ConceptProjection
+    from tests.helpers.intervention_helpers import TinyLM, token_loader, trainer
 
     concepts = _concepts()
     default = ConceptProjection(concepts, mode="ablate")
@@ -591,11 +575,10 @@ def test_zero_ablation_is_unchanged_and_mean_options_are_refused_by_name():
 
 
 def test_resume_keeps_the_measured_mean(tmp_path):
-    from tests.helpers.intervention_helpers import trainer
-
     from lightning_anatomy.callbacks import ConceptProjection
     from lightning_anatomy.models.tiny import build_tiny_model
     from lightning_anatomy.module import DPOModule
+    from tests.helpers.intervention_helpers import trainer
 
     concepts = _concepts(POST0)
     first = ConceptProjection(concepts, mode="both", ablation="mean", mean_pairs=8)

@@ -7,11 +7,11 @@ from functools import cache
 
 import pytest
 import torch
-from tests.helpers.concept_callback_helpers import perfect_sae
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
 from lightning_anatomy.concepts.lens import ConceptLens, capture_activations, span_stats
 from lightning_anatomy.models.tiny import build_tiny_model
+from tests.helpers.concept_callback_helpers import perfect_sae
 
 WIDTH = 32
 

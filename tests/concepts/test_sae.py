@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from tests.helpers.concept_callback_helpers import perfect_sae
 from sae_lens import (
     AbsTopKSAE,
     AbsTopKSAEConfig,
@@ -25,6 +24,7 @@ from sae_lens import (
 
 from lightning_anatomy.concepts.sae import SAELoadError, check_width, load_sae, measure_fidelity
 from lightning_anatomy.models.tiny import build_tiny_model
+from tests.helpers.concept_callback_helpers import perfect_sae
 
 D_IN, D_SAE = 16, 48
 

@@ -18,8 +18,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from tests.helpers.concept_callback_helpers import random_sae
-from tests.helpers.intervention_helpers import MemoryLogger
 from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -37,6 +35,8 @@ from lightning_anatomy.data import read_preferences, tokenize_rows
 from lightning_anatomy.data.toy import make_toy_preferences
 from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
 from lightning_anatomy.sharding import is_sharded_module
+from tests.helpers.concept_callback_helpers import random_sae
+from tests.helpers.intervention_helpers import MemoryLogger
 
 HOOK0, HOOK1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 TRACK = {"f0": (HOOK0, 0), "f7": (HOOK0, 7), "f8": (HOOK0, 8)}  # features of the SAE that fire
@@ -60,7 +60,7 @@ def callbacks(tok: Any, kind: str = "all") -> list[Any]:
         ConceptDriftMonitor({HOOK0: sae}, probe, every_n_steps=2, track=TRACK),
         # mean ablation: μ from the 24 train pairs in 3 batches, under FSDP 2 on rank 0 and 1 (+ a dummy) on rank 1
         ConceptProjection(ConceptSet.from_sae_features(sae, HOOK0, [1, 2]), mode="both", ablation="mean"),
-        ConceptSteering(ConceptSet.from_sae_features(sae, HOOK1, [5]), alpha=0.5),
+        ConceptSteering(ConceptSet.from_sae_features(sae, HOOK1, [5]), strength=0.5),
         RewardShaping({i: 0.1 * (i % 3) for i in range(ROWS)}, lam=1.0),
         blocking(sae, lam=20.0),
     ]
@@ -74,8 +74,9 @@ def fit(devices: int, root: Path, *, reference: str = "copy", concept_callbacks:
                        adam_eps=1e-4, warmup_steps=1, peft_config=dict(PEFT) if reference == "peft" else None,
                        reference_cache_dir=str(root / "refcache"))
     computed: list[int] = []  # reference log-prob tables this run computed (not read from a cache or checkpoint)
-    compute = module._compute_reference
-    module._compute_reference = lambda pairs, *a: computed.append(len(pairs)) or compute(pairs, *a)
+    if reference == "precomputed":  # wrap the strategy's computation (not public: a test-only spy)
+        compute = module._reference._compute
+        module._reference._compute = lambda pairs, *a: computed.append(len(pairs)) or compute(pairs, *a)
     data = PreferenceDataModule(make_toy_preferences(ROWS, seed=0), tok, batch_size=PAIRS_PER_STEP // devices,
                                 val_fraction=0.0, max_length=48, max_prompt_length=32, seed=0, shuffle=False)
     logger = MemoryLogger()
@@ -126,7 +127,7 @@ def fsdp1_step() -> dict[str, Any]:
             self.dpo = dpo
 
         def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.dpo._step(batch)[0]
+            return self.dpo.compute_loss(batch)[0]
 
     tok = build_tiny_tokenizer()
     pairs = tokenize_rows(read_preferences(make_toy_preferences(8, seed=1)), tok, max_length=48, max_prompt_length=32)
@@ -138,7 +139,7 @@ def fsdp1_step() -> dict[str, Any]:
     sharded = DPOModule(build_tiny_model("gpt2", seed=0, vocab_size=len(tok)), reference="copy")
     sharded.policy.load_state_dict(plain.policy.state_dict())
     digest = model_digest(plain.policy)
-    loss = plain._step(batch)[0]
+    loss = plain.compute_loss(batch)[0]
     loss.backward()
     grad_norm = float(torch.cat([p.grad.flatten() for p in plain.policy.parameters()]).norm())
     wrapped = FullyShardedDataParallel(Step(sharded), device_id=torch.device("cpu"), use_orig_params=True,

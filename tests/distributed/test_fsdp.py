@@ -9,9 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tests.helpers.concept_callback_helpers import random_pairs, random_sae
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from tests.helpers.subprocess_helpers import run_python
 
 from lightning_anatomy.callbacks import (
     ConceptAttribution,
@@ -23,6 +21,8 @@ from lightning_anatomy.callbacks import (
 from lightning_anatomy.concepts import ConceptSet
 from lightning_anatomy.models.tiny import build_tiny_model
 from lightning_anatomy.module import DPOModule
+from tests.helpers.concept_callback_helpers import random_pairs, random_sae
+from tests.helpers.subprocess_helpers import run_python
 
 TESTS = Path(__file__).resolve().parent
 HOOK = "blocks.0.hook_resid_post"
@@ -146,7 +146,7 @@ def test_concept_callbacks_accept_fsdp_and_refuse_deepspeed_and_tensor_paralleli
     sae = random_sae()
     concepts = ConceptSet.from_sae_features(sae, HOOK, [1])
     make = [lambda: ConceptAttribution({HOOK: sae}), lambda: ConceptDriftMonitor({HOOK: sae}, random_pairs(2)),
-            lambda: ConceptProjection(concepts), lambda: ConceptSteering(concepts, alpha=1.0),
+            lambda: ConceptProjection(concepts), lambda: ConceptSteering(concepts, strength=1.0),
             lambda: ConceptBlocking(concepts)]
     for strategy in (FSDPStrategy(), ModelParallelStrategy(), DDPStrategy()):
         for build in make:

@@ -111,7 +111,7 @@ def reference_push(module: L.LightningModule, batch: dict, saes: dict, loss_scal
                 return rebuild(splice(hook, h))
 
             handles.append(point.module.register_forward_hook(post))
-    loss = mod._step(batch)[0] * loss_scale
+    loss = mod.compute_loss(batch)[0] * loss_scale
     grads = torch.autograd.grad(loss, [feats[h] for h in saes])
     n = batch["input_ids"].shape[0] // 2
     mask = batch["completion_mask"].float()[..., None]
