@@ -4,7 +4,10 @@ Every subcommand parses with jsonargparse (`parser_mode="omegaconf"`), the parse
 know from LightningCLI: `--config file.yaml`, `--print_config`, `--help` listing every key with
 its type and default, and overrides as `--key.sub=value` (`key.sub=value` is accepted too and
 read the same way). The whole config is type-checked, and every spec in it (model, data source,
-SAE, ConceptSet) checked for existence, before any model loads.
+SAE, ConceptSet) checked for existence, before any model loads. A mistake a user can make prints
+one line that names the flag to change and exits 2 (`cli_errors.py` maps the package's error types
+to flags; `ANATOMY_DEBUG=1` adds the traceback); a misspelt key suggests the key meant, and
+abbreviated keys are refused.
 
     anatomy fit --config configs/tiny.yaml --trainer.max_steps=50 --model.loss_type=ipo
     anatomy fit --config configs/tiny.yaml --print_config
@@ -22,6 +25,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lightning_anatomy.cli_errors import (
+    ClassParams,
+    class_params,
+    constructor_error,
+    option_keys,
+    unknown_key_line,
+    user_error_line,
+)
 
 FIT_COMMANDS = ("fit", "validate")
 JOBS = {  # subcommand -> (module, config dataclass, run function, help)
@@ -179,6 +191,19 @@ def _cli_class():
             })
             parser.add_class_arguments(SaveOptions, "save")
 
+        def parse_arguments(self, parser, args) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except argparse.ArgumentError as err:
+                keys = option_keys(parser, *getattr(self, "_subcommand_parsers", {}).values())
+                keys += [f"--model.{p}" for p in class_params("lightning_anatomy.DPOModule")]
+                keys += [f"--data.{p}" for p in class_params("lightning_anatomy.PreferenceDataModule")]
+                line = (unknown_key_line(str(err), keys, ClassParams())
+                        or unknown_key_line(tidy_error(str(err)), keys, ClassParams()))
+                if line is None:
+                    raise
+                raise ConfigError(line) from err
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
             data_args = _at(config, "data.init_args")
@@ -186,6 +211,12 @@ def _cli_class():
             if data_args is not None and data_args.get("tokenizer") is None and isinstance(policy, str):
                 data_args["tokenizer"] = policy  # the policy's own tokenizer unless one is named
             check_specs(config)
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as err:  # a constructor refused a value of the config
+                raise ConfigError(constructor_error(err)) from err
 
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.pytorch.callbacks import ProgressBar
@@ -264,25 +295,30 @@ def run_fit(argv: list[str]) -> int:
         cli_class(
             model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=run_config, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": "anatomy"},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": "anatomy", "allow_abbrev": False,
+                           **{c: {"allow_abbrev": False} for c in FIT_COMMANDS}},
             args=args, auto_configure_optimizers=False,
         )
 
-    if any(a in ("-h", "--help") for a in argv):  # the default classes' keys too, not only the trainer's
-        for extra in ([], ["--model.help", "lightning_anatomy.DPOModule"],
-                      ["--data.help", "lightning_anatomy.PreferenceDataModule"]):
+    if any(a in ("-h", "--help") for a in argv):  # the project's keys first, then Lightning's (trainer, ...)
+        print(f"anatomy {argv[0]}: the project's keys first (model: DPOModule, data: PreferenceDataModule, concept "
+              "callbacks), then every key of the command with Lightning's trainer options.\n")
+        for extra in (["--model.help", "lightning_anatomy.DPOModule"],
+                      ["--data.help", "lightning_anatomy.PreferenceDataModule"], None, []):
+            if extra is None:
+                print("\nConcept callbacks (--trainer.callbacks+=<Name>, or class_path/init_args items in YAML): "
+                      "ConceptProjection, ConceptAttribution, ConceptDriftMonitor, ConceptBlocking, ConceptSteering, "
+                      "RewardShaping; their keys: --trainer.callbacks.help lightning_anatomy.<Name>\n", flush=True)
+                continue
             try:
                 cli([argv[0], *extra] if extra else argv)
             except SystemExit:
                 pass
-        print("\nConcept callbacks (--trainer.callbacks+=<Name>, or class_path/init_args items in YAML): "
-              "ConceptProjection, ConceptAttribution, ConceptDriftMonitor, ConceptBlocking, ConceptSteering, "
-              "RewardShaping; their keys: --trainer.callbacks.help lightning_anatomy.<Name>")
         return 0
     try:
         cli(argv)
     except argparse.ArgumentError as err:
-        raise ConfigError(tidy_error(str(err))) from err
+        raise ConfigError(unknown_key_line(tidy_error(str(err)), [], ClassParams()) or tidy_error(str(err))) from err
     finally:
         finish_wandb()
     return 0
@@ -308,7 +344,7 @@ def job_parser(name: str):
 
     module, config_cls, _, helptext = JOBS[name]
     parser = ArgumentParser(prog=f"anatomy {name}", description=helptext, parser_mode="omegaconf",
-                            exit_on_error=False)
+                            exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", "-c", action=ActionConfigFile, help="a YAML config (configs/ holds ready ones)")
     parser.add_class_arguments(getattr(importlib.import_module(module), config_cls), nested_key=None, fail_untyped=True)
     return parser
@@ -321,7 +357,14 @@ def job_config(name: str, argv: list[str]):
 
     from omegaconf import OmegaConf
 
-    namespace = job_parser(name).parse_args(normalize_args(argv))
+    parser = job_parser(name)
+    try:
+        namespace = parser.parse_args(normalize_args(argv))
+    except argparse.ArgumentError as err:
+        line = unknown_key_line(str(err), option_keys(parser))
+        if line is None:
+            raise
+        raise ConfigError(line) from err
     values = namespace.as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
@@ -353,28 +396,66 @@ def _usage() -> str:
              "", "  fit / validate     train (or validate) with DPOModule + concept callbacks (LightningCLI)"]
     lines += [f"  {k:<18} {v[3]}" for k, v in JOBS.items()]
     lines += ["", "`anatomy <command> --help` lists every key with its type and default; --print_config shows the "
-              "resolved config."]
+              "resolved config.",
+              "A mistake prints one line naming the flag to change (exit 2); ANATOMY_DEBUG=1 adds the traceback. "
+              "anatomy --version prints the version."]
     return "\n".join(lines)
 
 
+def version() -> str:
+    """The installed package's version (the source tree's `__version__` when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("lightning-anatomy")
+    except PackageNotFoundError:
+        from lightning_anatomy import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)  # each parser path normalizes its own arguments
+    """Run `anatomy <command>`; returns the exit status (2 for a user's mistake, printed as one line)."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `anatomy fit --help | head`: the reader left; say nothing more
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return 141
+
+
+def _main(args: list[str]) -> int:
+    import os
+
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        print(f"anatomy {version()}")
+        return 0
     command, rest = args[0], args[1:]
+    if command not in FIT_COMMANDS and command not in JOBS:
+        print(f"anatomy: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
     try:
         if command in FIT_COMMANDS:
             return run_fit([command, *normalize_args(rest)])
-        if command in JOBS:
-            return run_job(command, rest)
-    except (argparse.ArgumentError, ConfigError) as err:
-        print(f"anatomy {command}: error: {err}", file=sys.stderr)
-        return 2
+        return run_job(command, rest)
     except SystemExit as done:  # --help and --print_config print, then exit
         return int(done.code or 0)
-    print(f"anatomy: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
+    except Exception as err:
+        line = user_error_line(err, command)
+        if line is None:
+            raise
+        if os.environ.get("ANATOMY_DEBUG", "").strip() not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"anatomy {command}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,7 +121,7 @@ def load_rows(data: dict[str, Any], tokenizer, seed: int):
 def run_audit(cfg: DictConfig):
     """Run the job on `cfg` as `cli.job_config` returns it (parsed, type- and spec-checked there)."""
     from lightning_anatomy.audit import audit_dataset
-    from lightning_anatomy.audit.report import train_command
+    from lightning_anatomy.audit.next_step import mark_predicted, train_command
     from lightning_anatomy.concepts import ConceptLens
     from lightning_anatomy.concepts.sae import load_sae
     from lightning_anatomy.model_access import hidden_size_at
@@ -136,12 +136,23 @@ def run_audit(cfg: DictConfig):
     options = OmegaConf.to_container(cfg.audit, resolve=True)
     result = audit_dataset(rows, lens, tokenizer, max_length=cfg.data.max_length,
                            max_prompt_length=cfg.data.max_prompt_length, out_dir=str(out / "features"), **options)
-    command = train_command(str(out / "audit" / "concept_set"), policy=cfg.model.policy, source=cfg.data.source)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if data.get("max_prompt_length") is None:  # the audit's own default, spelled out for the training run
+        data["max_prompt_length"] = min(256, int(data["max_length"]) // 2)
+    command = train_command(str(out / "audit" / "concept_set"), policy=cfg.model.policy, data=data,
+                            tokenizer=cfg.model.tokenizer, dtype=cfg.model.dtype, seed=cfg.seed)
     saved = result.save(out / "audit", next_command=command)
+    marked = mark_predicted(saved / "concept_set")
     print(f"audited {len(rows)} pairs; strongest concepts:")
     cols = [c for c in ("hook", "feature", "label", "delta", "cohens_d", "q_value", "split_half_agree",
                         "predicted_direction") if c in result.concepts.columns]
     print(result.concepts[cols].head(10).to_string(index=False))
     print(f"report: {saved / 'report.html'}\nConceptSet to edit (suppress/amplify/allow): {saved / 'concept_set'}")
+    if marked:
+        print(f"marked suppress in concept_set/concepts.yaml (what DPO is predicted to push up most): "
+              f"{', '.join(marked)}; change any action there (suppress/amplify/allow) before training")
+    else:
+        print(f"first edit {saved / 'concept_set' / 'concepts.yaml'}: no concept passed the audit's tests, so none "
+              "is marked; set action: suppress (or amplify) on the concepts to act on")
     print(f"then train with it: {command}")
     return result

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ import torch
 from torch import nn
 
 from lightning_anatomy.model_access import HookPoint, hidden_size_at
+from lightning_anatomy.models.specs import SpecError, SpecRegistry, refuse_unreachable_hub
 
-__all__ = ["SAELoadError", "load_sae", "check_sae_spec", "RandomSAESpec", "check_width", "measure_fidelity",
-           "sae_d_in", "sae_d_sae", "SAE_SPECS"]
+__all__ = ["SAELoadError", "SAEWidthError", "load_sae", "check_sae_spec", "RandomSAESpec", "check_width", "measure_fidelity",
+           "sae_d_in", "sae_d_sae", "SAE_SPECS", "parse_sae_spec", "SAE_KINDS",
+           "SAEObjectSpec", "EmbeddedSAESpec", "SAEDirectorySpec", "RegistrySAESpec"]
 
 # an sae_lens.SAE, a directory, "release/sae_id", {"release": ..., "sae_id": ...}, "embedded", "random:<d_sae>"
 SAESpec = Any
@@ -30,18 +34,6 @@ SAE_SPECS = ("an sae_lens.SAE object, a directory written by sae.save_model, 're
 
 class SAELoadError(ValueError):
     """An SAE spec that cannot be loaded (bad form, missing directory, no network)."""
-
-
-def _offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if flag:
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # noqa: BLE001 - huggingface_hub missing or changed: assume online
-        return False
 
 
 def _to_inference(sae: Any) -> Any:
@@ -62,11 +54,6 @@ def _split_release(spec: str) -> tuple[str, str]:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     parts = spec.split("/")
-    if len(parts) < 2 or not all(parts):
-        raise SAELoadError(
-            f"SAE spec {spec!r} is neither an existing directory nor 'release/sae_id' "
-            "(e.g. 'gpt2-small-res-jb/blocks.8.hook_resid_pre'); check the path or the release name"
-        )
     directory = get_pretrained_saes_directory()
     for i in range(1, len(parts)):
         release = "/".join(parts[:i])
@@ -75,20 +62,8 @@ def _split_release(spec: str) -> tuple[str, str]:
     return parts[0], "/".join(parts[1:])
 
 
-def _from_registry(release: str, sae_id: str, device: str | None, shown: str) -> Any:
-    if _offline():
-        raise SAELoadError(
-            f"SAE {shown} comes from the sae-lens registry (SAE.from_pretrained), which downloads from "
-            "the Hugging Face Hub, but HF_HUB_OFFLINE is set. On a machine with network run "
-            f"`SAE.from_pretrained({release!r}, {sae_id!r}).save_model('<dir>')` and pass that "
-            "directory instead, or unset HF_HUB_OFFLINE"
-        )
-    from sae_lens import SAE
-
-    try:
-        return SAE.from_pretrained(release, sae_id, device=device or "cpu")
-    except Exception as err:  # noqa: BLE001 - re-raised with the spec named
-        raise SAELoadError(f"could not load SAE release={release!r} sae_id={sae_id!r}: {err}") from err
+class SAEWidthError(SAELoadError):
+    """An SAE whose `d_in` is not the model's width at its hook (trained on another model or hook)."""
 
 
 class RandomSAESpec:
@@ -108,51 +83,143 @@ class RandomSAESpec:
             torch.manual_seed(self.seed)
             return StandardSAE(StandardSAEConfig(d_in=int(d_in), d_sae=self.d_sae))
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RandomSAESpec) and (self.d_sae, self.seed) == (other.d_sae, other.seed)
+
+    def __hash__(self) -> int:
+        return hash((self.d_sae, self.seed))
+
     def __repr__(self) -> str:
         return f"random:{self.d_sae}"
 
 
-def _random_spec(text: str, seed: int) -> RandomSAESpec:
-    width = text.split(":", 1)[1]
+# ---- SAE spec kinds: each parsed once (models/specs.py), used by check_sae_spec and load_sae ---------------
+
+
+@dataclass(frozen=True)
+class SAEObjectSpec:
+    """An SAE object (anything with `W_dec`; `load_sae` needs an `sae_lens.SAE`)."""
+
+    sae: Any
+
+
+@dataclass(frozen=True)
+class EmbeddedSAESpec:
+    """`embedded`: the project's SAE for the embedded SmolLM2."""
+
+
+@dataclass(frozen=True)
+class SAEDirectorySpec:
+    """A directory written by `sae.save_model` (holds cfg.json)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class RegistrySAESpec:
+    """`release/sae_id` or `{release, sae_id}`: an SAE of the sae-lens registry (from the Hub)."""
+
+    release: str
+    sae_id: str
+
+
+SAESpecKind = SAEObjectSpec | RandomSAESpec | EmbeddedSAESpec | SAEDirectorySpec | RegistrySAESpec
+SAE_KINDS: SpecRegistry[SAESpecKind] = SpecRegistry("an SAE spec")
+
+
+class _SAEError(SAELoadError, SpecError):
+    """SAELoadError for callers that catch it, SpecError for those that catch every spec mistake."""
+
+
+def _refuse_hub(release: str, sae_id: str, where: str) -> None:
+    try:
+        refuse_unreachable_hub(f"{where}: SAE {release}/{sae_id} (sae-lens registry, SAE.from_pretrained)",
+                               f"on a machine with network run `SAE.from_pretrained({release!r}, {sae_id!r})"
+                               ".save_model('<dir>')` and pass that directory instead")
+    except SpecError as err:
+        raise _SAEError(str(err)) from None
+
+
+def _sae_object(spec: object, where: str) -> SAEObjectSpec | RandomSAESpec | None:
+    if isinstance(spec, RandomSAESpec):
+        return spec
+    return SAEObjectSpec(spec) if hasattr(spec, "W_dec") else None
+
+
+def _sae_random(spec: object, where: str) -> RandomSAESpec | None:
+    if not isinstance(spec, str) or not spec.startswith("random:"):
+        return None
+    width = spec.split(":", 1)[1]
     if not width.isdigit() or int(width) < 1:
-        raise SAELoadError(f"SAE spec {text!r}: random:<d_sae> needs a positive integer width, e.g. 'random:256'")
-    return RandomSAESpec(int(width), seed)
+        raise _SAEError(f"{where}: SAE spec {spec!r}: random:<d_sae> needs a positive integer width, "
+                        "e.g. 'random:256'")
+    return RandomSAESpec(int(width))
+
+
+def _sae_embedded(spec: object, where: str) -> EmbeddedSAESpec | None:
+    return EmbeddedSAESpec() if spec == "embedded" else None
+
+
+def _sae_directory(spec: object, where: str) -> SAEDirectorySpec | None:
+    if not isinstance(spec, str | os.PathLike) or not str(spec):
+        return None
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "cfg.json").is_file():
+            raise _SAEError(f"{where}: SAE directory {text!r} has no cfg.json; write one with sae.save_model(dir)")
+        return SAEDirectorySpec(path)
+    if isinstance(spec, os.PathLike) or text.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        raise _SAEError(f"{where}: SAE directory {text!r} does not exist (no such directory {str(path.absolute())!r})")
+    if "/" not in text.strip("/"):
+        raise _SAEError(f"{where}: {text!r} is not an existing SAE directory; pass {SAE_SPECS}")
+    return None
+
+
+def _sae_registry(spec: object, where: str) -> RegistrySAESpec | None:
+    if isinstance(spec, Mapping):
+        if set(spec) != {"release", "sae_id"}:
+            raise _SAEError(f"{where}: an SAE spec dict must have exactly the keys 'release' and 'sae_id', got "
+                            f"{sorted(spec)}")
+        release, sae_id = str(spec["release"]), str(spec["sae_id"])
+        _refuse_hub(release, sae_id, where)
+        return RegistrySAESpec(release, sae_id)
+    if not isinstance(spec, str) or "/" not in spec:
+        return None
+    parts = spec.split("/")
+    if not all(parts):
+        raise _SAEError(f"{where}: SAE spec {spec!r} is neither an existing directory nor 'release/sae_id' "
+                        "(e.g. 'gpt2-small-res-jb/blocks.8.hook_resid_pre'); check the path or the release name")
+    _refuse_hub(parts[0], "/".join(parts[1:]), where)  # fail before parsing the registry (a 2 s YAML read)
+    return RegistrySAESpec(*_split_release(spec))
+
+
+SAE_KINDS.register("object", _sae_object, "an sae_lens.SAE object")
+SAE_KINDS.register("random", _sae_random, "'random:<d_sae>' (a seeded random SAE for smoke runs: its features "
+                   "mean nothing)")
+SAE_KINDS.register("embedded", _sae_embedded, "'embedded' (the project's SAE for the embedded SmolLM2)")
+SAE_KINDS.register("directory", _sae_directory, "a directory written by sae.save_model")
+SAE_KINDS.register("registry", _sae_registry, "'release/sae_id' or {release: ..., sae_id: ...} (sae-lens registry)")
+
+
+def parse_sae_spec(spec: SAESpec, where: str = "SAE spec") -> SAESpecKind:
+    """The typed spec of an SAE spec (parsed once; `check_sae_spec` and `load_sae` both use it)."""
+    try:
+        return SAE_KINDS.parse(spec, where)
+    except SAELoadError:
+        raise
+    except SpecError:
+        raise _SAEError(f"{where}: cannot load an SAE from {spec!r}; pass {SAE_SPECS}") from None
 
 
 def check_sae_spec(spec: SAESpec, where: str = "SAE spec") -> None:
     """Refuse a spec that cannot name an SAE, without loading anything (configs are checked
-    before any model loads). Registry specs are only checked for their form."""
-    if hasattr(spec, "W_dec") or isinstance(spec, RandomSAESpec):
-        return
-    if isinstance(spec, dict):
-        if set(spec) != {"release", "sae_id"}:
-            raise SAELoadError(f"{where}: an SAE spec dict must have exactly the keys 'release' and 'sae_id', got "
-                               f"{sorted(spec)}")
-        return
-    if not isinstance(spec, str | Path) or not str(spec):
-        raise SAELoadError(f"{where}: cannot load an SAE from {spec!r}; pass {SAE_SPECS}")
-    text = str(spec)
-    if text == "embedded":
-        return
-    if text.startswith("random:"):
-        try:
-            _random_spec(text, 0)
-        except SAELoadError as err:
-            raise SAELoadError(f"{where}: {err}") from None
-        return
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "cfg.json").is_file():
-            raise SAELoadError(f"{where}: SAE directory {text!r} has no cfg.json; write one with sae.save_model(dir)")
-        return
-    if isinstance(spec, Path) or text.startswith(("/", "./", "../", "~")):
-        raise SAELoadError(f"{where}: SAE directory {text!r} does not exist")
-    if "/" not in text.strip("/"):
-        raise SAELoadError(f"{where}: {text!r} is not an existing SAE directory; pass {SAE_SPECS}")
+    before any model loads). A registry spec is refused at once when the Hub cannot serve it."""
+    parse_sae_spec(spec, where)
 
 
 def load_sae(spec: SAESpec, *, device: str | torch.device | None = None, d_in: int | None = None,
-             seed: int = 0) -> Any:
+             seed: int = 0, where: str = "SAE spec") -> Any:
     """An inference `sae_lens.SAE` from any SAE spec (`SAE_SPECS`): the one resolver of SAE specs.
 
     `spec` may be an `SAE` (training SAEs are converted to their inference form), a directory
@@ -163,36 +230,31 @@ def load_sae(spec: SAESpec, *, device: str | torch.device | None = None, d_in: i
     """
     from sae_lens import SAE, TrainingSAE
 
-    check_sae_spec(spec)  # the one rule for what a spec may be; below, only loading
+    parsed = parse_sae_spec(spec, where)
     dev = str(device) if device is not None else None
-    if isinstance(spec, str) and spec.startswith("random:"):
-        spec = _random_spec(spec, seed)
-    if isinstance(spec, RandomSAESpec):
+    if isinstance(parsed, RandomSAESpec):
+        pending = parsed if isinstance(spec, RandomSAESpec) else RandomSAESpec(parsed.d_sae, seed)
         if d_in is None:
-            return spec
-        sae = spec.build(d_in)
+            return pending
+        sae = pending.build(d_in)
         return sae.to(dev) if dev is not None else sae
-    if isinstance(spec, str) and spec == "embedded":
+    if isinstance(parsed, EmbeddedSAESpec):
         from lightning_anatomy.models.embedded import load_embedded_sae
 
         return load_embedded_sae(device=dev or "cpu")
-    if isinstance(spec, SAE):
-        sae = _to_inference(spec) if isinstance(spec, TrainingSAE) else spec
+    if isinstance(parsed, SAEDirectorySpec):
+        return SAE.load_from_disk(parsed.path, device=dev or "cpu")
+    if isinstance(parsed, RegistrySAESpec):
+        try:
+            return SAE.from_pretrained(parsed.release, parsed.sae_id, device=dev or "cpu")
+        except Exception as err:  # noqa: BLE001 - re-raised with the spec named
+            raise SAELoadError(f"{where}: could not load SAE release={parsed.release!r} "
+                               f"sae_id={parsed.sae_id!r}: {err}") from err
+    if isinstance(parsed.sae, SAE):
+        sae = _to_inference(parsed.sae) if isinstance(parsed.sae, TrainingSAE) else parsed.sae
         return sae.to(dev) if dev is not None else sae
-    if isinstance(spec, dict):
-        return _from_registry(str(spec["release"]), str(spec["sae_id"]), dev, repr(spec))
-    if isinstance(spec, str | Path):
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            return SAE.load_from_disk(path, device=dev or "cpu")
-        text = str(spec)
-        if _offline():  # fail before parsing the registry (a 2 s YAML read); a naive split suffices
-            release, _, sae_id = text.partition("/")
-        else:
-            release, sae_id = _split_release(text)
-        return _from_registry(release, sae_id, dev, repr(text))
-    # an object check_sae_spec accepts by shape (it has W_dec) that is no sae_lens.SAE
-    raise SAELoadError(f"cannot load an SAE from a {type(spec).__name__}; pass {SAE_SPECS}")
+    # an object the spec check accepts by shape (it has W_dec) that is no sae_lens.SAE
+    raise SAELoadError(f"{where}: cannot load an SAE from a {type(parsed.sae).__name__}; pass {SAE_SPECS}")
 
 
 def sae_d_in(sae: Any) -> int:
@@ -213,7 +275,7 @@ def check_width(sae: Any, model: nn.Module, hook: str | HookPoint) -> int:
         trained = ""
         if meta is not None and (meta.get("model_name") or meta.get("hook_name")):
             trained = f" (it was trained on model {meta.get('model_name')!r} at {meta.get('hook_name')!r})"
-        raise ValueError(
+        raise SAEWidthError(
             f"SAE d_in={d_in} but model width at {name!r} is {width}{trained}; "
             "use an SAE trained on this model and hook"
         )

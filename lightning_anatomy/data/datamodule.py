@@ -91,6 +91,8 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         layout: `"auto"`, or force one of the row layouts (explicit, conversational, implicit).
         split: the split of a `DatasetDict` source.
+        limit: use only the first `limit` good rows of the source (None: all), as `anatomy audit`'s
+            `data.limit` does, so a training run can follow an audit on the same rows.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         layout: str = "auto",
         split: str | None = None,
+        limit: int | None = None,
     ):
         super().__init__()
         if tokenizer is None:
@@ -123,6 +126,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be a number with 0 <= val_fraction < 1 (0: no validation), got {val_fraction!r}")
         _check_int("seed", seed, 0)
         _check_int("num_workers", num_workers, 0)
+        if limit is not None:
+            _check_int("limit", limit, 1)
         check_length_options(max_length, max_prompt_length)
         check_on_bad_rows(on_bad_rows)
         if layout not in LAYOUTS:
@@ -140,6 +145,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.layout = layout
         self.split = split
+        self.limit = limit
         self.pad_token_id = resolve_pad_token_id(tokenizer)
         self.rows: list[PreferenceRow] | None = None
         self.pairs: list[TokenizedPair] | None = None
@@ -155,6 +161,8 @@ class PreferenceDataModule(L.LightningDataModule):
             rows = read_preferences(
                 resolve_source(self.source, seed=self.seed), on_bad_rows=self.on_bad_rows, tokenizer=self.tokenizer, layout=self.layout, split=self.split
             )
+            if self.limit is not None:
+                del rows[self.limit:]  # the first `limit` good rows, as the audit's data.limit takes them
             pairs = tokenize_rows(
                 rows, self.tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
                 on_bad_rows=self.on_bad_rows,

@@ -7,13 +7,21 @@ a Hugging Face model id. Hub loading stays real; it is exercised offline with lo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_anatomy.models.tiny import FAMILIES, build_tiny_model, build_tiny_tokenizer
+from lightning_anatomy.models.specs import (
+    MODEL_SPECS,
+    EmbeddedModelSpec,
+    LocalModelSpec,
+    ModelObjectSpec,
+    SpecError,
+    TinyModelSpec,
+    parse_model_spec,
+)
+from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -28,60 +36,45 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
-MODEL_SPECS = ("'tiny:<family>' (a random tiny model; families: " + ", ".join(FAMILIES) + "), 'embedded' (the shipped "
-               "SmolLM2-135M-Instruct), a local directory with config.json and weights, or a Hugging Face model id "
-               "'org/name'")
+class ModelLoadError(OSError):
+    """A model spec that parsed but could not be loaded (missing weights, a broken folder)."""
 
 
 def check_model_spec(spec: Any, where: str = "model") -> None:
-    """Refuse a spec that cannot name a model, without loading anything. A hub id is only checked
-    for its form (an existing directory is preferred over a hub id of the same name)."""
-    if isinstance(spec, torch.nn.Module) or isinstance(spec, PreTrainedTokenizerBase):
-        return
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"{where}={spec!r} is not a model spec; pass {MODEL_SPECS}")
-    if spec.startswith("tiny:"):
-        if spec.split(":", 1)[1] not in FAMILIES:
-            raise ValueError(f"{where}={spec!r}: unknown tiny family; choose one of {', '.join(FAMILIES)}")
-        return
-    if spec in ("embedded", "tiny"):
-        return
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise ValueError(f"{where}={spec!r} is a directory without config.json; pass a Hugging Face model "
-                             "folder (save_pretrained writes one)")
-        return
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") != 1:
-        raise ValueError(f"{where}={spec!r} is neither an existing directory nor a model id 'org/name'; "
-                         f"pass {MODEL_SPECS}")
+    """Refuse a spec that cannot name a model, without loading anything (`models.specs` parses it:
+    the same parse `load_model` uses, so both give the same message). An existing directory is
+    preferred over a hub id of the same name; a hub id must be cached or the hub reachable."""
+    parse_model_spec(spec, where)
 
 
 def load_model(spec: str | PreTrainedModel, *, dtype: str | torch.dtype | None = None,
-               tiny_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
-    """Return a causal LM for `spec` (see the module docstring)."""
-    if isinstance(spec, torch.nn.Module):
-        return spec
-    if not isinstance(spec, str) or not spec:
-        raise TypeError(f"model spec must be a model object or a non-empty string, got {type(spec).__name__}")
+               tiny_kwargs: dict[str, Any] | None = None, where: str = "model") -> PreTrainedModel:
+    """Return a causal LM for `spec` (see the module docstring; `where` names it in errors)."""
+    parsed = parse_model_spec(spec, where)
     torch_dtype = resolve_dtype(dtype)
-    if spec.startswith("tiny:"):
-        model = build_tiny_model(spec.split(":", 1)[1], **(tiny_kwargs or {}))
+    if isinstance(parsed, ModelObjectSpec):
+        if not isinstance(parsed.obj, torch.nn.Module):
+            raise SpecError(f"{where}: a tokenizer object is not a model; pass {MODEL_SPECS}")
+        return parsed.obj
+    if isinstance(parsed, TinyModelSpec):
+        model = build_tiny_model(parsed.family, **(tiny_kwargs or {}))
         return model.to(torch_dtype) if torch_dtype else model
-    if spec == "embedded":
+    if isinstance(parsed, EmbeddedModelSpec):
         from lightning_anatomy.models.embedded import load_embedded
 
         model, _ = load_embedded(dtype=torch_dtype or torch.float32)
         return model
+    name = str(parsed.path) if isinstance(parsed, LocalModelSpec) else parsed.repo_id
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as err:
-        where = "local directory" if Path(spec).exists() else "Hugging Face model id"
-        raise OSError(
-            f"could not load the model {spec!r} ({where}): {err}. Offline, pass a local directory that holds "
+        kind = "local directory" if isinstance(parsed, LocalModelSpec) else "Hugging Face model id"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"{where}={name!r} ({kind}) could not be loaded: {first}. Offline, pass a local directory that holds "
             "config.json and the weights, 'embedded' for the shipped SmolLM2-135M-Instruct, or 'tiny:gpt2'."
         ) from err
 
@@ -106,13 +99,19 @@ def load_tokenizer(spec: str | PreTrainedModel, tokenizer: str | PreTrainedToken
         name = getattr(name, "name_or_path", None) or getattr(getattr(name, "config", None), "_name_or_path", None)
         if not name:
             raise ValueError("pass `tokenizer=` when the policy is a model object without a name_or_path")
-    if name.startswith("tiny"):
+    parsed = parse_model_spec(name, "tokenizer" if tokenizer else "model")
+    if isinstance(parsed, ModelObjectSpec) and isinstance(parsed.obj, PreTrainedTokenizerBase):
+        return parsed.obj
+    if isinstance(parsed, TinyModelSpec):
         return build_tiny_tokenizer()
-    if name == "embedded":
+    if isinstance(parsed, EmbeddedModelSpec):
         from lightning_anatomy.models.embedded import load_embedded_tokenizer
 
         return load_embedded_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    if isinstance(parsed, ModelObjectSpec):
+        raise SpecError("pass `tokenizer=` when the policy is a model object without a name_or_path")
+    tok = AutoTokenizer.from_pretrained(str(parsed.path) if isinstance(parsed, LocalModelSpec) else parsed.repo_id,
+                                        trust_remote_code=False)
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

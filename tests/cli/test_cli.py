@@ -26,9 +26,12 @@ def no_model_loads(monkeypatch):
 
     monkeypatch.setattr(loading, "load_model", refuse)
     monkeypatch.setattr(loading, "load_tokenizer", refuse)
-    import lightning_anatomy.module as module
+    import importlib
 
-    monkeypatch.setattr(module, "load_model", refuse)
+    for name in ("lightning_anatomy.module", "lightning_anatomy.policy"):  # wherever DPOModule loads its policy
+        module = importlib.import_module(name)
+        if hasattr(module, "load_model"):
+            monkeypatch.setattr(module, "load_model", refuse)
 
 
 def _metrics(folder: Path) -> list[dict[str, str]]:
@@ -46,16 +49,22 @@ def test_audit_then_fit_with_the_exported_concept_set(tmp_path, capsys, monkeypa
     concept_dir = out / "audit" / "concept_set"
     assert (out / "audit" / "report.html").exists()
     spec = yaml.safe_load((concept_dir / "concepts.yaml").read_text())
-    assert spec["concepts"] and all(c["action"] == "allow" for c in spec["concepts"])
+    # the concepts DPO is predicted to push up most come marked suppress (the printed command acts on them)
+    marked = [c for c in spec["concepts"] if c["action"] == "suppress"]
+    assert marked and all(c["source"]["audit"]["predicted_direction"] == "amplify" for c in marked)
+    assert all(c["action"] in ("allow", "suppress") for c in spec["concepts"])
+    for c in spec["concepts"]:
+        c["action"] = "allow"
+    (concept_dir / "concepts.yaml").write_text(yaml.safe_dump(spec))
 
     # the shipped config, pointed at this audit's ConceptSet (its path is relative to the working folder)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "audit_tiny").symlink_to(out)
     fit = ["fit", "--config", str(REPO / "configs/fit_projected_tiny.yaml"), "--trainer.max_steps=2",
            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false"]
-    # nothing is suppressed until the user says so: the projection refuses an all-allow set
-    with pytest.raises(ValueError, match="suppress"):
-        main(fit)
+    # an all-allow set gives the projection nothing to act on: one line naming the key, exit 2
+    assert main(fit) == 2
+    assert "suppress" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "projected" / "version_0").exists()  # a failed start leaves no empty run
     spec["concepts"][0]["action"] = "suppress"
     (concept_dir / "concepts.yaml").write_text(yaml.safe_dump(spec))
