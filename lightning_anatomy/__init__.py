@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "ConceptDriftMonitor": "lightning_anatomy.callbacks",
     "ConceptSteering": "lightning_anatomy.callbacks",
     "RewardShaping": "lightning_anatomy.callbacks",
+    "TokenFiltering": "lightning_anatomy.callbacks",
     "audit_dataset": "lightning_anatomy.audit",
     "check_prediction": "lightning_anatomy.audit",
     "AuditResult": "lightning_anatomy.audit",
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": "lightning_anatomy.models.loading",
     "load_tokenizer": "lightning_anatomy.models.loading",
     "load_sae": "lightning_anatomy.concepts.sae",
+    "quiet_lightning": "lightning_anatomy.console",
 }
 
 __all__ = [
@@ -54,12 +56,14 @@ __all__ = [
     "PreferenceDataError",
     "PreferenceDataModule",
     "RewardShaping",
+    "TokenFiltering",
     "audit_dataset",
     "check_prediction",
     "load_model",
     "load_sae",
     "load_tokenizer",
     "preference_loss",
+    "quiet_lightning",
     "read_preferences",
 ]  # literal so linters see the re-exports
 
@@ -92,9 +96,11 @@ if TYPE_CHECKING:  # pragma: no cover
         ConceptProjection,
         ConceptSteering,
         RewardShaping,
+        TokenFiltering,
     )
     from lightning_anatomy.concepts import ConceptLens, ConceptSet
     from lightning_anatomy.concepts.sae import load_sae
+    from lightning_anatomy.console import quiet_lightning
     from lightning_anatomy.data import PreferenceDataError, PreferenceDataModule, read_preferences
     from lightning_anatomy.interventions import GradientProjection
     from lightning_anatomy.losses import preference_loss

@@ -36,10 +36,16 @@ def model_digest(module: nn.Module) -> str:
 
 
 def pairs_digest(pairs: Sequence[Any]) -> str:
-    """Row ids and token ids of tokenized pairs (`TokenizedPair`), in order."""
+    """Row ids and token ids of tokenized pairs (`TokenizedPair`), in order, with a pair's reference
+    prompt and token-filter masks where it has them (so a precomputed reference table is keyed on
+    what the reference scored; pairs without them hash as they always did)."""
     h = hashlib.sha256()
     for p in pairs:
-        h.update(json.dumps([p.row_id, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        fields = [p.row_id, p.prompt_ids, p.chosen_ids, p.rejected_ids]
+        extra = {k: getattr(p, k, None) for k in ("ref_prompt_ids", "chosen_keep", "rejected_keep")}
+        if any(v is not None for v in extra.values()):
+            fields.append({k: None if v is None else list(v) for k, v in extra.items()})
+        h.update(json.dumps(fields).encode())
         h.update(b"\n")
     return h.hexdigest()
 

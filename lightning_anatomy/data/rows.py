@@ -47,7 +47,12 @@ BadRow = tuple[int, str, str]  # (row number, field, reason); row numbers are 0-
 
 @dataclass(frozen=True)
 class PreferenceRow:
-    """One preference pair; `prompt + chosen` is the full chosen sequence."""
+    """One preference pair; `prompt + chosen` is the full chosen sequence.
+
+    `reference_prompt` is the prompt the reference model scores the completions after (None: the
+    prompt). Inoculation prompting (`interventions.inoculate`) sets it to the original prompt
+    while `prompt` carries the inoculating instruction, so only the policy sees the instruction.
+    """
 
     prompt: str
     chosen: str
@@ -55,6 +60,7 @@ class PreferenceRow:
     row_id: int
     weight: float = 1.0
     messages: dict | None = field(default=None, hash=False)
+    reference_prompt: str | None = None
 
 
 class PreferenceRows(list):

@@ -18,13 +18,24 @@ from lightning_anatomy.data.rows import BadRow, PreferenceRow, check_on_bad_rows
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """One pair as ids; `prompt_ids + chosen_ids` is the chosen sequence (eos ends each completion)."""
+    """One pair as ids; `prompt_ids + chosen_ids` is the chosen sequence (eos ends each completion).
+
+    Optional, None unless an intervention sets them:
+
+    - `ref_prompt_ids`: the prompt the reference model scores the completions after
+      (`PreferenceRow.reference_prompt`, inoculation prompting); None: `prompt_ids`.
+    - `chosen_keep` / `rejected_keep`: one bool per completion token, False on tokens removed
+      from the sequence log-probs (token filtering); None: every completion token counts.
+    """
 
     row_id: int
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     weight: float = 1.0
+    ref_prompt_ids: list[int] | None = None
+    chosen_keep: tuple[bool, ...] | None = None
+    rejected_keep: tuple[bool, ...] | None = None
 
 
 class TokenizedPairs(list):
@@ -97,6 +108,10 @@ def tokenize_rows(
     its leading special tokens (BOS) kept; each completion is then cut to
     `max_length - len(prompt)` tokens keeping its start. `max_prompt_length=None` leaves prompts
     whole; a prompt that then fills `max_length` is a bad row, like a response with no tokens.
+
+    A row with a `reference_prompt` also gets `ref_prompt_ids` (tokenized and truncated like the
+    prompt); its completions are cut to fit after the longer of the two prompts, so the policy
+    and the reference score the same completion tokens.
     """
     check_on_bad_rows(on_bad_rows)
     check_length_options(max_length, max_prompt_length)
@@ -110,23 +125,33 @@ def tokenize_rows(
     def ids(texts: list[str], special: bool) -> list[list[int]]:
         return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
 
-    prompts = [r.prompt for r in rows]
-    with_special = ids(prompts, True)
     # Tokenizers that add nothing (GPT-2, Qwen2) need no second pass to find their special prefix.
     adds_special = ids(["a"], True) != ids(["a"], False)
-    plain = ids(prompts, False) if adds_special else with_special
-    prompt_ids = [_truncate_prompt(*_prompt_parts(w, p), max_prompt_length) for w, p in zip(with_special, plain)]
+
+    def prompt_token_ids(prompts: list[str]) -> list[list[int]]:
+        with_special = ids(prompts, True)
+        plain = ids(prompts, False) if adds_special else with_special
+        return [_truncate_prompt(*_prompt_parts(w, p), max_prompt_length) for w, p in zip(with_special, plain)]
+
+    prompt_ids = prompt_token_ids([r.prompt for r in rows])
+    inoculated = [i for i, r in enumerate(rows) if r.reference_prompt is not None]
+    ref_prompt_ids: list[list[int] | None] = [None] * len(rows)
+    for i, ref in zip(inoculated, prompt_token_ids([rows[i].reference_prompt for i in inoculated])):
+        ref_prompt_ids[i] = ref
     chosen_ids = ids([r.chosen for r in rows], False)
     rejected_ids = ids([r.rejected for r in rows], False)
 
     pairs: list[TokenizedPair] = []
     bad: list[BadRow] = []
-    for row, p, c, r in zip(rows, prompt_ids, chosen_ids, rejected_ids):
+    for row, p, ref_p, c, r in zip(rows, prompt_ids, ref_prompt_ids, chosen_ids, rejected_ids):
         problems: list[tuple[str, str]] = []
         if not p:
             problems.append(("prompt", "the prompt has no tokens, so the first response token cannot be scored; "
                                        "add a prompt or use a tokenizer that adds a BOS token"))
-        room = max_length - len(p)
+        if ref_p is not None and not ref_p:
+            problems.append(("reference_prompt", "the reference prompt has no tokens, so the first response token "
+                                                 "cannot be scored by the reference"))
+        room = max_length - max(len(p), len(ref_p or ()))
         if room <= 0:
             problems.append(("prompt", f"prompt leaves no room for the response: {len(p)} prompt tokens with "
                                        f"max_length={max_length}; raise max_length or lower max_prompt_length"))
@@ -136,7 +161,7 @@ def tokenize_rows(
         if problems:
             bad += [(row.row_id, f, reason) for f, reason in problems]
             continue
-        pairs.append(TokenizedPair(row.row_id, p, (c + eos_tail)[:room], (r + eos_tail)[:room], row.weight))
+        pairs.append(TokenizedPair(row.row_id, p, (c + eos_tail)[:room], (r + eos_tail)[:room], row.weight, ref_p))
     handle_bad_rows(
         bad, on_bad_rows=on_bad_rows, total=len(rows), kept=len(pairs), what="when tokenizing",
         fix='Fix these rows or the length options, or pass on_bad_rows="skip" to drop them (listed in `.dropped`).',
@@ -159,26 +184,51 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor,
     return ids, mask
 
 
+def _sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+               keeps: Sequence[Sequence[bool] | None], pad_token_id: int) -> tuple[Tensor, ...]:
+    """`(input_ids, attention_mask, completion_mask, prompt_mask, loss_mask)` of right-padded sequences."""
+    n_rows = len(prompts)
+    t = max(len(prompt) + len(completion) for prompt, completion in zip(prompts, completions))
+    input_ids = torch.full((n_rows, t), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n_rows, t), dtype=torch.long)
+    completion_mask = torch.zeros((n_rows, t), dtype=torch.bool)
+    prompt_mask = torch.zeros((n_rows, t), dtype=torch.bool)
+    loss_mask = torch.zeros((n_rows, t), dtype=torch.bool)
+    for i, (prompt, completion, keep) in enumerate(zip(prompts, completions, keeps)):
+        n_p, n = len(prompt), len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
+        attention_mask[i, :n] = 1
+        prompt_mask[i, :n_p] = True
+        completion_mask[i, n_p:n] = True
+        if keep is None:
+            loss_mask[i, n_p:n] = True
+        else:
+            if len(keep) != len(completion):
+                raise ValueError(f"a token-filter mask has {len(keep)} entries for a completion of {len(completion)} "
+                                 "tokens; recompute the masks for these pairs (TokenFiltering does at fit start)")
+            loss_mask[i, n_p:n] = torch.tensor(list(keep), dtype=torch.bool)
+    return input_ids, attention_mask, completion_mask, prompt_mask, loss_mask
+
+
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, Tensor]:
-    """The batch of the contract: `[chosen; rejected]` sequences, right-padded, with exact masks."""
+    """The batch of the contract: `[chosen; rejected]` sequences, right-padded, with exact masks.
+
+    Two groups of keys appear only when a pair of the batch asks for them (so batches without
+    interventions are what they always were): `loss_mask` when a pair has token-filter masks
+    (`chosen_keep`/`rejected_keep`), and `ref_input_ids`, `ref_attention_mask`,
+    `ref_completion_mask` (+ `ref_loss_mask` with `loss_mask`) when a pair has a reference prompt:
+    the `[chosen; rejected]` sequences after the reference prompt (the prompt where a pair has none).
+    """
     if not pairs:
         raise ValueError("collate_pairs got no pairs; a batch needs at least one TokenizedPair")
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
         raise TypeError(f"pad_token_id must be an int (see resolve_pad_token_id), got {pad_token_id!r}")
-    b = len(pairs)
-    sides = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    t = max(len(prompt) + len(completion) for prompt, completion in sides)
-    input_ids = torch.full((2 * b, t), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((2 * b, t), dtype=torch.long)
-    completion_mask = torch.zeros((2 * b, t), dtype=torch.bool)
-    prompt_mask = torch.zeros((2 * b, t), dtype=torch.bool)
-    for i, (prompt, completion) in enumerate(sides):
-        n_p, n = len(prompt), len(prompt) + len(completion)
-        input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        prompt_mask[i, :n_p] = True
-        completion_mask[i, n_p:n] = True
-    return {
+    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    keeps = [p.chosen_keep for p in pairs] + [p.rejected_keep for p in pairs]
+    prompts = [p.prompt_ids for p in pairs] * 2
+    input_ids, attention_mask, completion_mask, prompt_mask, loss_mask = _sequences(
+        prompts, completions, keeps, pad_token_id)
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
@@ -186,3 +236,13 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str
         "row_ids": torch.tensor([p.row_id for p in pairs], dtype=torch.long),
         "weights": torch.tensor([float(p.weight) for p in pairs], dtype=torch.float32),
     }
+    filtered = any(k is not None for k in keeps)
+    if filtered:
+        batch["loss_mask"] = loss_mask
+    if any(p.ref_prompt_ids is not None for p in pairs):
+        ref_prompts = [p.prompt_ids if p.ref_prompt_ids is None else p.ref_prompt_ids for p in pairs] * 2
+        ref_ids, ref_attention, ref_completion, _, ref_loss = _sequences(ref_prompts, completions, keeps, pad_token_id)
+        batch.update(ref_input_ids=ref_ids, ref_attention_mask=ref_attention, ref_completion_mask=ref_completion)
+        if filtered:
+            batch["ref_loss_mask"] = ref_loss
+    return batch

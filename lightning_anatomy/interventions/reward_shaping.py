@@ -43,18 +43,26 @@ def compute_concept_scores(
     sae: Any = None,
     feature: int | Sequence[int] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    zscore: bool = False,
 ) -> dict[int, float]:
     """ΔA per pair: `{row_id: score(chosen) − score(rejected)}`.
 
-    A side's score is the `reduce` ("mean" or "max") over its completion tokens of the token score
+    A side's score is the `reduce` ("mean", or "max" as Bergen et al. score) over its completion tokens of the token score
     at `hook`: the projection of the activation onto the concepts' unit directions (mean over the
     non-`allow` concepts at the hook, amplified ones with a minus sign), or, with `sae` and
     `feature`, that SAE feature's activation (mean over several features). Runs the model in eval
     mode without gradients and outside every intervention (`reference_pass`). With `cache_dir`,
     the result is read from / written to `concept-scores-<fingerprint>.json` there.
+
+    With `zscore=True` (the paper's scoring) each side's score is z-scored over every completion
+    of the data set (chosen and rejected pooled, population standard deviation) before the
+    difference, so ΔA = (s⁺ − s⁻)/σ is in units of the score's spread and a λ transfers between
+    concepts and models (`explain_away_lambda` on these ΔA gives λ on that scale).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}")
+    if not isinstance(zscore, bool):
+        raise ValueError(f"zscore must be True or False, got {zscore!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(tokenizer_pad_id, bool) or not isinstance(tokenizer_pad_id, int):
@@ -68,6 +76,8 @@ def compute_concept_scores(
         raise ValueError(f"row_id {dup} appears more than once in pairs; scores are keyed by row_id")
 
     hook, token_score, settings = _token_scorer(concepts, hook, sae, feature)
+    if zscore:  # only when set, so the cache keys of unscaled scores stay what they were
+        settings = {**settings, "zscore": True}
     point = resolve_hook(model, hook)
 
     cache_path = None
@@ -80,6 +90,7 @@ def compute_concept_scores(
     was_training = model.training
     model.eval()
     scores: dict[int, float] = {}
+    sides: list[float] = []
     try:
         with torch.no_grad(), reference_pass():
             for start in range(0, len(pairs), batch_size):
@@ -92,8 +103,15 @@ def compute_concept_scores(
                 n = len(chunk)
                 for pair, delta in zip(chunk, (side[:n] - side[n:]).tolist()):
                     scores[pair.row_id] = float(delta)
+                sides += side.tolist()
     finally:
         model.train(was_training)
+    if zscore:
+        spread = float(torch.tensor(sides, dtype=torch.float64).std(unbiased=False))
+        if not spread > 0:
+            raise ValueError("zscore=True: every completion has the same concept score, so there is no spread to "
+                             "scale by; the concept does not vary over this data (use zscore=False)")
+        scores = {rid: delta / spread for rid, delta in scores.items()}
 
     if cache_path is not None:
         save_scores(scores, cache_path, meta={"hook": hook, "reduce": reduce, **settings})
