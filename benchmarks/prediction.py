@@ -1,9 +1,15 @@
-"""Benchmark: does the audit predict what DPO does? The paper method vs the paired method.
+"""Benchmark: does the audit predict what DPO does? The paper method vs the paired method, and
+the paper's independent disparity predictor vs the tilt predictor.
 
 Each setting audits its preference pairs twice (`method="paper"` and `method="paired"`), trains
 vanilla DPO from the base, and runs `check_prediction` for each audit on held-out prompts
-(sampled rollouts of the base and the trained policy, same seeds): R² (squared Pearson), its
-bootstrap CI over clusters, the no-intercept OLS R², the sign agreement and the cluster count.
+(sampled rollouts of the base and the trained policy, same seeds; sampled once and reused
+across methods and predictors): R² (squared Pearson), its bootstrap CI over clusters, the
+no-intercept OLS R², the sign agreement and the cluster count. `methods.paper` / `methods.paired`
+are each method's own (disparity) prediction; `methods.tilt` the tilt predictor
+(`audit.tilt`: a joint Bradley–Terry reward on the paper method's clusters, propagated as a tilt
+of the base policy's rollouts) on the same clusters and rollouts as `methods.paper`; each entry
+says which prompts its rollouts came from (`prompts`: "heldout" here).
 
 - `graded_controlled`: a tiny GPT-2 (byte tokenizer, 3 × 64) pretrained here from scratch on
   "Q: … A: …" texts where six independent markers (an opener, a heading, an emoji, a sign-off,
@@ -23,10 +29,11 @@ bootstrap CI over clusters, the no-intercept OLS R², the sign agreement and the
     python benchmarks/prediction.py                    # all three settings (hours on 2 CPU cores)
     python benchmarks/prediction.py --parts graded_controlled
     python benchmarks/prediction.py --quick            # random tiny models, small sizes: a smoke run (~1 min)
+    python benchmarks/prediction.py --parts graded_controlled --cluster-target-size auto --name prediction.auto
 
 Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
-`{"settings": {<setting>: {"methods": {"paper" | "paired": {"r2", "r2_ci", "r2_ols",
-"sign_agreement", "n_clusters", ...}}, ...}}}`, null where a number is undefined.
+`{"settings": {<setting>: {"methods": {"paper" | "paired" | "tilt": {"r2", "r2_ci", "r2_ols",
+"sign_agreement", "n_clusters", "prompts", ...}}, ...}}}`, null where a number is undefined.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ FORMAT = "lightning-anatomy/bench-prediction"
 VERSION = 1
 SETTINGS = ("graded_controlled", "graded_smollm2", "hh_smollm2")
 METHODS = ("paper", "paired")
+PREDICTORS = {"paper": ("paper", "tilt"), "paired": ("paper",)}  # per audit method, compared on the same rollouts
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class Sizes:
     max_length: int = 160
     max_prompt_length: int = 96
     n_bootstrap: int = 1000
+    cluster_target_size: str | float | None = None  # the paper method's Leiden rule (None: resolution 1)
 
 
 FULL = Sizes()
@@ -228,8 +237,8 @@ def fit_dpo(base: Any, rows: list[Any], tok: Any, *, steps: int, lr: float, size
 
 def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any], prompts: list[str],
                   sizes: Sizes, seed: int, shards: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both audits of `rows` (one extraction in `shards`, shared) and their prediction checks;
-    returns (methods summary, checks)."""
+    """Both audits of `rows` (one extraction in `shards`, shared) and their prediction checks (the
+    rollouts sampled once); returns (summary per method and predictor, {name: (audit, check, predictor)})."""
     from lightning_anatomy.audit import audit_dataset, check_prediction
     from lightning_anatomy.concepts.lens import ConceptLens
 
@@ -237,29 +246,39 @@ def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: l
     # held-out prompts cut like the audit cuts prompts: their last max_prompt_length tokens
     prompts = [tok(p, add_special_tokens=False)["input_ids"][-sizes.max_prompt_length:] for p in prompts]
     methods, checks = {}, {}
+    reuse = None
     for method in METHODS:
         started = time.perf_counter()
         audit = audit_dataset(rows, lens, tok, method=method, max_length=sizes.max_length,
                               max_prompt_length=sizes.max_prompt_length, batch_size=sizes.batch,
                               n_bootstrap=min(200, sizes.n_bootstrap), progress=False, label_concepts=False,
-                              out_dir=shards, seed=seed)
+                              out_dir=shards, seed=seed, cluster_target_size=sizes.cluster_target_size)
         audit_s = time.perf_counter() - started
         n_clusters = int(audit.feature_clusters["cluster"].nunique())
+        names = {"paper": method, "tilt": "tilt"}  # predictor -> results key
         if len(audit.cluster_predictions) < 2:  # nothing to correlate: record the miss, not a number
             common.log(f"  {method}: {len(audit.cluster_predictions)} feature clusters, no R²")
-            methods[method] = {"r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
-                               "n_clusters": len(audit.cluster_predictions), "audit_s": audit_s,
-                               "n_feature_clusters": n_clusters}
+            for predictor in PREDICTORS[method]:
+                methods[names[predictor]] = {
+                    "r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
+                    "n_clusters": len(audit.cluster_predictions), "prompts": "heldout", "method": method,
+                    "audit_s": audit_s, "n_feature_clusters": n_clusters}
             continue
+        started = time.perf_counter()
         check = check_prediction(audit, base, after, prompts, tokenizer=tok, saes=saes,
                                  samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
-                                 seed=seed, n_bootstrap=sizes.n_bootstrap)
-        methods[method] = {**check.summary(), "audit_s": audit_s, "n_feature_clusters": n_clusters}
-        checks[method] = (audit, check)
+                                 seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=PREDICTORS[method], reuse=reuse)
+        check_s = time.perf_counter() - started
+        reuse = check
+        for predictor, summary in check.summary()["predictors"].items():
+            methods[names[predictor]] = {**summary, "prompts": "heldout", "method": method, "audit_s": audit_s,
+                                         "check_s": check_s, "n_feature_clusters": n_clusters}
+            checks[names[predictor]] = (audit, check, predictor)
     return methods, checks
 
 
-def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: Any, lens: Any, hook: str) -> dict[str, Any]:
+def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: Any, lens: Any, hook: str,
+                   predictor: str = "paper") -> dict[str, Any]:
     """Marker-level R² (d_k vs the change in rollouts carrying marker k) and per-marker predicted signs."""
     from lightning_anatomy.audit.agreement import r_squared, sign_agreement
 
@@ -268,7 +287,7 @@ def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: A
     d = np.array([disparities[m.name] for m in MARKERS])
     observed = np.array([after[m.name] - before[m.name] for m in MARKERS])
     r2 = r_squared(d, observed)
-    predicted = marker_cluster_predictions(audit, check, lens, tok, hook)
+    predicted = marker_cluster_predictions(audit, check, lens, tok, hook, predictor)
     per = {m.name: {"disparity": disparities[m.name], "rate_before": before[m.name], "rate_after": after[m.name],
                     "cluster": predicted[m.name][0], "cluster_predicted": predicted[m.name][1]} for m in MARKERS}
     signs = [np.sign(p["cluster_predicted"]) == np.sign(p["disparity"]) for p in per.values()
@@ -278,10 +297,12 @@ def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: A
 
 
 @torch.no_grad()
-def marker_cluster_predictions(audit: Any, check: Any, lens: Any, tok: Any, hook: str) -> dict[str, tuple[Any, Any]]:
-    """Per marker the audit cluster whose members fire most on the marker's tokens, and its predicted shift."""
+def marker_cluster_predictions(audit: Any, check: Any, lens: Any, tok: Any, hook: str,
+                               predictor: str = "paper") -> dict[str, tuple[Any, Any]]:
+    """Per marker the audit cluster whose members fire most on the marker's tokens, and its
+    shift as `predictor` predicted it in the check."""
     assign = audit.feature_clusters
-    preds = audit.cluster_predictions.set_index("cluster")["predicted_shift"]
+    preds = check.table.set_index("cluster")[f"predicted_{predictor}"]
     part = assign[assign["hook"] == hook]
     out: dict[str, tuple[Any, Any]] = {}
     for m in MARKERS:
@@ -319,9 +340,9 @@ def graded(name: str, base: Any, tok: Any, sae: Any, hook: str, prompts: list[st
     after, train_s = fit_dpo(base, rows, tok, steps=steps, lr=lr, sizes=sizes, seed=seed)
     methods, checks = check_methods(base, after, tok, {hook: sae}, rows, heldout, sizes, seed, work / name)
     lens = ConceptLens(base, {hook: sae}, fidelity_check=False)
-    for method, (audit, check) in checks.items():
-        methods[method].update(marker_summary(check, tok, disparities, audit, lens, hook))
-    common.log(f"  {name}: " + ", ".join(f"{m} R² {methods[m]['r2']}" for m in METHODS))
+    for key, (audit, check, predictor) in checks.items():
+        methods[key].update(marker_summary(check, tok, disparities, audit, lens, hook, predictor))
+    common.log(f"  {name}: " + ", ".join(f"{m} R² {v['r2']}" for m, v in methods.items()))
     return {"methods": methods, "disparities": disparities, "n_train": len(rows), "n_heldout_prompts": len(heldout),
             "dpo_steps": steps, "lr": lr, "train_s": train_s}
 
@@ -369,7 +390,7 @@ def run_setting(name: str, sizes: Sizes, quick: bool, seed: int, hh_path: Path, 
                                work / name)
     accuracy = reward_accuracy(base, after, tok, heldout, sizes)
     common.log(f"  {name}: held-out reward accuracy {accuracy:.3f} after {train_s:.0f} s; "
-               + ", ".join(f"{m} R² {methods[m]['r2']}" for m in METHODS))
+               + ", ".join(f"{m} R² {v['r2']}" for m, v in methods.items()))
     return {"methods": methods, "heldout_reward_accuracy": accuracy, "train_s": train_s, "n_audit": len(audit_rows),
             "n_train": len(train_rows), "n_heldout": len(heldout), "dpo_steps": sizes.hh_dpo_steps, "lr": sizes.hh_lr}
 
@@ -435,6 +456,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=None, help="DPO learning rate of graded_controlled (default 1e-4)")
     parser.add_argument("--steps", type=int, default=None, help="DPO steps of graded_controlled (default 30)")
     parser.add_argument("--name", default=None, help="output file stem (default prediction, or prediction.quick)")
+    parser.add_argument("--cluster-target-size", default=None,
+                        help="paper method: pick the Leiden resolution for this mean cluster size ('auto': 80 "
+                             "features at d_sae 65,536 scaled by sqrt(d_sae/65536)); default: resolution 1")
     args = parser.parse_args(argv)
     if args.merge:
         merged = merge_results(args.merge)
@@ -443,8 +467,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.setup_offline(args.threads)
     common.quiet_libraries()
     sizes = QUICK if args.quick else FULL
+    target = args.cluster_target_size
     sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
-                    dpo_steps=sizes.dpo_steps if args.steps is None else args.steps)
+                    dpo_steps=sizes.dpo_steps if args.steps is None else args.steps,
+                    cluster_target_size=None if target is None else target if target == "auto" else float(target))
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="anatomy-prediction-"))
     results: dict[str, Any] = {"format": FORMAT, "version": VERSION, "quick": args.quick, "seed": args.seed,

@@ -12,7 +12,10 @@ of latents that fire together. Clusters come from a token × feature binary firi
   that co-fires less often than independence predicts (n_gh·N ≤ n_g·n_h, never co-firing
   included) has no co-firing to cluster on and is never an edge;
 - Leiden communities (`leidenalg`, modularity via RBConfiguration at `resolution`, seeded);
-  communities under `min_cluster_size` (4) features are dropped.
+  communities under `min_cluster_size` (4) features are dropped. With `target_size` the
+  resolution is not given but chosen per hook by a rule blind to the preferences: the grid
+  resolution whose kept clusters have a mean size nearest a target ("auto": the paper's ≈ 80
+  features per cluster at 65,536 features, scaled by √(d_sae/65,536); `choose_resolution`).
 
 Scale: 65,536 features would make a dense NMI matrix of 4.3e9 entries, so none is built. The
 co-occurrence counts XᵀX are computed one block of `block_size` features at a time
@@ -166,6 +169,44 @@ def leiden_communities(n_nodes: int, i: np.ndarray, j: np.ndarray, weight: np.nd
     return np.asarray(partition.membership, dtype=np.int64)
 
 
+PAPER_D_SAE = 65536  # the paper's SAE width ...
+PAPER_CLUSTER_SIZE = 80.0  # ... and its mean features per cluster
+RESOLUTION_GRID = tuple(float(2.0 ** k) for k in range(-4, 11))  # 1/16 … 1024
+
+
+def target_cluster_size(d_sae: int, min_cluster_size: int = 4) -> float:
+    """The "auto" target size: the paper's 80 features per cluster at 65,536 features, scaled by
+    √(d_sae / 65,536) (≈ 7 at 512 features), never below `min_cluster_size`."""
+    return max(float(min_cluster_size), PAPER_CLUSTER_SIZE * math.sqrt(d_sae / PAPER_D_SAE))
+
+
+def _mean_kept_size(labels: np.ndarray, min_cluster_size: int) -> float:
+    sizes = np.bincount(labels)
+    kept = sizes[sizes >= min_cluster_size]
+    return float(kept.mean()) if len(kept) else 0.0
+
+
+def choose_resolution(n_nodes: int, i: np.ndarray, j: np.ndarray, weight: np.ndarray, *, target_size: float,
+                      min_cluster_size: int = 4, seed: int = 0) -> float:
+    """The Leiden resolution whose kept clusters (≥ `min_cluster_size`) have a mean size nearest
+    `target_size` (in log ratio), scanning `RESOLUTION_GRID` upwards (ties: the smaller resolution).
+
+    A rule on the co-firing graph alone (no look at the preference outcome), deterministic for a
+    seed. Clusters only shrink as the resolution grows, so the scan stops at the first resolution
+    whose mean size falls below the target (at most 15 Leiden runs).
+    """
+    best, best_gap = RESOLUTION_GRID[0], math.inf
+    for resolution in RESOLUTION_GRID:
+        size = _mean_kept_size(leiden_communities(n_nodes, i, j, weight, resolution=resolution, seed=seed),
+                               min_cluster_size)
+        gap = abs(math.log(size / target_size)) if size > 0 else math.inf
+        if gap < best_gap:
+            best, best_gap = resolution, gap
+        if size < target_size:
+            break
+    return best
+
+
 def cofiring_clusters(
     firing: Mapping[str, sp.spmatrix | np.ndarray],
     *,
@@ -175,21 +216,33 @@ def cofiring_clusters(
     resolution: float = 1.0,
     seed: int = 0,
     block_size: int = 256,
+    target_size: float | str | None = None,
 ) -> pd.DataFrame:
     """Feature clusters of every hook (`{hook: token × feature firing}`), as (hook, cluster, feature).
 
     Cluster ids are unique across hooks: numbered by hook, then by size (largest first), then by
     the smallest member; members are listed in feature order. Features outside every kept
     cluster have no row.
+
+    `target_size`: None uses `resolution` as given; a number (features per cluster) or "auto"
+    (`target_cluster_size` of the hook's d_sae) picks each hook's resolution by
+    `choose_resolution` instead. The resolution used per hook is in `.attrs["resolution"]`.
     """
     if isinstance(min_cluster_size, bool) or not isinstance(min_cluster_size, int | np.integer) or min_cluster_size < 1:
         raise ValueError(f"min_cluster_size={min_cluster_size!r} is invalid: pass an integer >= 1 (paper: 4)")
     if not (isinstance(resolution, int | float) and resolution > 0):
         raise ValueError(f"leiden_resolution={resolution!r} is invalid: pass a number > 0 (1.0 = modularity)")
+    check_target_size(target_size)
     records: list[tuple[str, int, int]] = []
+    used: dict[str, float] = {}
     next_id = 0
     for hook, x in firing.items():
         kept, i, j, w = cofiring_edges(x, min_tokens=min_tokens, top_fraction=top_fraction, block_size=block_size)
+        if target_size is not None:
+            target = target_cluster_size(x.shape[1], min_cluster_size) if target_size == "auto" else float(target_size)
+            resolution = choose_resolution(len(kept), i, j, w, target_size=target, min_cluster_size=min_cluster_size,
+                                           seed=seed)
+        used[hook] = float(resolution)
         labels = leiden_communities(len(kept), i, j, w, resolution=resolution, seed=seed)
         groups = [np.sort(kept[labels == c]) for c in np.unique(labels)]
         groups = [g for g in groups if len(g) >= min_cluster_size]
@@ -197,4 +250,15 @@ def cofiring_clusters(
         for g in groups:
             records.extend((hook, next_id, int(f)) for f in g)
             next_id += 1
-    return pd.DataFrame(records, columns=list(CLUSTER_COLUMNS)).astype({"cluster": np.int64, "feature": np.int64})
+    out = pd.DataFrame(records, columns=list(CLUSTER_COLUMNS)).astype({"cluster": np.int64, "feature": np.int64})
+    out.attrs["resolution"] = used
+    return out
+
+
+def check_target_size(target_size: object) -> None:
+    """A ValueError unless `target_size` is None, "auto" or a number > 1."""
+    if target_size is None or target_size == "auto":
+        return
+    if isinstance(target_size, bool) or not isinstance(target_size, int | float) or not target_size > 1:
+        raise ValueError(f"cluster_target_size={target_size!r} is invalid: pass None (use leiden_resolution), "
+                         "'auto' (80 features per cluster at 65,536, scaled by sqrt(d_sae/65536)) or a number > 1")

@@ -8,6 +8,13 @@ policy's, `encode_with="before"`: what the text contains, blind to SAE drift), a
 the change of its mean firing value (`audit.rollouts`). Agreement over clusters: squared
 Pearson R², the no-intercept OLS R², a bootstrap CI over clusters, and the sign agreement
 (`audit.agreement`).
+
+`predictors` compares several predictions of the same clusters on the same rollouts: "paper"
+(each cluster's own mean disparity Δ) and "tilt" (a joint Bradley–Terry reward propagated as a
+tilt of the base policy's own rollouts, `audit.tilt`); the table gets a `predicted_<name>`
+column per predictor and `predictors` one row each. `reuse=` an earlier check on the same
+policies and prompts reuses its rollouts and their SAE firing (sampled once, e.g. across the
+audits of several methods).
 """
 
 from __future__ import annotations
@@ -37,10 +44,13 @@ from lightning_anatomy.audit.rollouts import (
     response_frequencies,
     sample_rollouts,
 )
+from lightning_anatomy.audit.tilt import check_predictor, pair_cluster_activity, tilt_predict
 from lightning_anatomy.files import atomic_directory
 
 TABLE_COLUMNS = ("hook", "cluster", "n_features", "label", "predicted", "observed", "before", "after")
 FEATURE_COLUMNS = ("hook", "feature", "cluster", "predicted", "observed", "before", "after")
+PREDICTOR_COLUMNS = ("predictor", "r2", "r2_ci_low", "r2_ci_high", "r2_ols", "sign_agreement", "n_clusters", "sample",
+                     "r2_first_order")
 MARKER = "prediction.json"
 
 
@@ -53,7 +63,12 @@ class PredictionCheck:
     feature (predicted: the audit's per-feature shift where it was tested, else NaN);
     `r2` squared Pearson, `r2_ols` no-intercept OLS R², `r2_ci` its bootstrap CI over clusters
     (of `r2`), `sign_agreement` the share of clusters moved in the predicted direction;
-    `rollouts` the sampled `audit.rollouts.Rollout`s of each policy (in memory only).
+    `rollouts` the sampled `audit.rollouts.Rollout`s of each policy and `frequencies` their
+    per-hook SAE firing frequencies (in memory only; `reuse=` of another check takes them).
+    `predictors`: one row per predictor compared (`PREDICTOR_COLUMNS`; `sample` says what the
+    tilt ran on: "rollouts", "dataset" or "rollouts+dataset" when clusters that never fire in
+    the rollouts fell back to the dataset's responses; `r2_first_order` the tilt's first order);
+    `r2`, `r2_ols`, `r2_ci`, `sign_agreement` and `table["predicted"]` are the first predictor's.
     """
 
     r2: float
@@ -65,6 +80,8 @@ class PredictionCheck:
     settings: dict[str, Any] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
     rollouts: dict[str, list[Any]] = field(default_factory=dict, repr=False)  # "before"/"after" (not saved)
+    predictors: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PREDICTOR_COLUMNS)))
+    frequencies: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # side -> hook -> csr (not saved)
 
     @property
     def n_clusters(self) -> int:
@@ -75,8 +92,15 @@ class PredictionCheck:
         def num(v: float) -> float | None:
             return None if v is None or not math.isfinite(v) else float(v)
 
-        return {"r2": num(self.r2), "r2_ci": [num(self.r2_ci[0]), num(self.r2_ci[1])], "r2_ols": num(self.r2_ols),
-                "sign_agreement": num(self.sign_agreement), "n_clusters": self.n_clusters}
+        out = {"r2": num(self.r2), "r2_ci": [num(self.r2_ci[0]), num(self.r2_ci[1])], "r2_ols": num(self.r2_ols),
+               "sign_agreement": num(self.sign_agreement), "n_clusters": self.n_clusters}
+        if len(self.predictors):
+            out["predictors"] = {str(row["predictor"]): {
+                "r2": num(row["r2"]), "r2_ci": [num(row["r2_ci_low"]), num(row["r2_ci_high"])],
+                "r2_ols": num(row["r2_ols"]), "sign_agreement": num(row["sign_agreement"]),
+                "n_clusters": int(row["n_clusters"]), "sample": str(row["sample"]),
+                "r2_first_order": num(row["r2_first_order"])} for _, row in self.predictors.iterrows()}
+        return out
 
     def scatter_png(self, *, top: int = 8) -> bytes:
         """Predicted vs observed per cluster, the OLS line, the `top` clusters (by |observed|) labelled."""
@@ -232,6 +256,8 @@ def check_prediction(
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     n_examples: int = 3,
+    predictors: Sequence[str] | None = None,
+    reuse: PredictionCheck | None = None,
 ) -> PredictionCheck:
     """Rollouts of both policies on `prompts`, each cluster's change, and its agreement with the audit.
 
@@ -242,6 +268,12 @@ def check_prediction(
     `max_new_tokens`, seeded by (seed, prompt index). `tau`: the activity threshold (default: the
     audit's τ, else 0.01); `measure`: "active" or "freq" (`audit.rollouts`); `encode_with`: "own"
     (each policy's activations) or "before".
+
+    `predictors`: the predictions to compare on the same rollouts ("paper", "tilt"; default:
+    the one the audit ran with). "tilt" refits the audit's Bradley–Terry reward on its pairs
+    (the audit's span features, at this τ and measure) and tilts the `policy_before` rollouts.
+    `reuse`: an earlier `PredictionCheck` of the same two policies on the same prompts and
+    sampling settings; its rollouts and SAE firing are reused instead of sampled again.
     """
     from lightning_anatomy.concepts.lens import ConceptLens
     from lightning_anatomy.models.loading import max_positions
@@ -275,6 +307,15 @@ def check_prediction(
     if not 0 <= tau < 1:
         raise ValueError(f"tau={tau!r} is invalid: the activity threshold must be in [0, 1)")
     threshold = float(options.get("threshold", 0.0))
+    audit_predictor = str(options.get("predictor", "paper"))
+    names = [audit_predictor] if predictors is None else [predictors] if isinstance(predictors, str) else list(predictors)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"predictors={predictors!r} is invalid: pass distinct names from ('paper', 'tilt')")
+    for name in names:
+        check_predictor(name, "predictors")
+    if reuse is not None and not (isinstance(reuse, PredictionCheck) and reuse.rollouts and reuse.frequencies):
+        raise ValueError("reuse must be a PredictionCheck returned by check_prediction in this process (its rollouts "
+                         "and firing are kept in memory only)")
 
     predictions = audit_result.cluster_predictions
     assign = audit_result.feature_clusters
@@ -293,33 +334,76 @@ def check_prediction(
                              "positions; pass shorter prompts or a smaller max_new_tokens")
 
     widths = {h: int(sae_map[h].cfg.d_sae) for h in hooks}
-    reader = ClusterReader(assign, widths, predictions["cluster"].to_numpy(np.int64), tau=tau, measure=measure)
-    lens_before = ConceptLens(policy_before, sae_map, fidelity_check=False)
-    lens_after = lens_before if encode_with == "before" else ConceptLens(policy_after, sae_map, fidelity_check=False)
-    sampled, freqs = {}, {}
-    for side, policy, lens in (("before", policy_before, lens_before), ("after", policy_after, lens_after)):
-        sampled[side] = sample_rollouts(policy, ids, samples_per_prompt=samples_per_prompt, temperature=temperature,
-                                        max_new_tokens=max_new_tokens, seed=seed)
-        freqs[side] = response_frequencies(lens, sampled[side], threshold=threshold, batch_size=batch_size,
-                                           pad_token_id=pad_id_of(policy))
-    before = reader.values(freqs["before"]).mean(axis=0)
+    cluster_ids = predictions["cluster"].to_numpy(np.int64)
+    reader = ClusterReader(assign, widths, cluster_ids, tau=tau, measure=measure)
+    shifts: dict[str, np.ndarray] = {}
+    if "paper" in names:
+        shifts["paper"] = _paper_shift(audit_result, predictions, audit_predictor)
+    pairs = None
+    if "tilt" in names:  # the pairs' cluster activity, read before any sampling (errors first)
+        features_ = getattr(audit_result, "features", None)
+        if features_ is None:
+            raise ValueError("predictors includes 'tilt', which refits the reward on the audit's pairs, but the audit "
+                             "carries no span features; pass the in-memory audit or one saved with its features")
+        pairs = pair_cluster_activity(features_, assign, cluster_ids, tau=tau, measure=measure)
+    sampling = {"n_prompts": len(ids), "samples_per_prompt": samples_per_prompt, "temperature": float(temperature),
+                "max_new_tokens": max_new_tokens, "seed": seed, "threshold": threshold, "encode_with": encode_with}
+    if reuse is not None:
+        sampled, freqs = _reused(reuse, sampling, ids, widths)
+    else:
+        lens_before = ConceptLens(policy_before, sae_map, fidelity_check=False)
+        lens_after = lens_before if encode_with == "before" else ConceptLens(policy_after, sae_map,
+                                                                             fidelity_check=False)
+        sampled, freqs = {}, {}
+        for side, policy, lens in (("before", policy_before, lens_before), ("after", policy_after, lens_after)):
+            sampled[side] = sample_rollouts(policy, ids, samples_per_prompt=samples_per_prompt,
+                                            temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+            freqs[side] = response_frequencies(lens, sampled[side], threshold=threshold, batch_size=batch_size,
+                                               pad_token_id=pad_id_of(policy))
+    values_before = reader.values(freqs["before"])
+    before = values_before.mean(axis=0)
     after = reader.values(freqs["after"]).mean(axis=0)
+    first_order = None
+    tilt_sample = None
+    if pairs is not None:
+        tilt = tilt_predict(pairs[0], pairs[1], rollouts=values_before, scale=float(options.get("tilt_scale", 1.0)),
+                            n_folds=int(options.get("tilt_folds", 5)), seed=int(options.get("seed", seed)))
+        shifts["tilt"], first_order, tilt_sample = tilt.full, tilt.first_order, tilt.sample.astype(str)
     labels = _cluster_labels(audit_result, assign)
     table = pd.DataFrame({
-        "hook": predictions["hook"].to_numpy(), "cluster": predictions["cluster"].to_numpy(np.int64),
+        "hook": predictions["hook"].to_numpy(), "cluster": cluster_ids,
         "n_features": predictions["n_features"].to_numpy(np.int64),
         "label": [labels.get(int(c), "") for c in predictions["cluster"]],
-        "predicted": predictions["predicted_shift"].to_numpy(np.float64), "observed": after - before,
+        "predicted": shifts[names[0]], "observed": after - before,
         "before": before, "after": after,
     })
-    x, y = table["predicted"].to_numpy(), table["observed"].to_numpy()
-    r2, r2_ols = r_squared(x, y), r_squared_through_origin(x, y)
-    ci = bootstrap_r_squared_ci(x, y, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+    for name in names:
+        table[f"predicted_{name}"] = shifts[name]
+    if first_order is not None:
+        table["predicted_tilt_first_order"] = first_order
+        table["tilt_sample"] = tilt_sample
+    y = table["observed"].to_numpy()
+    rows = []
+    for name in names:
+        x = shifts[name]
+        r2_, r2_ols_ = r_squared(x, y), r_squared_through_origin(x, y)
+        lo, hi = bootstrap_r_squared_ci(x, y, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+        sample = "pairs"
+        r2_first = float("nan")
+        if name == "tilt":
+            used = set(tilt_sample)
+            sample = "+".join(s for s in ("rollouts", "dataset") if s in used)
+            r2_first = r_squared(first_order, y)
+        rows.append({"predictor": name, "r2": float("nan") if r2_ is None else r2_, "r2_ci_low": lo,
+                     "r2_ci_high": hi, "r2_ols": float("nan") if r2_ols_ is None else r2_ols_,
+                     "sign_agreement": sign_agreement(x, y), "n_clusters": len(table), "sample": sample,
+                     "r2_first_order": float("nan") if r2_first is None else r2_first})
+    compared = pd.DataFrame(rows, columns=list(PREDICTOR_COLUMNS))
+    head = compared.iloc[0]
     features = _feature_table(audit_result, assign, reader, freqs)
-    settings = {"n_prompts": len(ids), "samples_per_prompt": samples_per_prompt, "temperature": float(temperature),
-                "max_new_tokens": max_new_tokens, "seed": seed, "tau": tau, "threshold": threshold, "measure": measure,
-                "encode_with": encode_with, "n_bootstrap": n_bootstrap, "confidence": confidence,
-                "method": options.get("method", "paired"), "hooks": hooks,
+    settings = {**sampling, "tau": tau, "measure": measure, "n_bootstrap": n_bootstrap, "confidence": confidence,
+                "method": options.get("method", "paired"), "hooks": hooks, "predictors": names,
+                "reused_rollouts": reuse is not None,
                 "mean_response_tokens": {s: float(np.mean([len(r.response_ids) for r in sampled[s]])) for s in sampled}}
     examples = []
     if tokenizer is not None and n_examples:
@@ -327,9 +411,40 @@ def check_prediction(
             examples.append({"prompt": tokenizer.decode(sampled["before"][k].prompt_ids),
                              "before": tokenizer.decode(sampled["before"][k].response_ids),
                              "after": tokenizer.decode(sampled["after"][k].response_ids)})
-    return PredictionCheck(r2=float("nan") if r2 is None else r2, r2_ols=float("nan") if r2_ols is None else r2_ols,
-                           r2_ci=ci, sign_agreement=sign_agreement(x, y), table=table, features=features,
-                           settings=settings, examples=examples, rollouts=sampled)
+    return PredictionCheck(r2=float(head["r2"]), r2_ols=float(head["r2_ols"]),
+                           r2_ci=(float(head["r2_ci_low"]), float(head["r2_ci_high"])),
+                           sign_agreement=float(head["sign_agreement"]), table=table, features=features,
+                           settings=settings, examples=examples, rollouts=sampled, predictors=compared,
+                           frequencies=freqs)
+
+
+def _paper_shift(audit_result: Any, predictions: pd.DataFrame, audit_predictor: str) -> np.ndarray:
+    """Each cluster's own mean disparity Δ (the paper's prediction), whatever the audit's predictor."""
+    if audit_predictor == "paper":
+        return predictions["predicted_shift"].to_numpy(np.float64)
+    clusters = getattr(audit_result, "clusters", None)
+    if clusters is None or "delta" not in getattr(clusters, "columns", []):
+        raise ValueError("predictors includes 'paper' but the audit's cluster table has no 'delta' column; pass "
+                         "an AuditResult")
+    delta = clusters.set_index("cluster")["delta"]
+    return delta.loc[predictions["cluster"].to_numpy(np.int64)].to_numpy(np.float64)
+
+
+def _reused(reuse: PredictionCheck, sampling: Mapping[str, Any], ids: list[list[int]], widths: Mapping[str, int]
+            ) -> tuple[dict[str, list[Any]], dict[str, dict[str, Any]]]:
+    """The rollouts and SAE firing of `reuse`, after checking they were sampled the same way."""
+    differ = [k for k, v in sampling.items() if reuse.settings.get(k) != v]
+    spp = int(sampling["samples_per_prompt"])
+    if not differ and [list(r.prompt_ids) for r in reuse.rollouts["before"][::spp]] != ids:
+        differ = ["prompts"]
+    if differ:
+        raise ValueError(f"reuse= was sampled with other {', '.join(differ)}; pass the same prompts and sampling "
+                         "settings, or drop reuse to sample again")
+    missing = [h for h in widths if any(h not in reuse.frequencies[s] or reuse.frequencies[s][h].shape[1] != widths[h]
+                                        for s in ("before", "after"))]
+    if missing:
+        raise ValueError(f"reuse= has no SAE firing of these SAEs for hook(s) {missing}; drop reuse to read them again")
+    return reuse.rollouts, reuse.frequencies
 
 
 def _feature_table(audit_result: Any, assign: pd.DataFrame, reader: ClusterReader,

@@ -26,9 +26,10 @@ import scipy.sparse as sp
 
 from lightning_anatomy.audit import feature_conditioned as fc
 from lightning_anatomy.audit.clustering import cluster_matrices, data_clusters, feature_clusters
-from lightning_anatomy.audit.cofiring import CLUSTER_COLUMNS, cofiring_clusters
+from lightning_anatomy.audit.cofiring import CLUSTER_COLUMNS, check_target_size, cofiring_clusters
 from lightning_anatomy.audit.result import AuditResult
 from lightning_anatomy.audit.statistics import STAT_COLUMNS, add_decisions, paired_statistics
+from lightning_anatomy.audit.tilt import PREDICTORS, pair_cluster_activity, tilt_predict
 from lightning_anatomy.audit.tracing import snippet, trace_pairs
 from lightning_anatomy.concepts.span_features import STATS, SpanFeatures
 
@@ -69,6 +70,20 @@ class AuditOptions:
     n_data_clusters: K of the spherical k-means (8 here; the paper picks K per dataset).
     local_min_features / local_min_pairs: the filters |T_m| ≥ 10 and n_k ≥ 25 of the local table.
     cluster_examples: example pairs kept per feature cluster (report).
+    cluster_target_size: None (default) clusters at `leiden_resolution`; "auto" or a number of
+        features per cluster picks each hook's resolution by a rule that never sees the
+        preferences: the resolution (powers of 2 from 1/16 to 1024) whose kept clusters have a
+        mean size nearest the target; "auto" is the paper's ≈ 80 features per cluster at 65,536
+        features scaled by √(d_sae/65,536), about 7 at 512 (`audit.cofiring.choose_resolution`).
+
+    Prediction (either method):
+    predictor: what `predicted_shift` of the cluster table holds. "paper" (default): each
+        cluster's own mean chosen − rejected disparity (Δ). "tilt": a Bradley–Terry reward fitted
+        jointly on all clusters' activities, propagated as the tilt exp(t·w·a) of the dataset's
+        responses (`audit.tilt`); the table also gets `predicted_shift_first_order`,
+        `tilt_weight` and `tilt_sample`, and Δ stays in `delta`.
+    tilt_scale: t of the tilt (1: the fitted reward as is; DPO's exact optimum is 1/β).
+    tilt_folds: K of the K-fold pair cross-validation that picks the L2 strength (5).
     """
 
     method: str = "paired"
@@ -97,6 +112,10 @@ class AuditOptions:
     local_min_features: int = 10
     local_min_pairs: int = 25
     cluster_examples: int = 3
+    cluster_target_size: float | str | None = None
+    predictor: str = "paper"
+    tilt_scale: float = 1.0
+    tilt_folds: int = 5
 
     def resolved(self) -> AuditOptions:
         """These options with `stat` filled in for the method."""
@@ -110,6 +129,14 @@ class AuditOptions:
 
         if self.method not in METHODS:
             raise bad("method", self.method, f"choose one of {', '.join(METHODS)}")
+        if self.predictor not in PREDICTORS:
+            raise bad("predictor", self.predictor, f"choose one of {', '.join(PREDICTORS)}")
+        if not (isinstance(self.tilt_scale, int | float) and not isinstance(self.tilt_scale, bool)
+                and np.isfinite(self.tilt_scale) and self.tilt_scale > 0):
+            raise bad("tilt_scale", self.tilt_scale, "must be a number > 0 (1: the fitted reward as is)")
+        if isinstance(self.tilt_folds, bool) or not isinstance(self.tilt_folds, int | np.integer) or self.tilt_folds < 2:
+            raise bad("tilt_folds", self.tilt_folds, "must be an integer >= 2")
+        check_target_size(self.cluster_target_size)
         if self.stat is not None and self.stat not in STATS:
             raise bad("stat", self.stat, f"choose one of {', '.join(STATS)}")
         if self.method == "paper" and self.stat not in (None, "freq"):
@@ -152,6 +179,13 @@ class AuditOptions:
                     fix = " (or pass n_data_clusters=1 to skip data clusters)" if span == "prompt" else ""
                     raise ValueError(f"span features lack (hook={hook!r}, span={span!r}, stat={stat!r}); "
                                      f"extract that statistic or pick a stat that was extracted{fix}")
+        if self.predictor == "tilt":
+            for hook in features.hooks:
+                for span in ("chosen", "rejected"):
+                    if (hook, span, "freq") not in features.matrices:
+                        raise ValueError(f"predictor='tilt' reads each pair's cluster activity from firing "
+                                         f"frequencies, but the span features lack (hook={hook!r}, span={span!r}, "
+                                         "stat='freq'); extract 'freq' or pass predictor='paper'")
         if self.length_control and not {"chosen", "rejected"} <= set(features.lengths):
             raise ValueError("length_control needs features.lengths['chosen'] and ['rejected']; "
                              "pass length_control=False for features without span lengths")
@@ -278,11 +312,29 @@ def audit_features(
     concepts = _feature_table(features, opts, labels, stat=opts.stat)
     clusters, local, cofiring, assign, data_assign = _cluster_tables(features, concepts, opts)
     _add_cluster_column(concepts, assign)
+    clusters, tilt_meta = _apply_predictor(clusters, features, assign, opts)
     traces = _traces(features, concepts, opts, opts.stat, row_map)
-    meta = _meta(features, opts, concepts)
+    meta = _meta(features, opts, concepts) | tilt_meta
     return AuditResult(concepts=concepts, clusters=clusters, local=local, traces=traces,
                        feature_clusters=assign, data_clusters=data_assign, options=meta, cofiring=cofiring,
                        contexts=list(contexts or []), features=features, rows=row_map, saes=saes)
+
+
+def _apply_predictor(clusters: pd.DataFrame, features: SpanFeatures, assign: pd.DataFrame,
+                     opts: AuditOptions) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """With predictor="tilt": `predicted_shift` (and the direction) from the tilt of the dataset's
+    responses, plus its first order, the reward weights and the sample; else unchanged."""
+    if opts.predictor != "tilt" or clusters.empty:
+        return clusters, {}
+    ids = clusters["cluster"].to_numpy(np.int64)
+    chosen, rejected = pair_cluster_activity(features, assign, ids, tau=opts.tau)
+    pred = tilt_predict(chosen, rejected, scale=opts.tilt_scale, n_folds=opts.tilt_folds, seed=opts.seed)
+    sign = np.sign(pred.full)
+    direction = np.where(sign > 0, "amplify", np.where(sign < 0, "suppress", "none"))
+    out = clusters.assign(predicted_shift=pred.full, predicted_shift_first_order=pred.first_order,
+                          tilt_weight=pred.fit.weights, tilt_sample=pred.sample.astype(str))
+    out["predicted_direction"] = np.where(out["passes"].to_numpy(bool), direction, "none")
+    return out, {"tilt_l2": pred.fit.l2, "tilt_sample": "dataset", "tilt_n_pairs": pred.fit.n_pairs}
 
 
 def _add_cluster_column(concepts: pd.DataFrame, assign: pd.DataFrame) -> None:
@@ -350,7 +402,8 @@ def _paper_clusters(features: SpanFeatures, opts: AuditOptions, token_firing: Ma
                              f"d_sae={features.d_sae[hook]}; collect it with the audit's SAE")
     return cofiring_clusters({h: token_firing[h] for h in features.hooks}, min_tokens=opts.cofire_min_tokens,
                              top_fraction=opts.cofire_top_fraction, min_cluster_size=opts.min_cluster_size,
-                             resolution=opts.leiden_resolution, seed=opts.seed, block_size=opts.cofire_block_size)
+                             resolution=opts.leiden_resolution, seed=opts.seed, block_size=opts.cofire_block_size,
+                             target_size=opts.cluster_target_size)
 
 
 def _paper_audit(
@@ -385,6 +438,7 @@ def _paper_audit(
         table.insert(2, "size", [len(members.loc[k]) for k in cluster])
         table.insert(3, "features", [members.loc[k] for k in cluster])
         clusters = add_decisions(table, alpha=opts.alpha, keys=("hook", "cluster"), rank_by="delta_min")
+        clusters, tilt_meta = _apply_predictor(clusters, act, assign, opts)
 
         disparity = chosen - rejected
         global_delta = np.asarray(disparity.mean(axis=0)).ravel()
@@ -399,7 +453,10 @@ def _paper_audit(
             for side in ("prompt", "chosen", "rejected"):
                 examples[side] = [_snippet(row_map, rid, side, opts.snippet_chars) for rid in examples["row_id"]]
     traces = _traces(act, concepts, opts, "active", row_map)
-    meta = _meta(features, opts, concepts) | {"stat": "active", "source_stat": opts.stat,
+    resolution = assign.attrs.get("resolution")
+    meta = _meta(features, opts, concepts) | ({} if assign.empty else tilt_meta) | (
+        {"leiden_resolution_used": dict(resolution)} if resolution else {}) | {
+        "stat": "active", "source_stat": opts.stat,
                                                "n_feature_clusters": int(assign["cluster"].nunique()),
                                                "n_silent": int((data_assign["data_cluster"] == fc.SILENT).sum())}
     return AuditResult(concepts=concepts, clusters=clusters, local=local, traces=traces,
@@ -530,6 +587,8 @@ def _cofiring_clusters_of(
                      else [int(i) for i in t] for t in items]
     settings = {k: getattr(opts, k) for k in ("cofire_min_tokens", "cofire_top_fraction", "min_cluster_size",
                                               "leiden_resolution", "seed")}
+    if opts.cluster_target_size is not None:  # (absent otherwise: earlier caches keep their keys)
+        settings["cluster_target_size"] = opts.cluster_target_size
     key = combined_digest("cofiring-clusters-v1", model_digest(lens.model),
                           {h: model_digest(sae) for h, sae in lens.saes.items()},
                           pairs_digest(pairs) if sequences is None else combined_digest(sequences, length=64),
@@ -545,7 +604,8 @@ def _cofiring_clusters_of(
                                   max_tokens=max_tokens)
     clusters = cofiring_clusters(firing, min_tokens=opts.cofire_min_tokens, top_fraction=opts.cofire_top_fraction,
                                  min_cluster_size=opts.min_cluster_size, resolution=opts.leiden_resolution,
-                                 seed=opts.seed, block_size=opts.cofire_block_size)
+                                 seed=opts.seed, block_size=opts.cofire_block_size,
+                                 target_size=opts.cluster_target_size)
     if cache is not None:
         atomic_write_file(cache, lambda tmp: clusters.to_parquet(tmp, index=False))
     return clusters

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from tests.helpers.paper_synthetic import HOOK, blocks_of, planted_firing, planted_spans
 
 from lightning_anatomy.audit import AuditResult, audit_dataset, audit_features
 from lightning_anatomy.audit import feature_conditioned as fc
@@ -19,6 +18,7 @@ from lightning_anatomy.audit.cofiring import cofiring_clusters, cofiring_edges
 from lightning_anatomy.audit.report import SCRIPT_TAG, render_report
 from lightning_anatomy.concepts.span_features import SpanFeatures
 from lightning_anatomy.data.rows import PreferenceRow
+from tests.helpers.paper_synthetic import HOOK, blocks_of, planted_firing, planted_spans
 
 EVIL = '<script>alert("x")</script>'
 pytestmark = pytest.mark.filterwarnings("ignore:SAE at .* explains only")
@@ -254,9 +254,8 @@ def test_bad_cluster_inputs_are_named():
 
 
 def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path, monkeypatch):
-    from test_audit_end_to_end import build_lens, planted_rows
-
     from lightning_anatomy.models.tiny import build_tiny_tokenizer
+    from tests.audit.test_audit_end_to_end import build_lens, planted_rows
 
     tokenizer = build_tiny_tokenizer()
     lens = build_lens(vocab_size=260)
@@ -293,9 +292,8 @@ def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path
 def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs():
     """With few traced concepts, the cluster table would name few clusters: the best-ranked
     tested members of the top clusters get labels and contexts too (cluster_label_members)."""
-    from test_audit_end_to_end import build_lens, planted_rows
-
     from lightning_anatomy.models.tiny import build_tiny_tokenizer
+    from tests.audit.test_audit_end_to_end import build_lens, planted_rows
 
     tokenizer, lens, rows = build_tiny_tokenizer(), build_lens(vocab_size=260), planted_rows(48)
     kwargs = dict(method="paper", max_length=64, batch_size=16, n_bootstrap=0, progress=False,
@@ -321,11 +319,10 @@ def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs():
 
 
 def test_token_firing_counts_the_spans_tokens_in_a_measurement_pass():
-    from test_audit_end_to_end import build_lens
-
     from lightning_anatomy.concepts.token_firing import pair_span_firing, sequence_firing
     from lightning_anatomy.data import TokenizedPair
     from lightning_anatomy.model_access import is_measurement_pass
+    from tests.audit.test_audit_end_to_end import build_lens
 
     lens = build_lens(vocab_size=260)
     seen = []

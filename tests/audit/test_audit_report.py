@@ -14,8 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tests.helpers.audit_synthetic import HOOK, make_span_features
-from tests.helpers.paper_synthetic import blocks_of, planted_spans
 
 from lightning_anatomy.audit import (
     AuditResult,
@@ -27,6 +25,8 @@ from lightning_anatomy.audit import (
 )
 from lightning_anatomy.audit.report import SCRIPT, SCRIPT_TAG, anchor, render_report, train_command
 from lightning_anatomy.data.rows import PreferenceRow, read_preferences
+from tests.helpers.audit_synthetic import HOOK, make_span_features
+from tests.helpers.paper_synthetic import blocks_of, planted_spans
 
 MARKERS = (7, 42)
 EVIL = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'

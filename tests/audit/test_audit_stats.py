@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from tests.helpers.audit_synthetic import HOOK, make_span_features, random_sparse
 from scipy import stats
 
 from lightning_anatomy.audit import audit_features, benjamini_hochberg, paired_statistics
@@ -16,6 +15,7 @@ from lightning_anatomy.audit import statistics as audit_stats
 from lightning_anatomy.audit.clustering import cofiring_mutual_information, data_clusters
 from lightning_anatomy.audit.statistics import add_decisions, split_halves
 from lightning_anatomy.concepts.span_features import SpanFeatures
+from tests.helpers.audit_synthetic import HOOK, make_span_features, random_sparse
 
 REQUIRED = ["hook", "feature", "delta", "cohens_d", "z", "ci_low", "ci_high", "q_value", "split_half_agree",
             "delta_min", "predicted_shift", "predicted_direction", "welch_z", "delta_len_ctrl", "z_len_ctrl"]

@@ -12,10 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.helpers.concept_callback_helpers import loader, random_pairs, trainer
 from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.loggers import CSVLogger
-from tests.helpers.paper_synthetic import HOOK, add_block0_bias, coordinate_case
 
 from lightning_anatomy import check_prediction
 from lightning_anatomy.audit.agreement import (
@@ -27,6 +25,8 @@ from lightning_anatomy.audit.agreement import (
 from lightning_anatomy.audit.report import SCRIPT_TAG
 from lightning_anatomy.callbacks.drift import ConceptDriftMonitor
 from lightning_anatomy.module import DPOModule
+from tests.helpers.concept_callback_helpers import loader, random_pairs, trainer
+from tests.helpers.paper_synthetic import HOOK, add_block0_bias, coordinate_case
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAE at .* explains only")
 ROLLOUTS = dict(samples_per_prompt=4, max_new_tokens=32, n_bootstrap=200)
@@ -208,9 +208,9 @@ def test_prediction_benchmark_quick_writes_the_contract(tmp_path):
         if "skipped" in part:  # the shared HH sample is absent
             assert name != "graded_controlled"
             continue
-        assert set(part["methods"]) == {"paper", "paired"}
+        assert set(part["methods"]) == {"paper", "paired", "tilt"}
         for entry in part["methods"].values():
-            assert entry.keys() >= {"r2", "r2_ci", "r2_ols", "sign_agreement", "n_clusters"}
+            assert entry.keys() >= {"r2", "r2_ci", "r2_ols", "sign_agreement", "n_clusters", "prompts"}
             assert len(entry["r2_ci"]) == 2 and isinstance(entry["n_clusters"], int)
             assert entry["r2"] is None or 0 <= entry["r2"] <= 1
     controlled = on_disk["settings"]["graded_controlled"]
