@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The two set-up commands of the README: `make demo` and `make test` (and `make docs`, the docs site).
 # Each creates the virtual environment from scratch when it is absent.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +9,7 @@ export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test lint bench docs-images clean
+.PHONY: venv demo test test-fast lint docs bench docs-images clean
 
 venv: $(STAMP)
 
@@ -25,11 +25,22 @@ $(STAMP): pyproject.toml requirements.lock
 demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/anatomy demo --config configs/demo.yaml
 
+# Everything CI runs: unit tests, multi-process (tests/distributed), benchmark smoke tests, docs blocks.
 test: venv
 	WANDB_MODE=offline $(PY) -m pytest tests
 
+# The inner loop: the unit tests (no `slow` mark, no multi-process, benchmark or docs-block tests).
+test-fast: venv
+	WANDB_MODE=offline $(PY) -m pytest tests -m "not slow" -p no:cacheprovider \
+		--ignore=tests/distributed --ignore=tests/benchmarks --ignore=tests/docs
+
 lint: venv
 	$(VENV)/bin/ruff check lightning_anatomy tests benchmarks
+
+# The docs site (mkdocs.yml, docs/*.md) into site/; --strict turns every warning (a broken link, a
+# missing API object) into an error. docs/benchmarks.md comes from `python benchmarks/readme_tables.py`.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # docs/audit_report.png from a real audit (configs/audit/embedded.yaml), drawn from the report's content
 docs-images: venv
@@ -39,4 +50,4 @@ bench: venv
 	WANDB_MODE=offline $(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) .anatomy_cache wandb lightning_logs
+	rm -rf $(VENV) .anatomy_cache wandb lightning_logs site

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from tests.helpers.bench_loader import BENCH, load_benchmark
 
 

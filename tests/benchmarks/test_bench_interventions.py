@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from tests.helpers.bench_loader import floats_in, load_benchmark
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from tests.helpers.bench_loader import floats_in, load_benchmark, run_quick
 
 HH_RLHF = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-test-a.jsonl"

@@ -8,6 +8,7 @@ import math
 import time
 
 import pytest
+
 from tests.helpers.bench_loader import load_benchmark
 
 common = load_benchmark("_common")

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from tests.helpers.bench_loader import floats_in, load_benchmark
 
 
