@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.special import expit  # the numerically stable σ
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
@@ -67,15 +68,6 @@ def bt_objective(w: np.ndarray, diff: np.ndarray, l2: float) -> float:
     return float(np.mean(np.logaddexp(0.0, -z)) + 0.5 * l2 * float(w @ w))
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    out = np.empty_like(z)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    e = np.exp(z[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
-
-
 def fit_bradley_terry_fixed(diff: np.ndarray, l2: float, *, tol: float = 1e-12, max_iter: int = 100,
                             init: np.ndarray | None = None) -> np.ndarray:
     """The L2-regularised Bradley–Terry weights for one penalty `l2` > 0 (damped Newton, float64).
@@ -91,7 +83,7 @@ def fit_bradley_terry_fixed(diff: np.ndarray, l2: float, *, tol: float = 1e-12, 
     value = bt_objective(w, x, l2)
     for _ in range(max_iter):
         z = x @ w
-        p = _sigmoid(-z)  # 1 − σ(z)
+        p = expit(-z)  # 1 − σ(z)
         grad = -(x.T @ p) / n + l2 * w
         if float(np.max(np.abs(grad), initial=0.0)) < tol:
             break

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+from scipy.special import expit  # the numerically stable σ
 
 REPRESENTATION_METHODS = ("ConceptProjection", "ConceptBlocking", "ConceptSteering")
 _MAX_ITER = 200
@@ -45,22 +46,13 @@ def _as_float64(delta_scores: Mapping[int, float] | Iterable[float]) -> np.ndarr
 
 def _gradient(lam: float, d: np.ndarray) -> float:
     """d/dλ Σ log σ(λ·d) = Σ d·σ(−λ·d), with σ computed stably (float64)."""
-    return float(np.sum(d * _sigmoid(-lam * d)))
+    return float(np.sum(d * expit(-lam * d)))
 
 
 def _curvature(lam: float, d: np.ndarray) -> float:
     """−d²/dλ² of the log-likelihood: Σ d²·σ(λd)·σ(−λd) (positive)."""
-    s = _sigmoid(lam * d)
+    s = expit(lam * d)
     return float(np.sum(d * d * s * (1.0 - s)))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    e = np.exp(x[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
 
 
 def explain_away_lambda(delta_scores: Mapping[int, float] | Iterable[float]) -> float:

@@ -61,12 +61,7 @@ def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = N
         LambdaCallback(on_train_batch_start=lambda tr, pl, batch, i: batches.append(batch["row_ids"].tolist())),
     ]
     if stop_at is not None:
-        def interrupt(trainer: L.Trainer, *_: Any) -> None:
-            if trainer.global_step == stop_at:
-                trainer.should_stop = True
-
-        callbacks.append(LambdaCallback(on_train_batch_end=interrupt))
-        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=stop_at, save_top_k=-1))
+        callbacks += interruption(stop_at, root)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
         logger=logger, callbacks=callbacks, enable_checkpointing=stop_at is not None, enable_progress_bar=False,
@@ -83,3 +78,14 @@ def run(reference: str, max_steps: int, root: Path, *, ckpt_path: str | None = N
 def after(records: list[tuple[int, dict[str, float]]], step: int) -> dict[tuple[int, str], float]:
     """Every logged value at a step after `step`, keyed by (step, metric)."""
     return {(s, k): v for s, metrics in records if s > step for k, v in metrics.items()}
+
+
+def interruption(stop_at: int, root: Path) -> list[L.Callback]:
+    """Stop the run after optimizer step `stop_at`, with a checkpoint of that step in `root/ckpt`."""
+
+    def interrupt(trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == stop_at:
+            trainer.should_stop = True
+
+    return [LambdaCallback(on_train_batch_end=interrupt),
+            ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=stop_at, save_top_k=-1)]

@@ -9,13 +9,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 
 from lightning_anatomy import DPOModule, PreferenceDataModule
 from lightning_anatomy.data.toy import make_toy_preferences
 from lightning_anatomy.models.tiny import build_tiny_model, build_tiny_tokenizer
 from lightning_anatomy.reference_sync import SyncReference, mix_into_reference, validate_sync_options
 from tests.helpers.intervention_helpers import MemoryLogger
+from tests.helpers.resume_helpers import interruption
 
 
 def test_mix_equals_trl_1_16_sync_ref_model_callback():
@@ -64,13 +64,7 @@ def _run(root: Path, max_steps: int, *, ckpt_path: str | None = None, stop_at: i
     logger = MemoryLogger()
     callbacks: list[Any] = []
     if stop_at is not None:
-
-        def interrupt(trainer: L.Trainer, *_: Any) -> None:
-            if trainer.global_step == stop_at:
-                trainer.should_stop = True
-
-        callbacks.append(LambdaCallback(on_train_batch_end=interrupt))
-        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=stop_at, save_top_k=-1))
+        callbacks += interruption(stop_at, root)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=logger, callbacks=callbacks,
         enable_checkpointing=stop_at is not None, enable_progress_bar=False, enable_model_summary=False,
