@@ -35,6 +35,9 @@ the captures are the same. The penalty reaches the loss through
 gradient accumulation (each micro-batch's term is divided like its loss) and DDP/FSDP averaging
 treat it like the loss.
 
+The scores and the penalty (`BlockedHook`, `blocking_penalty`, `predicting_positions`) are in
+`interventions/blocking_penalty.py`; this module is the callback: capture, checks, resume, logging.
+
 Logged (every `trainer.log_every_n_steps` optimizer steps, rank 0, averaged over the step's
 micro-batches and the DDP ranks): `concepts/blocking/<name>` — mean excess e_c over the selected
 tokens (positive: the policy has more of the concept than the reference) — and
@@ -47,7 +50,6 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -56,13 +58,18 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
 from lightning_anatomy.callbacks._hooked import HookedCallback
-from lightning_anatomy.callbacks.concept_refs import ConceptRefSpec, parse_concept
+from lightning_anatomy.callbacks.blocked_concepts import plan_blocked_concepts
+from lightning_anatomy.callbacks.concept_refs import ConceptRefSpec
 from lightning_anatomy.callbacks.logging import log_scalars
-from lightning_anatomy.callbacks.sae_specs import load_saes
 from lightning_anatomy.callbacks.strategies import DATA_PARALLEL, SHARDED, check_strategy
 from lightning_anatomy.concepts.concept_set import ConceptSet
 from lightning_anatomy.concepts.lens import ConceptLens
-from lightning_anatomy.interventions.steering import ACTION_SIGN, SIDES
+from lightning_anatomy.interventions.blocking_penalty import (
+    BlockedHook,
+    blocking_penalty,
+    predicting_positions,
+)
+from lightning_anatomy.interventions.steering import SIDES
 from lightning_anatomy.model_access import (
     HookPoint,
     find_causal_lm,
@@ -79,63 +86,6 @@ if TYPE_CHECKING:
 
 TOKENS = ("completion", "predicting", "all")
 AUX_LOSS_PREFIX = "ConceptBlocking"
-
-
-def blocking_penalty(excess: Tensor, signs: Tensor, one_sided: bool = True) -> Tensor:
-    """mean over tokens and concepts of relu(σ·e)² (one-sided) or e² (two-sided), in fp32.
-
-    `excess`: `[tokens, concepts]` policy − reference scores; `signs`: `[concepts]` (+1 suppress,
-    −1 amplify). An empty token set gives 0 (still in the graph).
-    """
-    signed = excess.float() * signs.to(device=excess.device, dtype=torch.float32)
-    hinge = signed.clamp_min(0.0) if one_sided else signed
-    return hinge.square().sum() / max(hinge.numel(), 1)
-
-
-def predicting_positions(completion_mask: Tensor) -> Tensor:
-    """The positions whose next-token logits score a completion token: `completion_mask` shifted
-    one to the left (position t is in when token t+1 is a completion token), as bool."""
-    mask = completion_mask.bool()
-    out = torch.zeros_like(mask)
-    out[:, :-1] = mask[:, 1:]
-    return out
-
-
-@dataclass
-class _HookPlan:
-    """The blocked concepts at one hook: how to score them and their signs."""
-
-    hook: str
-    names: list[str] = field(default_factory=list)
-    signs: list[float] = field(default_factory=list)
-    features: list[int] = field(default_factory=list)  # SAE concepts
-    vectors: list[Tensor] = field(default_factory=list)  # direction concepts (unit, fp32 CPU)
-    sae: Any = None
-    on_device: dict[Any, Tensor] = field(default_factory=dict)
-
-    @property
-    def width(self) -> int:
-        return int(self.vectors[0].numel()) if self.vectors else -1
-
-    def directions(self, device: torch.device) -> Tensor:
-        key = ("v", device)
-        if key not in self.on_device:
-            self.on_device[key] = torch.stack(self.vectors, dim=1).to(device=device, dtype=torch.float32)
-        return self.on_device[key]
-
-    def feature_index(self, device: torch.device) -> Tensor:
-        key = ("f", device)
-        if key not in self.on_device:
-            self.on_device[key] = torch.tensor(self.features, dtype=torch.long, device=device)
-        return self.on_device[key]
-
-    def scores(self, h: Tensor) -> Tensor:
-        """`[tokens, k]` fp32 scores of the selected tokens' activations `h` `[tokens, d]`."""
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            x = h.float()
-            if self.sae is not None:
-                return self.sae.encode(x).float().index_select(-1, self.feature_index(x.device))
-            return x @ self.directions(x.device)
 
 
 class ConceptBlocking(HookedCallback):
@@ -204,7 +154,7 @@ class ConceptBlocking(HookedCallback):
         self.tokens = tokens
         self.warmup_steps = warmup_steps
         self.allow_untested_strategy = bool(allow_untested_strategy)
-        self.plans: dict[str, _HookPlan] = _plan_concepts(concepts, saes)
+        self.plans: dict[str, BlockedHook] = plan_blocked_concepts(concepts, saes)
         self.names: list[str] = [n for plan in self.plans.values() for n in plan.names]
 
         # State that survives a resume (see state_dict).
@@ -561,72 +511,5 @@ def _reference_mode(pl_module: LightningModule) -> str:
         "forward runs through (the PreferenceModule surface of lightning_anatomy.preference_module, as DPOModule "
         "has)"
     )
-
-def _plan_concepts(concepts: Any, saes: Any) -> dict[str, _HookPlan]:
-    """`{hook: _HookPlan}` from a ConceptSet (directions) or SAE-feature references with `saes`."""
-    if isinstance(concepts, str | os.PathLike):
-        from lightning_anatomy.concepts import ConceptSet
-
-        concepts = ConceptSet.load(concepts)
-    plans: dict[str, _HookPlan] = {}
-    if hasattr(concepts, "select") and hasattr(concepts, "hooks"):
-        if saes is not None:
-            raise ValueError(
-                "ConceptBlocking: saes= goes with SAE-feature concepts {name: (hook, feature)}; a ConceptSet "
-                "carries its own directions (ConceptSet.from_sae_features builds one from decoder rows)"
-            )
-        for concept in concepts:
-            sign = ACTION_SIGN.get(concept.action)
-            if sign is None:
-                continue
-            plan = plans.setdefault(concept.hook, _HookPlan(concept.hook))
-            vector = concept.vector.detach().float().cpu()
-            plan.names.append(concept.name)
-            plan.signs.append(sign)
-            plan.vectors.append(vector / vector.norm())
-        if not plans:
-            raise ValueError(
-                f"ConceptBlocking: concepts has no concept with action 'suppress' or 'amplify' ({len(concepts)} "
-                "concepts, all 'allow'); set actions in concepts.yaml or with ConceptSet.with_actions"
-            )
-        return plans
-
-    if isinstance(concepts, Mapping):
-        entries = list(concepts.items())
-    elif isinstance(concepts, Sequence) and not isinstance(concepts, str | bytes):
-        entries = [(None, ref) for ref in concepts]
-    else:
-        raise ValueError(
-            "ConceptBlocking: concepts must be a ConceptSet (or a saved one's directory), or SAE features "
-            f"{{name: (hook, feature)}} with saes={{hook: sae}}; got {type(concepts).__name__}"
-        )
-    if not entries:
-        raise ValueError("ConceptBlocking: concepts is empty; name at least one (hook, feature)")
-    if saes is None:
-        raise ValueError(
-            "ConceptBlocking: SAE-feature concepts {name: (hook, feature)} need saes={hook: sae} to score them"
-        )
-    loaded, widths = load_saes(saes, "ConceptBlocking")
-    seen: set[str] = set()
-    for i, (name, ref) in enumerate(entries):
-        where = f"concepts[{name!r}]" if name is not None else f"concepts[{i}]"
-        action = "suppress"
-        if isinstance(ref, tuple | list) and len(ref) == 3:
-            ref, action = (ref[0], ref[1]), ref[2]
-        if action not in ACTION_SIGN:
-            raise ValueError(f"{where}: action {action!r} is not one of {tuple(ACTION_SIGN)}")
-        hook, feature = parse_concept(ref, widths, where)
-        name = f"{hook}:{feature}" if name is None else name
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"{where}: concept name {name!r} must be a non-empty string without '/'")
-        if name in seen:
-            raise ValueError(f"{where}: concept name {name!r} appears twice")
-        seen.add(name)
-        plan = plans.setdefault(hook, _HookPlan(hook, sae=loaded[hook]))
-        plan.names.append(name)
-        plan.signs.append(ACTION_SIGN[action])
-        plan.features.append(feature)
-    return plans
-
 
 __all__ = ["ConceptBlocking", "blocking_penalty", "TOKENS"]

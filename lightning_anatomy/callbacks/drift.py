@@ -17,11 +17,13 @@ Given the audit's feature clusters (`clusters=`, e.g. a `method="paper"` audit),
 measures what `check_prediction` measures, live: per greedy rollout each cluster's mean over
 members of 1{firing frequency > τ} (`audit.rollouts`), its change from step 0, and the R² of
 those changes against the clusters' predicted shifts (`concepts/drift_cluster_r2`).
+
+The measurements themselves (probe batches, feature means, rollouts) are in `drift_probe.py`; reading
+the audit's `predicted` / `clusters` in `drift_predictions.py`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -35,12 +37,12 @@ from torch import Tensor
 
 from lightning_anatomy.audit.agreement import r_squared
 from lightning_anatomy.callbacks.concept_refs import (
-    ConceptRef,
     ConceptRefSpec,
-    parse_concept,
     parse_labels,
     parse_track,
 )
+from lightning_anatomy.callbacks.drift_predictions import parse_clusters, parse_predicted
+from lightning_anatomy.callbacks.drift_probe import ProbeBatch, feature_means, probe_batches, rollout_batches
 from lightning_anatomy.callbacks.logging import log_scalars, log_wandb, wandb_table
 from lightning_anatomy.callbacks.options import check_every, renamed_option
 from lightning_anatomy.callbacks.sae_specs import build_pending_saes, check_resumed_widths, load_saes
@@ -63,82 +65,6 @@ if TYPE_CHECKING:
 RESPONSES = ("chosen", "rejected", "both")
 TABLE_COLUMNS = ("rank", "hook", "feature", "label", "baseline", "current", "drift", "predicted")
 
-# A probe mini-batch: token ids, attention mask, and the mask of tokens whose features count.
-ProbeBatch = tuple[Tensor, Tensor, Tensor]
-
-
-def parse_clusters(clusters: object, widths: Mapping[str, int]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """(feature clusters, cluster predictions, audit options) from an AuditResult or its saved directory."""
-    if isinstance(clusters, str | os.PathLike):
-        from lightning_anatomy.audit.result import AuditResult
-
-        clusters = AuditResult.load(clusters)
-    if not (hasattr(clusters, "feature_clusters") and hasattr(clusters, "cluster_predictions")):
-        raise ValueError("clusters must be an AuditResult (or the directory AuditResult.save wrote), e.g. "
-                         f"audit_dataset(..., method='paper'); got {type(clusters).__name__}")
-    assign, predictions = clusters.feature_clusters, clusters.cluster_predictions
-    if len(predictions) == 0:
-        raise ValueError("clusters: the audit has no feature clusters with a prediction; nothing to measure")
-    unknown = sorted(set(assign["hook"]) - set(widths))
-    if unknown:
-        raise ValueError(f"clusters: the audit's feature clusters use hook(s) {unknown} that the monitor has no SAE "
-                         f"for (it has {sorted(widths)}); pass the audit's SAEs")
-    for hook, part in assign.groupby("hook"):
-        if int(part["feature"].max()) >= widths[hook] or int(part["feature"].min()) < 0:
-            raise ValueError(f"clusters: a feature of hook {hook!r} is out of range for d_sae={widths[hook]}; "
-                             "pass the SAE the audit ran with")
-    predictions = predictions[np.isfinite(predictions["predicted_shift"].to_numpy(np.float64))].reset_index(drop=True)
-    return assign, predictions, dict(getattr(clusters, "options", {}) or {})
-
-
-def parse_predicted(predicted: Any, widths: Mapping[str, int]) -> tuple[dict[ConceptRef, float], dict[ConceptRef, str]]:
-    """`{(hook, feature): predicted shift}` (and any labels) from a dict or an audit DataFrame.
-
-    A DataFrame needs `feature` and `predicted_shift` columns; `hook` may be left out with a
-    single hook; a `label` column is picked up for the tables.
-    """
-    if predicted is None:
-        return {}, {}
-    if isinstance(predicted, Mapping):
-        out = {}
-        for key, value in predicted.items():
-            ref = parse_concept(key, widths, f"predicted[{key!r}]")
-            out[ref] = _finite(value, f"predicted[{key!r}]")
-        return out, {}
-    columns = getattr(predicted, "columns", None)
-    if columns is None:
-        raise ValueError(
-            f"predicted must be a dict {{(hook, feature): shift}} or a pandas DataFrame, got {type(predicted).__name__}"
-        )
-    missing = [c for c in ("feature", "predicted_shift") if c not in columns]
-    if missing:
-        raise ValueError(
-            f"predicted DataFrame lacks column(s) {missing}; pass the audit table (hook, feature, predicted_shift)"
-        )
-    hooks = predicted["hook"].tolist() if "hook" in columns else [None] * len(predicted)
-    labels_col = predicted["label"].tolist() if "label" in columns else [None] * len(predicted)
-    out, labels = {}, {}
-    for i, (hook, feat, shift, label) in enumerate(
-        zip(hooks, predicted["feature"].tolist(), predicted["predicted_shift"].tolist(), labels_col)
-    ):
-        where = f"predicted row {i}"
-        ref = parse_concept(int(feat) if hook is None else (str(hook), int(feat)), widths, where)
-        if ref in out:
-            raise ValueError(f"{where}: concept {ref} appears twice; keep one row per (hook, feature)")
-        out[ref] = _finite(shift, where)
-        if isinstance(label, str) and label:
-            labels[ref] = label
-    return out, labels
-
-
-def _finite(value: Any, where: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: predicted shift {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{where}: predicted shift is {number}; drop rows without a prediction")
-    return number
 
 
 class ConceptDriftMonitor(Callback):
@@ -386,17 +312,7 @@ class ConceptDriftMonitor(Callback):
         else:
             collated = [self.probe]
             self._prompts = None
-        self._batches = []
-        for batch in collated:
-            missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in batch]
-            if missing or batch["input_ids"].shape[0] % 2:
-                raise ValueError(f"probe batch lacks {missing or 'an even number of rows'}: use collate_pairs output")
-            n = batch["input_ids"].shape[0] // 2
-            rows = {"chosen": slice(0, n), "rejected": slice(n, 2 * n), "both": slice(0, 2 * n)}[self.responses]
-            ids, attn, mask = (batch[k][rows].cpu() for k in ("input_ids", "attention_mask", "completion_mask"))
-            for i in range(0, ids.shape[0], self.batch_size):
-                self._batches.append((ids[i:i + self.batch_size], attn[i:i + self.batch_size],
-                                      mask[i:i + self.batch_size].bool()))
+        self._batches = probe_batches(collated, self.responses, self.batch_size)
         if self._prompts is None and self.rollouts:
             batch = self.probe
             if "prompt_mask" not in batch:
@@ -410,58 +326,14 @@ class ConceptDriftMonitor(Callback):
     # ------------------------------------------------------------------ measuring
     def _feature_means(self, batches: list[ProbeBatch], clusters: bool = False
                        ) -> tuple[dict[str, Tensor], np.ndarray | None]:
-        """Mean SAE activation per feature over the masked tokens of all `batches` (float64, CPU) and,
-        with `clusters`, the mean cluster value per sequence (`audit.rollouts.ClusterReader`)."""
-        from lightning_anatomy.audit.rollouts import csr_of
-        from lightning_anatomy.concepts.lens import span_stats
-
-        sums = {h: torch.zeros(w, dtype=torch.float64) for h, w in self.widths.items()}
-        count = 0
+        """Mean SAE activation per feature over `batches` and, with `clusters`, the cluster measure
+        (`drift_probe.feature_means`)."""
         reader = self.cluster_reader if clusters else None
-        cluster_sum, rows = None, 0
-        for ids, attn, mask in batches:
-            feats = self._lens.encode(ids, attn)
-            for hook, f in feats.items():
-                sums[hook] += f[mask.to(f.device)].double().sum(0).cpu()
-            count += int(mask.sum())
-            if reader is not None:
-                freqs = {h: csr_of(span_stats(f, mask, self.cluster_threshold)["freq"]) for h, f in feats.items()}
-                values = reader.values(freqs).sum(axis=0)
-                cluster_sum = values if cluster_sum is None else cluster_sum + values
-                rows += ids.shape[0]
-        means = {h: s / max(count, 1) for h, s in sums.items()}
-        return means, None if cluster_sum is None else cluster_sum / max(rows, 1)
+        return feature_means(self._lens, batches, self.widths, reader, self.cluster_threshold)
 
     def _rollout_batches(self) -> list[ProbeBatch]:
         """Greedy continuations of the rollout prompts, as teacher-forcing batches over the new tokens."""
-        model = self._lens.model
-        device = next(model.parameters()).device
-        config = getattr(model, "config", None)
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = getattr(config, "eos_token_id", None) if eos is None else eos
-        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        pad = next(iter(eos_ids), 0) if getattr(config, "pad_token_id", None) is None else config.pad_token_id
-        seqs: list[tuple[list[int], int]] = []
-        for prompt in self._prompts or []:
-            ids = torch.tensor([prompt], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=self.rollout_max_new_tokens, pad_token_id=pad)
-            new = out[0, len(prompt):].tolist()
-            cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
-            seqs.append((list(prompt) + new[:cut], len(prompt)))
-        batches = []
-        for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i:i + self.batch_size]
-            width = max(len(s) for s, _ in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attn = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for row, (seq, start) in enumerate(chunk):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                attn[row, :len(seq)] = 1
-                mask[row, start:len(seq)] = True
-            batches.append((ids, attn, mask))
-        return batches
+        return rollout_batches(self._lens.model, self._prompts or [], self.rollout_max_new_tokens, self.batch_size)
 
     def _evaluate(self, trainer: Trainer, step: int, first: bool = False) -> None:
         if not trainer.is_global_zero and not measures_on_every_rank(trainer):

@@ -11,7 +11,7 @@ edit sits on the activation path and is linear in the gradient, AMP loss scaling
 accumulation, DDP averaging and activation checkpointing need no special handling; the bases
 (and the means) are broadcast from rank 0 so every rank edits identically. Under FSDP the means'
 forwards run on every rank (each is a collective), each rank measuring its share of the pairs;
-sums and counts are all-reduced.
+sums and counts are all-reduced (the measurement: `interventions/mean_ablation.py`).
 
 Logged (every `trainer.log_every_n_steps` optimizer steps, rank 0):
 `concepts/projection/<hook>/grad_fraction` — the share of the squared gradient norm arriving at
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,24 +43,21 @@ from lightning_anatomy.callbacks.strategies import (
 )
 from lightning_anatomy.concepts.concept_set import ConceptSet
 from lightning_anatomy.interventions.activation_edits import (
-    component_along,
     mean_ablate,
     orthonormal_union,
     project_out,
     register_activation_edit,
 )
+from lightning_anatomy.interventions.basis import same_subspace
+from lightning_anatomy.interventions.mean_ablation import reference_means
 from lightning_anatomy.interventions.projection import GradientAmplification, GradientProjection
 from lightning_anatomy.model_access import (
     HookPoint,
     find_blocks,
     find_causal_lm,
     hidden_size_at,
-    hook_input,
-    hook_output,
-    measurement_pass,
     resolve_hook,
 )
-from lightning_anatomy.sharding import rank_batches
 
 MODES = ("gradient", "ablate", "both")
 LAYER_MODES = ("own", "all_later")
@@ -68,9 +65,6 @@ ACTIONS = ("suppress", "amplify")
 ABLATIONS = ("zero", "mean")
 DEFAULT_MEAN_PAIRS = 64
 DEFAULT_STRENGTH = 2.0
-# Two bases describe the same subspace when their projectors differ by less than this (spectral
-# norm): far above float noise between machines, far below any real change of a concept.
-SUBSPACE_TOL = 1e-4
 
 
 @dataclass
@@ -227,7 +221,7 @@ class ConceptProjection(HookedCallback):
         """Refuse to resume a run that projected a different concept set (or with other settings)."""
         saved = {tuple(k.split("|", 1)): q for k, q in state_dict.get("bases", {}).items()}
         mine = self.sources
-        differs = set(saved) != set(mine) or any(not _same_subspace(saved[key], mine[key]) for key in mine)
+        differs = set(saved) != set(mine) or any(not same_subspace(saved[key], mine[key]) for key in mine)
         if differs:
             raise ValueError(
                 f"ConceptProjection: the checkpoint was trained with a different concept set (fingerprint "
@@ -444,97 +438,10 @@ class ConceptProjection(HookedCallback):
         return edit
 
 
-@torch.no_grad()
-def reference_means(model: torch.nn.Module, targets: dict[str, _Target], pairs: list, *, pad_token_id: int = 0,
-                    batch_size: int = 8, rank: int = 0, world: int = 1,
-                    all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """Mean of Qᵀh over the completion tokens (chosen and rejected) of `pairs`, per target, fp32.
-
-    Runs in eval mode inside `measurement_pass()`, so no callback's training-time edit acts on the
-    measured activations; the model's train/eval mode is restored afterwards. With `world` > 1
-    (sharded weights) this rank runs its share of the batches (`rank_batches`: every rank joins
-    the same number of forwards) and `all_reduce` (a sum over ranks) joins the fp64 sums and
-    counts, so every rank returns the same means.
-    """
-    from lightning_anatomy.data import collate_pairs
-
-    sums = {name: torch.zeros(t.suppress.shape[1], dtype=torch.float64) for name, t in targets.items()}
-    counts = dict.fromkeys(targets, 0)
-    state: dict[str, Tensor] = {}
-    handles = []
-    for name, target in targets.items():
-        def keep(hidden: Tensor, name: str = name) -> None:
-            state[name] = hidden
-
-        if target.point.kind == "input":
-            handles.append(target.point.module.register_forward_pre_hook(
-                lambda _m, args, kwargs, keep=keep: keep(hook_input(args, kwargs)[0]), with_kwargs=True))
-        else:
-            handles.append(target.point.module.register_forward_hook(
-                lambda _m, _args, out, keep=keep: keep(hook_output(out)[0])))
-    device = next(model.parameters()).device
-    starts = list(range(0, len(pairs), batch_size))
-    mine = rank_batches(len(starts), rank, world) if world > 1 else list(range(len(starts)))
-    was_training = model.training
-    model.eval()
-    try:
-        with measurement_pass():
-            for index in mine:
-                start = starts[0 if index is None else index]  # None: a dummy forward, dropped
-                batch = collate_pairs(pairs[start:start + batch_size], pad_token_id)
-                mask = batch["completion_mask"].bool().to(device)
-                state.clear()
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False)
-                if index is None:
-                    continue
-                for name, target in targets.items():
-                    coords = component_along(state[name][mask], target.suppress)
-                    sums[name] += coords.double().sum(0).cpu()
-                    counts[name] += int(coords.shape[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if world > 1:
-        if all_reduce is None:
-            raise ValueError(f"reference_means over {world} ranks needs all_reduce (a sum over the ranks)")
-        sums, counts = _summed_over_ranks(sums, counts, all_reduce, device)
-    if not all(counts.values()):
-        raise ValueError("ConceptProjection: the mean-ablation pairs have no completion tokens to measure the mean on")
-    return {name: (sums[name] / counts[name]).float() for name in targets}
-
-
 def _restores_after_fit_start(trainer: Trainer) -> bool:
     """ModelParallelStrategy and FSDPStrategy load a checkpoint (module and callback states) after
     the on_fit_start hooks; the other strategies before."""
     return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
-
-
-def _summed_over_ranks(sums: dict[str, Tensor], counts: dict[str, int], all_reduce: Callable[[Tensor], Tensor],
-                       device: torch.device) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Every rank's sums and counts added up, in one collective (fp64 on the model's device, which
-    the process group's backend serves)."""
-    names = list(sums)
-    flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(counts[n]) for n in names], dtype=torch.float64)])
-    flat = all_reduce(flat.to(device)).double().cpu()
-    out, offset = {}, 0
-    for name in names:
-        size = sums[name].numel()
-        out[name], offset = flat[offset:offset + size], offset + size
-    return out, {name: int(flat[offset + i]) for i, name in enumerate(names)}
-
-
-def _same_subspace(a: Tensor, b: Tensor) -> bool:
-    """Whether two orthonormal bases span the same subspace: ‖P_a − P_b‖₂ = sin(largest principal
-    angle) = sqrt(1 − σ_min(aᵀb)²) below `SUBSPACE_TOL` (only k×k work, never d×d)."""
-    if a.shape != b.shape:
-        return False
-    # re-orthonormalised in float64 first: an fp32 basis is orthonormal only to ~1e-7, which the
-    # square root would inflate to ~3e-4
-    a64, b64 = torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]
-    sigma = torch.linalg.svdvals(a64.T @ b64)
-    return float(torch.sqrt(torch.clamp(1 - sigma.min() ** 2, min=0))) <= SUBSPACE_TOL
 
 
 def _grad_counter(target: _Target, q: Tensor):

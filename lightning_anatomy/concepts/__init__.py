@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "span_stats": "lightning_anatomy.concepts.lens",
     "capture_activations": "lightning_anatomy.concepts.lens",
     "ConceptSet": "lightning_anatomy.concepts.concept_set",
-    "Concept": "lightning_anatomy.concepts.concept_set",
+    "Concept": "lightning_anatomy.concepts.concept",
     "ConceptSetError": "lightning_anatomy.concepts.concept_set",
     "HookPoint": "lightning_anatomy.model_access",
     "resolve_hook": "lightning_anatomy.model_access",
@@ -81,7 +81,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning_anatomy.concepts.concept_set import Concept, ConceptSet, ConceptSetError
+    from lightning_anatomy.concepts.concept import Concept
+    from lightning_anatomy.concepts.concept_set import ConceptSet, ConceptSetError
     from lightning_anatomy.concepts.labels import (
         Context,
         HeuristicLabeller,

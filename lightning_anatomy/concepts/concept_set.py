@@ -4,6 +4,10 @@ A `ConceptSet` is the hand-off between the audit (which finds concepts) and trai
 projects gradients away from, ablates or steers along them). It is saved as a human-editable
 `concepts.yaml` (names, hooks, labels, actions, provenance) beside `vectors.safetensors`, so a
 user can review the audit and flip actions in a text editor before training.
+
+This module holds the container and its constructors; the element `Concept` lives in
+`concepts.concept`, the file format (`save` / `load`) in `concepts.concept_file`, the activation
+math of the `from_*` constructors in `concepts.directions`.
 """
 
 from __future__ import annotations
@@ -11,87 +15,26 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_anatomy.concepts.concept import ACTIONS, Concept, check_action
+from lightning_anatomy.concepts.concept_file import (
+    FORMAT,
+    VECTORS_NAME,
+    VERSION,
+    YAML_NAME,
+    load_concepts,
+    save_concepts,
+)
 from lightning_anatomy.concepts.errors import ConceptSetError
-from lightning_anatomy.files import atomic_write_file, atomic_write_text
 
-__all__ = ["ACTIONS", "Concept", "ConceptSet", "ConceptSetError"]
-
-ACTIONS = ("suppress", "amplify", "allow")
-FORMAT = "lightning-anatomy/concept-set"
-VERSION = 1
-YAML_NAME = "concepts.yaml"
-VECTORS_NAME = "vectors.safetensors"
-_FIELDS = ("name", "hook", "label", "action", "dim", "source")
-
-_YAML_HEADER = """\
-# lightning-anatomy concept set. Edit `action` per concept: suppress | amplify | allow.
-# Vectors live in vectors.safetensors under each concept's name; keep names in sync.
-"""
-
-
-
-
-def _check_action(action: str, where: str) -> str:
-    if action not in ACTIONS:
-        raise ConceptSetError(f"{where}: action {action!r} is not one of {', '.join(ACTIONS)}")
-    return action
-
-
-def _plain(value: Any) -> Any:
-    """Provenance as plain YAML types (tensors and numpy scalars become lists and numbers)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _plain(value.tolist())
-    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar
-        return value.item()
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-@dataclass
-class Concept:
-    """One named direction at one hook. `vector` is stored fp32 on CPU, shape [d]."""
-
-    name: str
-    hook: str
-    vector: torch.Tensor
-    label: str = ""
-    action: str = "suppress"
-    source: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConceptSetError(f"concept name must be a non-empty string, got {self.name!r}")
-        where = f"concept {self.name!r}"
-        if not isinstance(self.hook, str) or not self.hook:
-            raise ConceptSetError(f"{where}: field 'hook' must be a hook name, got {self.hook!r}")
-        vec = torch.as_tensor(self.vector).detach()
-        if vec.dim() != 1 or vec.numel() == 0:
-            raise ConceptSetError(f"{where}: vector must be 1-D [d], got shape {tuple(vec.shape)}")
-        vec = vec.to(device="cpu", dtype=torch.float32).clone().contiguous()
-        if not torch.isfinite(vec).all():
-            raise ConceptSetError(f"{where}: vector has non-finite values (NaN or inf)")
-        if not vec.abs().sum() > 0:
-            raise ConceptSetError(f"{where}: vector is all zeros, which names no direction")
-        self.vector = vec
-        self.label = "" if self.label is None else str(self.label)
-        _check_action(self.action, where)
-        self.source = _plain(dict(self.source or {}))
-
-    @property
-    def dim(self) -> int:
-        return int(self.vector.numel())
+# FORMAT, VERSION, YAML_NAME, VECTORS_NAME: the file format's names, re-exported from `concept_file`
+__all__ = ["ACTIONS", "FORMAT", "VECTORS_NAME", "VERSION", "YAML_NAME", "Concept", "ConceptSet", "ConceptSetError",
+           "check_concept_dir"]
 
 
 class ConceptSet:
@@ -159,7 +102,7 @@ class ConceptSet:
         if unknown:
             raise KeyError(f"with_actions: no concepts named {unknown}; the set has {self.names}")
         for name, action in actions.items():
-            _check_action(action, f"concept {name!r}")
+            check_action(action, f"concept {name!r}")
         return ConceptSet(
             dataclasses.replace(c, action=actions.get(c.name, c.action), source=dict(c.source)) for c in self
         )
@@ -167,7 +110,7 @@ class ConceptSet:
     def select(self, *, action: str | None = None, hook: str | None = None) -> ConceptSet:
         """The concepts with this action and/or at this hook (None: any)."""
         if action is not None:
-            _check_action(action, "select")
+            check_action(action, "select")
         return ConceptSet(
             c for c in self if (action is None or c.action == action) and (hook is None or c.hook == hook)
         )
@@ -406,61 +349,14 @@ class ConceptSet:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `path/concepts.yaml` and `path/vectors.safetensors` (each atomically)."""
-        import yaml
-        from safetensors.torch import save_file
-
-        if not len(self):
-            raise ConceptSetError("refusing to save an empty concept set")
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "format": FORMAT,
-            "version": VERSION,
-            "concepts": [
-                {"name": c.name, "hook": c.hook, "label": c.label, "action": c.action, "dim": c.dim, "source": c.source}
-                for c in self
-            ],
-        }
-        vectors = {c.name: c.vector for c in self}
-        atomic_write_file(out / VECTORS_NAME, lambda tmp: save_file(vectors, str(tmp), metadata={"format": FORMAT}))
-        text = _YAML_HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
-        atomic_write_text(out / YAML_NAME, text)
-        return out
+        """Write `path/concepts.yaml` and `path/vectors.safetensors` (each atomically; the format is
+        in `concepts.concept_file`)."""
+        return save_concepts(self._concepts, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> ConceptSet:
         """Read a saved set, validating every field; with `model`, also check widths per hook."""
-        import yaml
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        root = Path(path)
-        yaml_path, vec_path = root / YAML_NAME, root / VECTORS_NAME
-        if not yaml_path.is_file():
-            raise ConceptSetError(f"{yaml_path} not found; a concept set directory holds {YAML_NAME} and {VECTORS_NAME}")
-        try:
-            doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err)
-            raise ConceptSetError(f"{yaml_path}: not valid YAML{where} ({problem}); fix the syntax") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("concepts"), list):
-            raise ConceptSetError(f"{yaml_path}: expected a mapping with a 'concepts' list at the top level")
-        version = doc.get("version", VERSION)
-        if not isinstance(version, int) or version > VERSION:
-            raise ConceptSetError(f"{yaml_path}: field 'version' is {version!r}; this release reads version {VERSION}")
-        if not vec_path.is_file():
-            raise ConceptSetError(f"{vec_path} not found; it holds the vectors of {yaml_path}")
-        try:
-            tensors = load_file(str(vec_path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ConceptSetError(f"{vec_path}: cannot read ({err}); re-save the concept set") from None
-        concepts = []
-        for i, item in enumerate(doc["concepts"]):
-            concepts.append(_concept_from_yaml(item, i, tensors, yaml_path))
-        result = cls(concepts)
+        result = cls(load_concepts(path))
         if model is not None:
             result.validate_against(model)
         return result
@@ -494,45 +390,6 @@ def _labels(labels: Sequence[str] | Mapping[int, str] | None, keys: list[int]) -
     if len(labels) != len(keys):
         raise ConceptSetError(f"{len(labels)} labels for {len(keys)} concepts")
     return [str(x) for x in labels]
-
-
-def _concept_from_yaml(item: Any, i: int, tensors: dict[str, torch.Tensor], yaml_path: Path) -> Concept:
-    where = f"{yaml_path}: concepts[{i}]"
-    if not isinstance(item, dict):
-        raise ConceptSetError(f"{where}: expected a mapping with {', '.join(_FIELDS)}")
-    name = item.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConceptSetError(f"{where}: field 'name' must be a non-empty string, got {name!r}")
-    where = f"{yaml_path}: concept {name!r}"
-    unknown = sorted(set(item) - set(_FIELDS))
-    if unknown:
-        raise ConceptSetError(f"{where}: unknown field(s) {unknown}; allowed fields are {', '.join(_FIELDS)}")
-    hook = item.get("hook")
-    if not isinstance(hook, str) or not hook:
-        raise ConceptSetError(f"{where}: field 'hook' must be a hook name, got {hook!r}")
-    action = item.get("action", "suppress")
-    if action not in ACTIONS:
-        raise ConceptSetError(f"{where}: field 'action' is {action!r}; use one of {', '.join(ACTIONS)}")
-    label = item.get("label") or ""
-    if not isinstance(label, str | int | float):
-        raise ConceptSetError(f"{where}: field 'label' must be text, got {type(label).__name__}")
-    source = item.get("source") or {}
-    if not isinstance(source, dict):
-        raise ConceptSetError(f"{where}: field 'source' must be a mapping, got {type(source).__name__}")
-    if name not in tensors:
-        raise ConceptSetError(f"{where}: no vector named {name!r} in {VECTORS_NAME}; rename it back or re-save")
-    vec = tensors[name]
-    if vec.dim() != 1:
-        raise ConceptSetError(f"{where}: vector must be 1-D, got shape {tuple(vec.shape)}")
-    dim = item.get("dim")
-    if dim is not None and (not isinstance(dim, int) or dim != vec.numel()):
-        raise ConceptSetError(f"{where}: field 'dim' is {dim!r} but the stored vector has {vec.numel()} values")
-    if not torch.isfinite(vec).all():
-        raise ConceptSetError(f"{where}: vector has non-finite values (NaN or inf); re-create this concept")
-    try:
-        return Concept(name, hook, vec, str(label), action, source)
-    except ConceptSetError as err:
-        raise ConceptSetError(f"{yaml_path}: {err}") from None
 
 
 def check_concept_dir(path: str | os.PathLike, where: str = "concepts") -> None:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 from lightning_anatomy._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "PreferenceDataError": "lightning_anatomy.data.rows",
-    "PreferenceRow": "lightning_anatomy.data.rows",
-    "PreferenceRows": "lightning_anatomy.data.rows",
+    "PreferenceDataError": "lightning_anatomy.data.bad_rows",
+    "PreferenceRow": "lightning_anatomy.data.preference_row",
+    "PreferenceRows": "lightning_anatomy.data.preference_row",
     "read_preferences": "lightning_anatomy.data.rows",
     "TokenizedPair": "lightning_anatomy.data.tokenize",
     "collate_pairs": "lightning_anatomy.data.tokenize",
@@ -35,11 +35,8 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lightning_anatomy.data.bad_rows import PreferenceDataError
     from lightning_anatomy.data.datamodule import PreferenceDataModule
-    from lightning_anatomy.data.rows import (
-        PreferenceDataError,
-        PreferenceRow,
-        PreferenceRows,
-        read_preferences,
-    )
+    from lightning_anatomy.data.preference_row import PreferenceRow, PreferenceRows
+    from lightning_anatomy.data.rows import read_preferences
     from lightning_anatomy.data.tokenize import TokenizedPair, collate_pairs, tokenize_rows

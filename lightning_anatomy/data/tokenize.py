@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_anatomy.data.rows import BadRow, PreferenceRow, check_on_bad_rows, handle_bad_rows
+from lightning_anatomy.data.bad_rows import check_on_bad_rows, handle_bad_rows
+from lightning_anatomy.data.preference_row import BadRow, PreferenceRow
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Products with a concept basis `Q` (`[d, k]`, orthonormal columns), in fp32.
+"""Products with a concept basis `Q` (`[d, k]`, orthonormal columns), in fp32, and whether two
+bases span the same subspace (`same_subspace`: `ConceptProjection`'s resume check).
 
 Shared by the gradient Functions (`projection.py`) and the activation edits
 (`activation_edits.py`): both need the same shape check and the same fp32 in-span component,
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# Two bases describe the same subspace when their projectors differ by less than this (spectral
+# norm): far above float noise between machines, far below any real change of a concept.
+SUBSPACE_TOL = 1e-4
 
 
 def check_basis(x: Tensor, Q: Tensor, what: str) -> None:
@@ -33,4 +38,16 @@ def in_span(g32: Tensor, Q: Tensor) -> Tensor:
         return (g32 @ Q32) @ Q32.T
 
 
-__all__ = ["check_basis", "in_span"]
+def same_subspace(a: Tensor, b: Tensor) -> bool:
+    """Whether two orthonormal bases span the same subspace: ‖P_a − P_b‖₂ = sin(largest principal
+    angle) = sqrt(1 − σ_min(aᵀb)²) below `SUBSPACE_TOL` (only k×k work, never d×d)."""
+    if a.shape != b.shape:
+        return False
+    # re-orthonormalised in float64 first: an fp32 basis is orthonormal only to ~1e-7, which the
+    # square root would inflate to ~3e-4
+    a64, b64 = torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]
+    sigma = torch.linalg.svdvals(a64.T @ b64)
+    return float(torch.sqrt(torch.clamp(1 - sigma.min() ** 2, min=0))) <= SUBSPACE_TOL
+
+
+__all__ = ["SUBSPACE_TOL", "check_basis", "in_span", "same_subspace"]

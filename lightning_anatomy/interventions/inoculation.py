@@ -14,7 +14,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from lightning_anatomy.data.rows import ASSISTANT_MARKERS, PreferenceRow, PreferenceRows
+from lightning_anatomy.data.layouts import ASSISTANT_MARKERS
+from lightning_anatomy.data.preference_row import PreferenceRow, PreferenceRows
 
 INOCULATION_SIDES = ("chosen", "both")
 # End-of-turn tokens that close a user turn before the assistant marker (ChatML, Gemma, Llama 3).
