@@ -109,6 +109,16 @@ def _convert(gguf: Path, target: Path, stamp: dict) -> tuple[LlamaForCausalLM, P
     return fresh, tokenizer
 
 
+def is_converted(cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether `load_embedded` will read a converted cache (seconds) rather than convert the GGUF
+    first (once, about a minute); a job says so before it waits. False when the package is missing."""
+    try:
+        gguf = gguf_path()
+    except EmbeddedModelError:
+        return False
+    return _cache_is_valid(Path(cache_dir) if cache_dir is not None else default_cache_dir(), _source_stamp(gguf))
+
+
 def load_embedded(
     dtype: torch.dtype = torch.float32, *, cache_dir: str | os.PathLike | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
