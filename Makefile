@@ -42,7 +42,8 @@ lint: venv
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-# docs/audit_report.png from a real audit (configs/audit/embedded.yaml), drawn from the report's content
+# docs/audit_report.png: a real audit (configs/audit/embedded.yaml) and a screenshot of its report by
+# Debian's headless chromium (apt-get install chromium)
 docs-images: venv
 	$(PY) scripts/docs_images.py
 

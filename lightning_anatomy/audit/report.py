@@ -16,6 +16,7 @@ back to its row, `row-<section id>`.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from lightning_anatomy.audit.report_html import (  # noqa: F401  (SCRIPT, SCRIPT
     anchor,
     badge_td,
     ci_td,
+    details_html,
     direction_td,
     esc,
     fmt,
@@ -59,7 +61,9 @@ CONCEPT_COLUMNS = ("rank", "hook", "feature", "label", "cluster", "delta", "cohe
                    "ci_high", "q_value", "delta_min", "delta_len_ctrl", "z_len_ctrl", "predicted_direction")
 
 MAX_CLUSTER_HEATMAPS = 30  # per-cluster co-firing heatmaps drawn (best-ranked multi-member clusters)
-GRID_COLUMNS = 40  # feature clusters per data-cluster grid heatmap (more make several heatmaps)
+MAX_HEATMAP_SIDE = 30  # rows/columns of any heatmap (its best-ranked members / strongest clusters)
+GRID_COLUMNS = 30  # feature clusters in the data-cluster grid heatmap (the strongest |value| ones)
+SUMMARY_CONCEPTS = 4  # concepts per direction in "What DPO will learn from this data"
 
 
 def train_command(concept_set_dir: str, *, policy: str | None = None, source: str | None = None) -> str:
@@ -99,19 +103,20 @@ class ReportIndex:
         self.cluster_keys = set(self.members)
 
     def label(self, hook: str, feature: int) -> tuple[str, bool]:
-        """(plain-text label, whether it is a real one): the audit's label, else the token the
-        feature fires on hardest in its stored contexts, else "feature <id>" (unlabelled)."""
+        """(plain-text label, whether it is a real one): the audit's label, else the (up to three)
+        tokens the feature fires on hardest in its stored contexts, else "feature <id>" (unlabelled)."""
         real = self.labels.get((hook, feature))
         if real:
             return real, True
-        ctx = self.contexts.get((hook, feature))
-        if ctx and _text(ctx[0].get("token")):
-            return f"fires on {ctx[0]['token']!r}", False
+        tokens = list(dict.fromkeys(_text(c.get("token")) for c in self.contexts.get((hook, feature), [])
+                                    if _text(c.get("token"))))[:3]
+        if tokens:
+            return "fires on " + ", ".join(f"“{t}”" for t in tokens), False
         return f"feature {feature}", False
 
     def label_html(self, hook: str, feature: int) -> str:
         text, real = self.label(hook, feature)
-        if real:
+        if real or text != f"feature {feature}":
             return esc(text)
         why = ("no label in this audit: only the top audit.top_k_trace concepts (and the best "
                "audit.cluster_label_members members of the top clusters) are labelled (concepts.labels), "
@@ -222,11 +227,16 @@ def build_index(result: AuditResult, max_concepts: int = 100) -> ReportIndex:
     """Everything the tables and sections look up, computed once per page."""
     listed = result.concepts.head(max_concepts)
     clusters = _all_clusters(result)
+    members = _members(result, clusters)
+    if len(clusters):  # a cluster of one member (the paired method's leftovers) is no structure to show
+        keep = [len(members.get((str(h), int(c)), [])) > 1 for h, c in clusters[["hook", "cluster"]].itertuples(index=False)]
+        clusters = clusters[np.asarray(keep, dtype=bool)].reset_index(drop=True)
+        members = {k: v for k, v in members.items() if len(v) > 1}
     local = result.local
     by_cluster = {(str(h), int(c)): part for (h, c), part in _groups(local, ["hook", "cluster"])}
     return ReportIndex(result=result, listed=listed, labels=_real_labels(result.concepts),
                        contexts=_contexts_by_concept(result.contexts), pairs=_pairs_by_concept(result, listed),
-                       clusters=clusters, members=_members(result, clusters), local=by_cluster,
+                       clusters=clusters, members=members, local=by_cluster,
                        cofire_pos=_cofire_positions(result))
 
 
@@ -267,7 +277,8 @@ def concepts_table(index: ReportIndex) -> str:
     for _, r in index.listed.iterrows():
         hook, f = str(r["hook"]), int(r["feature"])
         cid = int(r["cluster"]) if "cluster" in r and pd.notna(r["cluster"]) else -1
-        cluster = index.cluster_link(hook, cid) if cid >= 0 else '<span class="unl">–</span>'
+        cluster = (index.cluster_link(hook, cid) if (hook, cid) in index.cluster_keys
+                   else '<span class="unl" title="in no cluster of two or more features">–</span>')
         rows.append(
             f'<tr id="row-{anchor("concept", hook, f)}">{num_td(r["rank"])}'
             + (f'<td class="nw">{esc(hook)}</td>' if multi_hook else "")
@@ -383,7 +394,7 @@ def concept_section(index: ReportIndex, r: pd.Series) -> str:
     hook, f = str(r["hook"]), int(r["feature"])
     sid = anchor("concept", hook, f)
     cid = int(r["cluster"]) if "cluster" in r and pd.notna(r["cluster"]) else -1
-    cluster = (f" · cluster {index.cluster_link(hook, cid)}" if cid >= 0 else "")
+    cluster = f" · cluster {index.cluster_link(hook, cid)}" if (hook, cid) in index.cluster_keys else ""
     direction = esc(r.get("predicted_direction", "none"))
     stats = (f"<p>Δ {fmt(r['delta'])} [{fmt(r.get('ci_low', np.nan))}, {fmt(r.get('ci_high', np.nan))}], "
              f"d {fmt(r['cohens_d'])}, q {fmt(r['q_value'])}, split halves "
@@ -453,7 +464,7 @@ def cluster_sections(index: ReportIndex) -> str:
         uri = None
         block = _cluster_mi(index, hook, index.members.get((hook, c), []))
         if block is not None and drawn < MAX_CLUSTER_HEATMAPS:
-            names, mi = block
+            names, mi = block[0][:MAX_HEATMAP_SIDE], block[1][:MAX_HEATMAP_SIDE, :MAX_HEATMAP_SIDE]
             side = min(5.0, 2.2 + 0.15 * len(names))
             uri = heatmap(mi, rows=names, cols=names, label="MI (nats)", diverging=False,
                           title=f"co-firing MI, cluster {c}", size=(side + 1.2, side))
@@ -466,9 +477,9 @@ def cluster_sections(index: ReportIndex) -> str:
 
 
 def _grid_heatmaps(result: AuditResult, index: ReportIndex, value: str, label: str, title: str) -> list[str]:
-    """Data cluster × feature cluster heatmaps of `value`, `GRID_COLUMNS` feature clusters each (in
-    cluster-table order): all of them up to `2 * GRID_COLUMNS`, else the strongest |value| ones
-    (each cluster's section lists its own rows either way)."""
+    """The data cluster × feature cluster heatmap of `value` (in cluster-table order): every feature
+    cluster up to `GRID_COLUMNS`, else the `GRID_COLUMNS` strongest |value| ones (each cluster's
+    section lists its own rows either way)."""
     local = result.local
     if local is None or local.empty:
         return []
@@ -477,7 +488,7 @@ def _grid_heatmaps(result: AuditResult, index: ReportIndex, value: str, label: s
     fcs = [int(c) for c in index.clusters["cluster"] if int(c) in present] if len(index.clusters) else []
     fcs += sorted(present - set(fcs))
     note = ""
-    if len(fcs) > 2 * GRID_COLUMNS:
+    if len(fcs) > GRID_COLUMNS:
         strength = local.assign(_a=local[value].abs()).groupby("cluster")["_a"].max()
         keep = {int(c) for c in strength.sort_values(ascending=False, kind="mergesort").index[:GRID_COLUMNS]}
         note = f" ({GRID_COLUMNS} strongest of {len(fcs)} clusters)"
@@ -498,27 +509,45 @@ def _grid_heatmaps(result: AuditResult, index: ReportIndex, value: str, label: s
     return out
 
 
-def _cofiring_html(result: AuditResult) -> list[str]:
+def _cofiring_html(result: AuditResult, index: ReportIndex, per_cluster: int = 8) -> list[str]:
+    """Per hook, the co-firing MI of the best-ranked multi-member clusters, up to `per_cluster` of
+    each one's best-ranked members and `MAX_HEATMAP_SIDE` features in all (a full matrix of every
+    clustered feature is unreadable); each tick names the feature and its cluster."""
     out = []
     for hook, mi in result.cofiring.items():
-        assign = result.feature_clusters[result.feature_clusters["hook"] == hook]
-        k = min(len(assign), mi.shape[0])
-        if k > 1:
-            clusters = assign["cluster"].astype(int).tolist()[:k]
-            blocks = [(c, sum(1 for x in clusters if x == c)) for c in dict.fromkeys(clusters)]
-            out.append(_img(clustered_matrix_plot(mi[:k, :k], blocks, str(hook)), f"co-firing matrix {hook}"))
+        hook = str(hook)
+        pos = index.cofire_pos.get(hook, {})
+        picked: list[int] = []
+        blocks: list[tuple[int, int]] = []
+        names: list[str] = []
+        shown = index.clusters[index.clusters["hook"].astype(str) == hook] if len(index.clusters) else index.clusters
+        for c in shown["cluster"].astype(int) if len(shown) else []:
+            room = MAX_HEATMAP_SIDE - len(picked)
+            mine = [f for f in index.members.get((hook, c), []) if f in pos][:min(room, per_cluster)]
+            if len(mine) < 2:
+                continue
+            picked += mine
+            blocks.append((c, len(mine)))
+            names += [f"{f} (c{c})" for f in mine]
+        if len(picked) > 1:
+            idx = [pos[f] for f in picked]
+            title = (f"Co-firing MI ({hook}): best-ranked members of the top {len(blocks)} of {len(shown)} "
+                     "multi-member clusters")
+            out.append(_img(clustered_matrix_plot(mi[np.ix_(idx, idx)], blocks, hook, names=names, title=title),
+                            f"co-firing matrix {hook}"))
     return out
 
 
 def _heatmaps_html(result: AuditResult, index: ReportIndex) -> str:
     """The paired method's heatmaps: the full clustered co-firing matrix and the local z grid."""
-    parts = _cofiring_html(result) + _grid_heatmaps(result, index, "z", "z",
+    parts = _cofiring_html(result, index) + _grid_heatmaps(result, index, "z", "z",
                                                     "Local paired z: data cluster × feature cluster")
     return "".join(parts) or "<p>No clusters to show.</p>"
 
 
 def data_cluster_table(result: AuditResult, index: ReportIndex) -> str:
-    """Per data cluster: its pairs, its passing local signals, and the strongest one (linked)."""
+    """Per tested data cluster: its pairs, its passing local signals, and the strongest one (linked);
+    "" when none was tested."""
     dc = result.data_clusters
     if dc.empty or dc["data_cluster"].nunique() < 2:
         return ""
@@ -533,11 +562,15 @@ def data_cluster_table(result: AuditResult, index: ReportIndex) -> str:
             strongest = (f"{index.cluster_link(str(best['hook']), int(best['cluster']))} "
                          f"({index.cluster_label_html(str(best['hook']), int(best['cluster']))}) · Δ {fmt(best['delta'])}, "
                          f"{'Welch z' if z == 'welch_z' else 'z'} {fmt(best[z])}")
-        else:
-            strongest = '<span class="unl">none passes</span>' if len(mine) else '<span class="unl">not tested</span>'
+        elif len(mine):
+            strongest = '<span class="unl">none passes</span>'
+        else:  # not tested here (too small, or silent): nothing to show
+            continue
         name = "silent" if d < 0 else str(d)
         rows.append(f'<tr><td data-v="{d}">{esc(name)}</td>{num_td(int(n))}{num_td(len(passing))}'
                     f'<td class="lbl">{strongest}</td></tr>')
+    if not rows:
+        return ""
     return wrap_table(["data cluster", "pairs", "passing signals", "strongest passing signal"], rows)
 
 
@@ -593,6 +626,96 @@ def prediction_page(check: PredictionCheck, *, title: str = "Prediction check") 
 # ---- the page ------------------------------------------------------------------------------------------
 
 
+def pair_auroc(diff: np.ndarray) -> float:
+    """AUROC of a concept's paired difference ΔA = A(chosen) − A(rejected) for "chosen": the
+    probability that a pair's ΔA, read chosen-first, exceeds another pair's read rejected-first
+    (−ΔA), ties counting half (Mann–Whitney). 0.5: the concept says nothing about which side is
+    chosen; 1 (0): it is always higher in the chosen (rejected) response."""
+    d = np.asarray(diff, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return float("nan")
+    neg = np.sort(-d)
+    below = np.searchsorted(neg, d, side="left")  # negatives strictly below each positive
+    ties = np.searchsorted(neg, d, side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (len(d) * len(d)))
+
+
+def preference_auroc(result: AuditResult, hook: str, feature: int, cohens_d: float) -> tuple[float, bool]:
+    """(AUROC of ΔA for "chosen", exact): from the result's span features when it carries them,
+    else the normal approximation Φ(√2·d) from the paired effect size d (exact=False)."""
+    features = result.features
+    if features is not None and hook in features.d_sae:
+        try:
+            chosen = features.get(hook, "chosen", result.stat)[:, int(feature)]
+            rejected = features.get(hook, "rejected", result.stat)[:, int(feature)]
+        except KeyError:  # the stored features lack this stat
+            pass
+        else:
+            return pair_auroc(np.asarray((chosen - rejected).todense()).ravel()), True
+    d = float(cohens_d) if pd.notna(cohens_d) else float("nan")
+    return (0.5 * (1.0 + math.erf(d)) if np.isfinite(d) else float("nan")), False  # Φ(√2·d)
+
+
+def _summary_row(index: ReportIndex, r: pd.Series) -> str:
+    hook, f = str(r["hook"]), int(r["feature"])
+    text, _ = index.label(hook, f)
+    delta = float(r.get("delta", np.nan))
+    auc, exact = preference_auroc(index.result, hook, f, r.get("cohens_d", np.nan))
+    what = '<span class="amplify">↑ amplifies</span>' if delta > 0 else '<span class="suppress">↓ suppresses</span>'
+    more = "" if text == f"feature {f}" else f" <small>· feature {f}</small>"
+    return (f'<tr><td><a href="#{anchor("concept", hook, f)}">{esc(text)}</a>{more}</td><td>{what}</td>'
+            f"<td>{'chosen' if delta > 0 else 'rejected'}</td><td>{fmt(r.get('cohens_d', np.nan))}</td>"
+            f"<td>{fmt(delta)}</td><td>{'' if exact else '≈'}{_auc_text(auc)}</td></tr>")
+
+
+def _auc_text(auc: float) -> str:
+    return f"{auc:.3f}" if np.isfinite(auc) else "–"
+
+
+def _side(n: int, action: str, side: str) -> str:
+    return f'<span class="{action}">{action}</span> {n} {side}-leaning concept{"" if n == 1 else "s"}'
+
+
+def dpo_summary_html(index: ReportIndex) -> str:
+    """"What will DPO learn from this data?": the passing concepts' count by direction and the
+    strongest of each side with its label, direction, effect size and confounding with the preference."""
+    result = index.result
+    c = result.concepts
+    passing = c[c["passes"].astype(bool)] if "passes" in c.columns else c.head(0)
+    n_up = int((passing["delta"] > 0).sum())
+    n_down = int((passing["delta"] < 0).sum())
+    o = result.options
+    n_pairs = o.get("n_pairs", "?")
+    if len(passing):
+        lead = (f"<p><b>{len(passing)}</b> of {fmt(o.get('n_tested', len(c)))} tested concepts (SAE features) differ "
+                f"reliably between the chosen and the rejected responses of these {fmt(n_pairs)} pairs (q &lt; "
+                f"{fmt(o.get('alpha', 0.05))}, split halves agree). DPO on this data is predicted to "
+                f"{_side(n_up, 'amplify', 'chosen')} and {_side(n_down, 'suppress', 'rejected')}. The strongest:</p>")
+        shown = pd.concat([passing[passing["delta"] > 0].head(SUMMARY_CONCEPTS),
+                           passing[passing["delta"] < 0].head(SUMMARY_CONCEPTS)]).sort_values("rank", kind="mergesort")
+    else:
+        lead = (f"<p><b>No concept passes</b> (q &lt; {fmt(o.get('alpha', 0.05))} with split halves agreeing) among "
+                f"{fmt(o.get('n_tested', len(c)))} tested in {fmt(n_pairs)} pairs: this data gives DPO no reliable "
+                "concept-level signal at this size. The strongest candidates, for what they are worth:</p>")
+        shown = c.head(SUMMARY_CONCEPTS)
+    rows = "".join(_summary_row(index, r) for _, r in shown.iterrows())
+    head = ("<tr><th>concept (what it fires on)</th><th>DPO</th><th>leans to</th>"
+            '<th title="Cohen\'s d_z: Δ / sd of the paired differences">effect d</th>'
+            '<th title="mean chosen − rejected difference of the span statistic">Δ</th>'
+            '<th title="AUROC of ΔA for chosen">AUROC (chosen)</th></tr>')
+    note = ("<p><small>Effect d: 0.2 small, 0.5 medium, 0.8 large. AUROC (chosen): how well the concept alone "
+            "tells which response of a pair was chosen (0.5: unrelated to the preference; near 1 or 0: the "
+            "preference and the concept go together, so DPO learns the concept along with whatever the "
+            "labellers preferred)." + (" ≈: estimated from d (the result carries no per-pair features)."
+                                        if "<td>≈" in rows else "")
+            + " Each row links to the concept's contexts and pairs.</small></p>")
+    return (f'<div class="learn" id="learn"><h2>What will DPO learn from this data?</h2>{lead}'
+            f"<table>{head}{rows}</table>{note}</div>")
+
+
+
+
 def summary_rows(result: AuditResult) -> list[tuple[str, Any]]:
     """The audit's headline numbers (the report's summary table; also `scripts/docs_images.py`)."""
     o = result.options
@@ -644,9 +767,21 @@ def _plots_html(result: AuditResult) -> str:
     return '<div class="plots">' + "".join(_img(u, alt) for u, alt in uris if u) + "</div>"
 
 
-TOC = (("next", "What to do next"), ("plots", "Plots"), ("concepts", "Ranked concepts"),
-       ("clusters", "Feature clusters"), ("data-clusters", "Data clusters"), ("concept-details", "Concept details"),
-       ("cluster-details", "Cluster details"))
+def _data_cluster_parts(result: AuditResult, index: ReportIndex) -> str:
+    """The data clusters' views, or "" when they have nothing to show (one data cluster, or none tested)."""
+    if result.method == "paper":
+        if result.local is None or result.local.empty:
+            return ""
+        return data_cluster_table(result, index) + paper_local_views(result, index=index)
+    local = result.local
+    local_only = (local[local["local_only"].astype(bool)] if len(local) and "local_only" in local.columns
+                  else local.head(0))
+    parts = data_cluster_table(result, index)
+    if len(local_only):
+        parts += ("<h3>Local signals (data cluster × feature cluster, passing only locally)</h3>"
+                  + table_html(local_only.head(50), ("data_cluster", "n_pairs", "hook", "cluster", "delta", "z",
+                                                      "q_value", "global_delta", "global_z"), badge=True))
+    return parts
 
 
 def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = "Dataset anatomy",
@@ -654,6 +789,10 @@ def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = 
                   concept_set_dir: str | None = None) -> str:
     """The full HTML page of `result` (a string; `AuditResult.save` writes it as report.html), with
     the section of a `check_prediction` result when `prediction` is given.
+
+    On top, what DPO will learn from this data (`dpo_summary_html`) and what to do next; below, the
+    ranked concepts and the detail sections, collapsed (`<details>`: a link into one opens it), the
+    views with nothing to show left out.
 
     `concept_set_dir` is where the ConceptSet export lies (`AuditResult.save` passes
     `<audit dir>/concept_set`); `next_command` the training command the page suggests (None:
@@ -667,36 +806,40 @@ def render_report(result: AuditResult, *, max_concepts: int = 100, title: str = 
     concept_set_dir = concept_set_dir or "<audit dir>/concept_set"
     command = next_command if next_command is not None else train_command(concept_set_dir)
     n = len(result.concepts)
-    toc = TOC + ((("prediction", "Prediction check"),) if prediction is not None else ())
-    sections = [
-        f'<h1>{esc(title)}</h1><table class="summary">{summary}</table>',
-        next_steps_html(result, concept_set_dir, command),
-        '<nav class="toc">' + "".join(f'<a href="#{k}">{esc(v)}</a>' for k, v in toc) + "</nav>",
-        _method_note(result),
-        f'<h2 id="plots">Plots</h2>{_plots_html(result)}',
-        f'<h2 id="concepts">Ranked concepts (top {min(max_concepts, n)} of {n})</h2>'
-        "<p>Click a feature for its contexts and pairs, a cluster for its members.</p>", concepts_table(index),
+    n_clusters = len(index.clusters)
+    # (id, title, hint shown while closed, body, open)
+    blocks: list[tuple[str, str, str, str, bool]] = [
+        ("about", "Audit settings and method", f"{fmt(result.options.get('n_pairs'))} pairs, "
+         f"{fmt(result.options.get('n_tested'))} features tested, method {result.method}",
+         f'<table class="summary">{summary}</table>{_method_note(result)}', False),
+        ("plots", "Plots", "volcano, Δ distribution, length control, data clusters", _plots_html(result), False),
+        ("concepts", f"Ranked concepts (top {min(max_concepts, n)} of {n})", "click a header to sort",
+         "<p>Click a feature for its contexts and pairs, a cluster for its members.</p>" + concepts_table(index), True),
     ]
-    if result.method == "paper":
-        sections += ['<h2 id="clusters">Feature clusters (co-firing, Leiden)</h2>', clusters_table(index),
-                     '<h2 id="data-clusters">Data cluster × feature cluster (inside vs outside)</h2>',
-                     data_cluster_table(result, index), paper_local_views(result, index=index)]
-    else:
-        local_only = (result.local[result.local["local_only"].astype(bool)]
-                      if len(result.local) and "local_only" in result.local.columns else result.local.head(0))
-        sections += [
-            '<h2 id="clusters">Feature clusters</h2>', clusters_table(index),
-            "<h3>Cluster heatmaps</h3>", _heatmaps_html(result, index),
-            '<h2 id="data-clusters">Data clusters</h2>', data_cluster_table(result, index)
-            or "<p>One data cluster only (or none): no per-data-cluster signals.</p>",
-            "<h3>Local signals (data cluster × feature cluster, passing only locally)</h3>",
-            table_html(local_only.head(50), ("data_cluster", "n_pairs", "hook", "cluster", "delta", "z", "q_value",
-                                             "global_delta", "global_z"), badge=True)
-            if len(local_only) else "<p>No local-only signal.</p>",
-        ]
-    sections += ['<h2 id="concept-details">Concept details</h2>',
-                 "".join(concept_section(index, r) for _, r in index.listed.iterrows()) or "<p>No concepts.</p>",
-                 '<h2 id="cluster-details">Cluster details</h2>', cluster_sections(index)]
+    if n_clusters:
+        body = clusters_table(index)
+        if result.method != "paper":
+            heat = _heatmaps_html(result, index)
+            body += f"<h3>Cluster heatmaps</h3>{heat}" if "<img" in heat else ""
+        name = "Feature clusters (co-firing, Leiden)" if result.method == "paper" else "Feature clusters"
+        blocks.append(("clusters", name, f"{n_clusters} clusters of two or more co-firing features", body, False))
+    data_views = _data_cluster_parts(result, index)
+    if data_views:
+        name = ("Data cluster × feature cluster (inside vs outside)" if result.method == "paper"
+                else "Data clusters")
+        blocks.append(("data-clusters", name, "signals inside groups of similar prompts", data_views, False))
+    blocks.append(("concept-details", "Concept details", f"{len(index.listed)} concepts: where each fires, its pairs",
+                   "".join(concept_section(index, r) for _, r in index.listed.iterrows()), False))
+    if n_clusters:
+        blocks.append(("cluster-details", "Cluster details", "members, co-firing, examples", cluster_sections(index),
+                       False))
+    toc = [("learn", "What DPO will learn"), ("next", "What to do next"), *((b[0], b[1].split(" (")[0]) for b in blocks)]
+    toc += [("prediction", "Prediction check")] if prediction is not None else []
+    sections = [
+        f"<h1>{esc(title)}</h1>", dpo_summary_html(index), next_steps_html(result, concept_set_dir, command),
+        '<nav class="toc">' + "".join(f'<a href="#{k}">{esc(v)}</a>' for k, v in toc) + "</nav>",
+        *(details_html(sid, name, body, hint, open_=is_open) for sid, name, hint, body, is_open in blocks),
+    ]
     if prediction is not None:
         sections.append(prediction_section(prediction))
     return html_page(title, "".join(sections))

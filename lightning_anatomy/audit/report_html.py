@@ -47,15 +47,23 @@ tr:target>td,section:target{background:#fff6d8}
 .tok{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace}
 .summary td{border:none;padding:1px 12px 1px 0}img{max-width:100%}
 .next{border:2px solid #1565c0;border-radius:6px;padding:.4em 1em;background:#f5f9ff;margin:1em 0}
-.next pre{background:#fff;border:1px solid #cfd8e3;padding:.4em .6em;white-space:pre-wrap;word-break:break-all}
+.next h2{margin-top:.3em;border:none}.next pre{background:#fff;border:1px solid #cfd8e3;padding:.4em .6em;white-space:pre-wrap;word-break:break-all}
 nav.toc{font-size:.9em}nav.toc a{margin-right:1em}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:1em;align-items:start}
 section.item{border-top:1px solid #eee;padding:.6em .4em;scroll-margin-top:.5em}
 .back{font-size:.85em}.legend{font-size:.8em;color:#555;margin:.2em 0 1em}
+details.sec{margin-top:1.2em;border-bottom:1px solid #ddd}details.sec>summary{cursor:pointer;padding:.2em 0}
+details.sec>summary>h2{display:inline;border:none;margin:0;font-size:1.15em}
+details.sec>summary .hint{color:#777;font-size:.85em;margin-left:.6em}
+.learn{border:2px solid #2e7d32;border-radius:6px;padding:.4em 1em .6em;background:#f6fbf6;margin:1em 0}
+.learn h2{margin-top:.3em;border:none}.learn table td,.learn table th{padding:3px 10px 3px 0;border:none;text-align:left}
+.learn table th{font-weight:600;color:#444;border-bottom:1px solid #cfe3cf}.learn p{margin:.4em 0}
+.learn small{color:#666}
 """
 
 # Sorts a table.sortable by the clicked column: numbers by data-v (empty = NaN, always last), other
-# cells by their text. Reads attributes and textContent only; never writes markup.
+# cells by their text; opens the collapsed <details> a followed link points into. Reads attributes
+# and textContent only, sets `open` on details; never writes markup.
 SCRIPT = """(function () {
   function key(cell) {
     var v = cell.getAttribute("data-v");
@@ -65,6 +73,21 @@ SCRIPT = """(function () {
   function order(x, y) {
     if (typeof x === "number" && typeof y === "number") { return x - y; }
     return String(x).localeCompare(String(y), undefined, {numeric: true});
+  }
+  // A link into a collapsed <details> section opens it (and its ancestors) before the jump.
+  function reveal(id) {
+    for (var el = id ? document.getElementById(id) : null; el; el = el.parentElement) {
+      if (el.tagName === "DETAILS") { el.open = true; }
+    }
+  }
+  function hashId(href) { try { return decodeURIComponent(href.slice(1)); } catch (e) { return ""; } }
+  if (typeof window !== "undefined" && document.addEventListener) {
+    document.addEventListener("click", function (e) {
+      var a = e.target && e.target.closest ? e.target.closest("a[href^='#']") : null;
+      if (a) { reveal(hashId(a.getAttribute("href"))); }
+    });
+    window.addEventListener("hashchange", function () { reveal(hashId(window.location.hash)); });
+    if (window.location.hash) { reveal(hashId(window.location.hash)); }
   }
   document.querySelectorAll("table.sortable").forEach(function (table) {
     var heads = table.tHead.rows[0].cells;
@@ -207,6 +230,14 @@ def table_html(frame: pd.DataFrame, columns: Iterable[str], *, badge: bool = Fal
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return wrap_table(cols + (["split-half"] if badge else []), rows)
 
+
+
+def details_html(sid: str, title: str, body: str, hint: str = "", *, open_: bool = False) -> str:
+    """A collapsible section `sid` titled `title` (an h2 in its summary line); `hint` says what it holds
+    while closed. Links into it open it (the page's script)."""
+    note = f'<span class="hint">{esc(hint)}</span>' if hint else ""
+    return (f'<details class="sec" id="{sid}"{" open" if open_ else ""}><summary><h2>{esc(title)}</h2>{note}'
+            f"</summary>{body}</details>")
 
 
 def html_page(title: str, body: str) -> str:

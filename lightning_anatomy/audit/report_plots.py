@@ -167,12 +167,25 @@ def heatmap(matrix: np.ndarray, *, rows: Sequence[str], cols: Sequence[str], tit
     return png_data_uri(fig)
 
 
-def clustered_matrix_plot(mi: np.ndarray, blocks: Sequence[tuple[int, int]], hook: str) -> str:
-    """The co-firing MI of every clustered feature, cluster by cluster along the diagonal, with the
-    multi-member clusters boxed and named (`blocks`: (cluster id, size))."""
+def clustered_matrix_plot(mi: np.ndarray, blocks: Sequence[tuple[int, int]], hook: str,
+                          names: Sequence[str] | None = None, title: str | None = None) -> str:
+    """The co-firing MI of clustered features, cluster by cluster along the diagonal, with the
+    multi-member clusters boxed (`blocks`: (cluster id, size)); `names`: one tick label per
+    feature (else one per cluster), `title` in place of the default."""
     fig = Figure(figsize=(7.5, 6.4), dpi=100)
     ax = fig.add_subplot()
     image = ax.imshow(np.nan_to_num(mi), cmap="viridis", aspect="auto", interpolation="nearest")
+    if names is not None:
+        start = 0
+        for _, size in blocks:
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, ec="#ff7043", lw=1.2))
+            start += size
+        ax.set_xticks(range(len(names)), list(names), fontsize=7, rotation=90)
+        ax.set_yticks(range(len(names)), list(names), fontsize=7)
+        fig.colorbar(image, ax=ax, label="MI (nats)")
+        ax.set_title(title or f"Co-firing MI ({hook})", fontsize=9)
+        fig.tight_layout()
+        return png_data_uri(fig)
     ticks, names, start = [], [], 0
     for cluster, size in blocks:
         if size > 1 or len(blocks) <= 40:

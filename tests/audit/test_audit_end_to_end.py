@@ -80,6 +80,9 @@ def test_planted_marker_through_the_model(tmp_path):
     assert "'@'" in top["label"]
     contexts = [c for c in result.contexts if c["feature"] == int(top["feature"])]
     assert contexts and all(c["token"] == "@" and "«@»" in c["text"] for c in contexts)
+    # every concept the report lists is labelled (read on its strongest pairs), not only the traced ones
+    listed = result.concepts.head(100)
+    assert len(listed) > result.options["top_k_trace"] and (listed["label"].fillna("").str.len() > 0).all()
     # resumable extraction: a rerun over the same shards gives the same table
     again = audit_dataset(rows, lens, tokenizer, max_length=64, batch_size=16, n_bootstrap=200, progress=False,
                           out_dir=tmp_path / "shards", n_data_clusters=2, min_cluster_pairs=20)

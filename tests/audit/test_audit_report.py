@@ -23,7 +23,7 @@ from lightning_anatomy.audit import (
     weight_pairs,
     write_rows,
 )
-from lightning_anatomy.audit.report import SCRIPT, SCRIPT_TAG, anchor, render_report, train_command
+from lightning_anatomy.audit.report import SCRIPT, SCRIPT_TAG, anchor, fmt, render_report, train_command
 from lightning_anatomy.data.rows import PreferenceRow, read_preferences
 from tests.helpers.audit_synthetic import HOOK, make_span_features
 from tests.helpers.paper_synthetic import blocks_of, planted_spans
@@ -114,8 +114,9 @@ def members_listed(body: str) -> list[int]:
 
 
 def assert_navigable(page: str, result: AuditResult, max_concepts: int = 100) -> None:
-    """Every link resolves; every listed concept and every cluster has its section, linked from its
-    table row and back; every cluster lists all its members; every listed concept has a label."""
+    """Every link resolves; every listed concept and every cluster of two or more features has its
+    section, linked from its table row and back (a cluster of one has neither); every cluster lists
+    all its members; every listed concept has a label."""
     parts = PageParts(page)
     ids = set(parts.ids)
     assert len(parts.ids) == len(ids), "duplicate ids"
@@ -128,6 +129,9 @@ def assert_navigable(page: str, result: AuditResult, max_concepts: int = 100) ->
         assert re.sub(r"<[^>]+>", "", row).strip()
     for (hook, cluster), part in result.feature_clusters.groupby(["hook", "cluster"]):
         sid = anchor("cluster", hook, cluster)
+        if len(part) < 2:
+            assert f"row-{sid}" not in ids and sid not in ids
+            continue
         assert f"row-{sid}" in ids and f'href="#{sid}"' in page
         body = section(page, sid)
         assert f'href="#row-{sid}"' in body
@@ -217,6 +221,95 @@ def test_next_step_box_names_the_concept_set_and_the_train_command(audited, tmp_
     # a loaded audit (no rows, no features) still renders a navigable page
     loaded = AuditResult.load(out)
     assert_navigable(render_report(loaded, max_concepts=20), loaded, max_concepts=20)
+
+
+def _auroc_by_hand(d: np.ndarray) -> float:
+    """P(d_i > -d_j) + P(d_i = -d_j) / 2 over all pairs (i, j): the AUROC of ΔA for "chosen"."""
+    x, y = d[:, None], -d[None, :]
+    return float(((x > y).sum() + 0.5 * (x == y).sum()) / d.size ** 2)
+
+
+def test_summary_says_what_dpo_learns_with_direction_effect_and_confounding(audited, tmp_path):
+    from scipy.stats import norm
+
+    from lightning_anatomy.audit.report import pair_auroc, preference_auroc
+
+    result, _ = audited
+    page = render_report(result)
+    box = re.search(r'<div class="learn" id="learn">(.*?)</div>', page, re.S).group(1)
+    assert page.index('id="learn"') < page.index('id="next"') < page.index('id="concepts"')
+    passing = result.concepts[result.concepts["passes"]]
+    up, down = int((passing["delta"] > 0).sum()), int((passing["delta"] < 0).sum())
+    assert f"<b>{len(passing)}</b> of {int(result.options['n_tested'])} tested" in box
+    assert f"amplify</span> {up} chosen-leaning" in box and f"suppress</span> {down} rejected-leaning" in box
+    shown = re.findall(r'<tr><td><a href="#([^"]+)">', box)
+    assert anchor("concept", HOOK, 7) in shown and anchor("concept", HOOK, 42) in shown
+    f = result.features
+    for feature in MARKERS:
+        d = np.asarray((f.get(HOOK, "chosen", "max")[:, feature] - f.get(HOOK, "rejected", "max")[:, feature])
+                       .todense()).ravel()
+        assert pair_auroc(d) == pytest.approx(_auroc_by_hand(d))
+        row = result.concept(HOOK, feature)
+        cells = re.search(rf'href="#{anchor("concept", HOOK, feature)}">.*?</td><td>(.*?)</td><td>(.*?)</td>'
+                          r"<td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", box, re.S).groups()
+        assert "amplifies" in cells[0] and cells[1] == "chosen" and cells[2] == fmt(row["cohens_d"])
+        assert cells[4] == f"{_auroc_by_hand(d):.3f}" and _auroc_by_hand(d) > 0.85  # planted: confounded
+    assert pair_auroc(np.array([1.0, -1.0, 0.0])) == pytest.approx(0.5)
+    # without per-pair features: the normal approximation from d, marked ≈
+    loaded = AuditResult.load(result.save(tmp_path / "slim", with_features=False))
+    d7 = float(result.concept(HOOK, 7)["cohens_d"])
+    assert preference_auroc(loaded, HOOK, 7, d7) == (pytest.approx(norm.cdf(np.sqrt(2) * d7)), False)
+    assert f"≈{norm.cdf(np.sqrt(2) * d7):.3f}" in render_report(loaded) and "≈" not in box
+    # nothing passes: the box says so and still names the strongest candidates
+    null = audit_features(make_span_features(n_pairs=60, d_sae=40, seed=3, swap=True)[0], n_bootstrap=0,
+                          n_data_clusters=1)
+    assert "<b>No concept passes</b>" in render_report(null)
+
+
+def test_details_are_collapsed_and_empty_views_left_out(audited, page):
+    result, _ = audited
+    sections = re.findall(r'<details class="sec" id="([^"]+)"( open)?>', page)
+    assert dict(sections) == {"about": "", "plots": "", "concepts": " open", "clusters": "", "data-clusters": "",
+                              "concept-details": "", "cluster-details": ""}
+    # every section of a concept or cluster is inside a collapsed block, which the page's script opens
+    assert page.index('<details class="sec" id="concept-details">') < page.index(
+        f'<section class="item" id="{anchor("concept", HOOK, 7)}">')
+    assert "function reveal(id)" in SCRIPT and 'el.tagName === "DETAILS"' in SCRIPT
+    assert "not tested" not in page  # data clusters with no test and clusters of one are left out
+    toc = re.search(r'<nav class="toc">(.*?)</nav>', page, re.S).group(1)
+    assert {h[1:] for h in re.findall(r'href="(#[^"]+)"', toc)} == {"learn", "next"} | set(dict(sections))
+    one = audit_features(make_span_features(n_pairs=60, d_sae=40, planted=(3,), seed=2)[0], n_bootstrap=0,
+                         n_data_clusters=1)
+    assert 'id="data-clusters"' not in render_report(one)  # one data cluster: no data-cluster views
+
+
+def test_labels_fall_back_to_the_tokens_a_concept_fires_on(audited):
+    import dataclasses
+
+    result, _ = audited
+    plain = result.concepts[result.concepts["label"].fillna("") == ""].iloc[0]
+    hook, feature = str(plain["hook"]), int(plain["feature"])
+    contexts = [{"hook": hook, "feature": feature, "source": "row 1", "token": t, "activation": 1.0, "text": "x"}
+                for t in (" sorry", "cannot", " sorry", "<b>", "apolog")]
+    page = render_report(dataclasses.replace(result, contexts=contexts))
+    sid = anchor("concept", hook, feature)
+    cell = re.search(rf'<tr id="row-{sid}">.*?<td class="lbl">(.*?)</td>', page, re.S).group(1)
+    assert cell == "fires on “sorry”, “cannot”, “&lt;b&gt;”"  # distinct tokens, best first, escaped
+
+
+def test_cofiring_heatmap_shows_only_the_top_clusters(audited, monkeypatch):
+    import lightning_anatomy.audit.report as report
+
+    result, _ = audited
+    drawn = []
+    monkeypatch.setattr(report, "clustered_matrix_plot",
+                        lambda mi, blocks, hook, names=None, title=None: drawn.append((mi.shape, blocks, names)) or "")
+    monkeypatch.setattr(report, "MAX_HEATMAP_SIDE", 3)
+    render_report(result)
+    ((shape, blocks, names),) = drawn
+    assert shape[0] == shape[1] == len(names) <= 3 and sum(n for _, n in blocks) == len(names)
+    best = report.build_index(result).clusters.iloc[0]
+    assert blocks[0][0] == int(best["cluster"]) and names[0].endswith(f"(c{int(best['cluster'])})")
 
 
 def test_plots_skip_what_the_result_lacks():
