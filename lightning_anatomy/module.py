@@ -2,16 +2,18 @@
 
 Chosen and rejected share one forward (`[chosen; rejected]`, see docs/ARCHITECTURE.md), so hooks
 installed by concept callbacks see both halves of a batch in one pass. Metrics follow TRL's
-DPOTrainer names (`lightning_anatomy.metrics`). Around it: the policy (`policy`), the reference
-per mode (`reference`), FSDP sharding (`sharding.shard_dpo_module`), AdamW (`optim`), log-probs
-from chunks of completion positions (`logprobs`). Callbacks use only the `PreferenceModule`
+DPOTrainer names (`lightning_anatomy.metrics`). Around it: the option checks (`dpo_options`), the
+policy (`policy`), the reference per mode (`reference`) and the module's members that expose and
+drive it (`reference_hooks.ReferenceHooks`), FSDP sharding (`sharding.shard_dpo_module`), AdamW
+(`optim`), log-probs from chunks of completion positions (`logprobs`). Callbacks use only the `PreferenceModule`
 surface (`lightning_anatomy.preference_module`) and the keys of `data.batch.PreferenceBatch`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +23,26 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lightning_anatomy.data.batch import PreferenceBatch
-from lightning_anatomy.data.tokenize import TokenizedPair
+from lightning_anatomy.dpo_options import check_dpo_options
 from lightning_anatomy.logprobs import DEFAULT_CHUNK_SIZE, pair_logps, sequence_logps
-from lightning_anatomy.losses import TRL_F_ALPHA_DIVERGENCE_COEF, preference_loss, validate_loss_options
-from lightning_anatomy.metrics import METRIC_NAMES, PreferenceMetrics
-from lightning_anatomy.optim import adamw, check_optimizer_options, lr_lambda
-from lightning_anatomy.policy import build_policy, check_max_length, save_policy
-from lightning_anatomy.reference import (
-    REFERENCE_MODES,
-    CopyReference,
-    PrecomputedReference,
-    ReferenceModel,
-    check_reference_options,
-    make_reference,
+from lightning_anatomy.losses import TRL_F_ALPHA_DIVERGENCE_COEF, preference_loss
+from lightning_anatomy.metrics import (
+    METRIC_NAMES,
+    PreferenceMetrics,
+    TokenCount,
+    step_statistics,
+    token_weights,
 )
-from lightning_anatomy.reference_sync import SyncReference, validate_sync_options
+from lightning_anatomy.optim import adamw, lr_lambda
+from lightning_anatomy.policy import build_policy, check_max_length, save_policy
+from lightning_anatomy.reference import REFERENCE_MODES, CopyReference, ReferenceModel, make_reference
+from lightning_anatomy.reference_hooks import ReferenceHooks
 from lightning_anatomy.sharding import shard_dpo_module
 
 CHECKPOINT_KEY = "lightning_anatomy"
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(ReferenceHooks, L.LightningModule):
     """Train a causal LM on preference pairs with any loss of `lightning_anatomy.losses`.
 
     Args:
@@ -117,11 +118,15 @@ class DPOModule(L.LightningModule):
         logps_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
-        self._validate(reference, loss_type, beta, label_smoothing, rpo_alpha, lr, warmup_steps, scheduler,
-                       peft_config, policy, logps_chunk_size)
-        _validate_trl_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau, rpo_alpha, ld_alpha,
-                              f_divergence_type, f_alpha_divergence_coef, use_weighting, sync_ref_model,
-                              ref_model_mixup_alpha, ref_model_sync_steps, reference, peft_config)
+        check_dpo_options(
+            policy=policy, reference=reference, loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+            label_smoothing=label_smoothing, rpo_alpha=rpo_alpha, discopop_tau=discopop_tau,
+            ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=use_weighting,
+            sync_ref_model=sync_ref_model, ref_model_mixup_alpha=ref_model_mixup_alpha,
+            ref_model_sync_steps=ref_model_sync_steps, lr=lr, warmup_steps=warmup_steps, scheduler=scheduler,
+            peft_config=peft_config, logps_chunk_size=logps_chunk_size,
+        )
         self.save_hyperparameters(ignore=["policy"] if not isinstance(policy, str) else None)
         self.policy = build_policy(policy, dtype=dtype, peft_config=peft_config,
                                    gradient_checkpointing=gradient_checkpointing, needs_adapters=reference == "peft")
@@ -130,21 +135,8 @@ class DPOModule(L.LightningModule):
         self._reference: ReferenceModel = make_reference(reference, self, cache_dir=reference_cache_dir)
         self._auxiliary_losses: dict[str, Callable[[], Tensor | None]] = {}
         self.train_metrics = PreferenceMetrics()
-        self._num_tokens = 0  # TRL's num_tokens: attention-mask tokens of every rank's training batches so far
-        self._step_tokens: Tensor | int = 0  # this rank's, since the last optimizer step
+        self._tokens = TokenCount()  # TRL's num_tokens
         self.val_metrics = PreferenceMetrics()
-
-    @staticmethod
-    def _validate(reference, loss_type, beta, label_smoothing, rpo_alpha, lr, warmup_steps, scheduler,
-                  peft_config, policy, logps_chunk_size) -> None:
-        check_reference_options(reference, peft_config, isinstance(policy, str))
-        check_optimizer_options(lr, warmup_steps, scheduler)
-        if rpo_alpha is not None and rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0 or None, got {rpo_alpha}")
-        if logps_chunk_size is not None and (type(logps_chunk_size) is not int or logps_chunk_size < 1):
-            raise ValueError(f"logps_chunk_size must be an integer >= 1 or None (full logits), got {logps_chunk_size!r}")
-        if not isinstance(loss_type, (list, tuple)):  # a list is checked with its options below
-            validate_loss_options(loss_type, beta, label_smoothing)
 
     def concatenated_forward(self, model: nn.Module, batch: PreferenceBatch, *, with_stats: bool = False
                              ) -> dict[str, Tensor]:
@@ -153,32 +145,6 @@ class DPOModule(L.LightningModule):
         return pair_logps(model, batch, chunk_size=self.hparams.get("logps_chunk_size", DEFAULT_CHUNK_SIZE),
                           with_stats=with_stats, with_nll=self.hparams.rpo_alpha is not None,
                           ld_alpha=self.hparams.get("ld_alpha"), with_token_stats=with_stats)
-
-    # ------------------------------------------------------------------ the surface callbacks use
-    @property
-    def reference_mode(self) -> str:
-        """`"copy"`, `"precomputed"` or `"peft"` (the constructor's `reference`)."""
-        return self._reference.mode
-
-    def reference_forward_module(self) -> nn.Module | None:
-        """The module the reference forward runs through (inside `reference_pass()`): the frozen
-        copy (copy mode; sharded once `configure_model` ran), the policy itself (peft: its
-        adapters are disabled for that forward) or None (precomputed: no reference forward runs)."""
-        return self._reference.forward_module()
-
-    @property
-    def reference_table(self) -> Mapping[int, tuple[float, float]]:
-        """Read-only `row_id -> (chosen, rejected)` reference log-probs (precomputed mode; empty
-        until computed at the first validation/training start or loaded from a checkpoint)."""
-        return self._reference.table
-
-    @torch.no_grad()
-    def reference_logps(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
-        """Per-pair reference log-probs (`[B]` chosen, `[B]` rejected): the batch's
-        `ref_chosen_logps` / `ref_rejected_logps` where given, else the reference strategy's."""
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        return self._reference.logps(batch)
 
     # ------------------------------------------------------------------ steps
     def register_auxiliary_loss(self, name: str, term: Callable[[], Tensor | None]) -> None:
@@ -231,27 +197,13 @@ class DPOModule(L.LightningModule):
                 value = term()
                 if value is not None:
                     loss = loss + value
-        stats = {
-            "loss": loss.detach(),
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-            "logps/chosen": pol["chosen_logps"].detach().mean(),
-            "logps/rejected": pol["rejected_logps"].detach().mean(),
-            "logits/chosen": pol["chosen_logits"],
-            "logits/rejected": pol["rejected_logits"],
-            # TRL's token means: entropy over every completion token, top-1 accuracy over the chosen ones
-            "entropy": pol["entropy_sum"] / pol["tokens"].clamp_min(1),
-            "mean_token_accuracy": pol["top1_correct"] / pol["chosen_tokens"].clamp_min(1),
-        }
-        return loss, stats
+        return loss, step_statistics(loss, out, pol)
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss, stats = self.compute_loss(batch, training=True)
         n = batch["row_ids"].numel()
-        self.train_metrics.update(stats, n, weights=_token_weights(batch))
-        self._step_tokens = self._step_tokens + batch["attention_mask"].sum().detach()
+        self.train_metrics.update(stats, n, weights=token_weights(batch))
+        self._tokens.add(batch)
         self.log("train_loss", loss.detach(), prog_bar=True, logger=False, batch_size=n)
         return loss
 
@@ -260,7 +212,7 @@ class DPOModule(L.LightningModule):
         self._log_metrics("train", self.train_metrics)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        self.val_metrics.update(self.compute_loss(batch)[1], batch["row_ids"].numel(), weights=_token_weights(batch))
+        self.val_metrics.update(self.compute_loss(batch)[1], batch["row_ids"].numel(), weights=token_weights(batch))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
@@ -268,22 +220,11 @@ class DPOModule(L.LightningModule):
     def _log_metrics(self, prefix: str, metrics: PreferenceMetrics) -> None:
         values = metrics.compute_and_reset(prefix)
         if values is not None and prefix == "train":  # TRL's num_tokens: every rank's, cumulative
-            step_tokens = torch.as_tensor(self._step_tokens, dtype=torch.float64, device=self.device)
-            if self._trainer is not None:
-                step_tokens = self.trainer.strategy.reduce(step_tokens, reduce_op="sum")
-            self._num_tokens += int(step_tokens.item())
-            self._step_tokens = 0
-            values["train/num_tokens"] = torch.tensor(float(self._num_tokens))
+            reduce = None if self._trainer is None else partial(self.trainer.strategy.reduce, reduce_op="sum")
+            values["train/num_tokens"] = torch.tensor(float(self._tokens.step(self.device, reduce)))
         if values is not None:  # train: per optimizer step; val: per epoch
             self.log_dict(values, on_step=prefix == "train", on_epoch=prefix == "val", sync_dist=False,
                           rank_zero_only=True)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """TR-DPO's `SyncReference` when `sync_ref_model=True` (TRL adds its `SyncRefModelCallback` alike)."""
-        hp = self.hparams
-        if not hp.get("sync_ref_model"):
-            return []
-        return [SyncReference(hp.ref_model_mixup_alpha, hp.ref_model_sync_steps)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (fused where torch supports it), no decay on 1-d parameters, warm-up then the
@@ -308,11 +249,11 @@ class DPOModule(L.LightningModule):
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
         checkpoint[CHECKPOINT_KEY] = {"reference": self.hparams.reference, **self._reference.state_dict(),
-                                      "num_tokens": self._num_tokens}
+                                      "num_tokens": self._tokens.total}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra, state = checkpoint.get(CHECKPOINT_KEY, {}), checkpoint.get("state_dict")
-        self._num_tokens = int(extra.get("num_tokens", 0))
+        self._tokens.total = int(extra.get("num_tokens", 0))
         self._reference.load_state_dict(extra, self._trainer, weights=state)
 
     def setup(self, stage: str) -> None:
@@ -324,24 +265,6 @@ class DPOModule(L.LightningModule):
         if self._trainer is not None:
             shard_dpo_module(self, self.trainer)
 
-    # ------------------------------------------------------------------ the reference's lifecycle
-    def on_fit_start(self) -> None:
-        self._reference.on_fit_start()
-
-    def on_validation_start(self) -> None:
-        self._reference.before_first_batch(self._trainer)
-
-    def on_train_start(self) -> None:
-        self._reference.before_first_batch(self._trainer)
-
-    def precompute_reference(self, pairs: list[TokenizedPair], *, pad_token_id: int = 0, batch_size: int = 8) -> None:
-        """Reference log-probs of the current (initial) policy for `pairs`, cached on disk
-        (`reference="precomputed"` only; see `PrecomputedReference.precompute`)."""
-        if not isinstance(self._reference, PrecomputedReference):
-            raise ValueError(f"precompute_reference needs reference='precomputed', this module has "
-                             f"reference={self.reference_mode!r}; build DPOModule(reference='precomputed')")
-        self._reference.precompute(pairs, self._trainer, pad_token_id=pad_token_id, batch_size=batch_size)
-
     def save_pretrained(self, path: str | os.PathLike, merge_adapters: bool = True, *, tokenizer: Any = None
                         ) -> Path:
         """Write the policy as a Hugging Face model folder (`policy.save_policy`): a PEFT policy
@@ -350,45 +273,6 @@ class DPOModule(L.LightningModule):
         if tokenizer is None and self._trainer is not None:
             tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         return save_policy(self.policy, Path(path), merge_adapters=merge_adapters, tokenizer=tokenizer)
-
-
-def _token_weights(batch: PreferenceBatch) -> dict[str, Tensor]:
-    """Token counts that weigh TRL's token means across micro-batches and ranks."""
-    mask = batch.get("loss_mask", batch["completion_mask"])[:, 1:]  # the tokens scored (token filtering)
-    return {"entropy": mask.sum(), "mean_token_accuracy": mask[: mask.shape[0] // 2].sum()}
-
-
-def _validate_trl_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau, rpo_alpha, ld_alpha,
-                          f_divergence_type, f_alpha_divergence_coef, use_weighting, sync_ref_model,
-                          ref_model_mixup_alpha, ref_model_sync_steps, reference, peft_config) -> None:
-    """TRL 1.16's option refusals (`losses.validate_loss_options`, TR-DPO's), before any model loads."""
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if rpo_alpha is not None and "sft" in types:
-        raise ValueError(
-            f"rpo_alpha={rpo_alpha!r} and 'sft' in loss_type={loss_type!r} both add the chosen NLL: use one, e.g. "
-            "loss_type=['sigmoid', 'sft'], loss_weights=[1.0, rpo_alpha] (TRL's form of RPO)"
-        )
-    validate_loss_options(loss_type, beta, label_smoothing, loss_weights=loss_weights, discopop_tau=discopop_tau,
-                          ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                          f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=bool(use_weighting))
-    if ld_alpha is not None and reference == "precomputed":
-        raise ValueError(
-            "ld_alpha with reference='precomputed' is not supported: the cached reference table is keyed by model "
-            "and data only, so a table computed without LD-DPO would be reused; use reference='copy' or 'peft'"
-        )
-    if sync_ref_model:
-        if reference == "peft" or peft_config is not None:
-            raise ValueError(
-                "sync_ref_model=True (TR-DPO) is not supported with PEFT (as in TRL): the reference is the policy "
-                "with its adapters disabled, so there is no separate reference model to update; use "
-                "sync_ref_model=False, or full fine-tuning with reference='copy'"
-            )
-        if reference == "precomputed":
-            raise ValueError(
-                "sync_ref_model=True (TR-DPO) cannot be combined with reference='precomputed' (as in TRL): the "
-                "reference changes during training, so precomputed log-probs would go stale; use reference='copy'"
-            )
-        validate_sync_options(ref_model_mixup_alpha, ref_model_sync_steps)
 
 
 __all__ = ["CHECKPOINT_KEY", "DPOModule", "METRIC_NAMES", "REFERENCE_MODES", "sequence_logps"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from lightning_anatomy._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "AuditOptions": "lightning_anatomy.audit.run",
+    "AuditOptions": "lightning_anatomy.audit.options",
     "audit_dataset": "lightning_anatomy.audit.run",
     "audit_features": "lightning_anatomy.audit.run",
     "AuditResult": "lightning_anatomy.audit.result",
@@ -36,7 +36,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.audit.filters import filter_pairs, pair_scores, weight_pairs, write_rows
+    from lightning_anatomy.audit.options import AuditOptions
     from lightning_anatomy.audit.prediction import PredictionCheck, check_prediction
     from lightning_anatomy.audit.result import AuditResult
-    from lightning_anatomy.audit.run import AuditOptions, audit_dataset, audit_features
+    from lightning_anatomy.audit.run import audit_dataset, audit_features
     from lightning_anatomy.audit.statistics import benjamini_hochberg, paired_statistics

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_anatomy.audit.run import AuditOptions
+from lightning_anatomy.audit.options import AuditOptions
 
 
 @dataclass

@@ -10,14 +10,16 @@ predictions matched DPO's real effect at R² 0.9): firing frequencies thresholde
 clusters over all features from token-level co-firing (`audit.cofiring`), the per-cluster
 disparity u and its global mean as the prediction, silent bucket + spherical k-means data
 clusters and the inside-vs-outside table (`audit.feature_conditioned`), ranked by Δ_min.
+
+The options and their checks are `audit.options.AuditOptions`; where the paper method's feature
+clusters come from (a given table, a firing corpus, the lens with a cache) is `audit.paper_clusters`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -26,169 +28,19 @@ import scipy.sparse as sp
 
 from lightning_anatomy.audit import feature_conditioned as fc
 from lightning_anatomy.audit.clustering import cluster_matrices, data_clusters, feature_clusters
-from lightning_anatomy.audit.cofiring import CLUSTER_COLUMNS, check_target_size, cofiring_clusters
+from lightning_anatomy.audit.options import METHODS, AuditOptions  # noqa: F401 (METHODS: re-exported)
+from lightning_anatomy.audit.paper_clusters import (  # noqa: F401 (check_feature_clusters: re-exported)
+    check_feature_clusters,
+    lens_cofiring_clusters,
+    paper_clusters,
+)
 from lightning_anatomy.audit.result import AuditResult
 from lightning_anatomy.audit.statistics import STAT_COLUMNS, add_decisions, paired_statistics
-from lightning_anatomy.audit.tilt import PREDICTORS, pair_cluster_activity, tilt_predict
+from lightning_anatomy.audit.tilt import pair_cluster_activity, tilt_predict
 from lightning_anatomy.audit.tracing import snippet, trace_pairs
-from lightning_anatomy.concepts.span_features import STATS, SpanFeatures
+from lightning_anatomy.concepts.span_features import SpanFeatures
 
-METHODS = ("paired", "paper")
-
-
-@dataclass(frozen=True)
-class AuditOptions:
-    """Every audit setting, checked at once (`validate`) so a bad one fails before any work.
-
-    method: "paired" (per-feature paired statistics on `stat`) or "paper" (the paper's
-        feature-conditioned cluster audit on firing frequencies; the options below marked paper).
-    stat: span statistic compared between chosen and rejected ("max": the per-span max
-        activation; "freq": the fraction of span tokens where it fires; "mean"). None: "max"
-        for "paired"; "paper" always uses "freq".
-    n_bootstrap: bootstrap replicates of the CI (0 skips the CI).
-    alpha: the false-discovery rate for `passes` (q < alpha and split-half agreement).
-    min_fire_count: a feature is tested only if it fires in at least this many spans (chosen +
-        rejected); below ~5 the normal approximation of the paired z misleads.
-    length_control: regress the difference on the completion-length difference.
-    top_n_cluster: features per hook (best ranked first) entering the co-firing clustering.
-    n_clusters: cap on feature clusters per hook (None: modularity decides).
-    n_data_clusters: k of the prompt k-means (1 disables the local table).
-    min_cluster_pairs: data clusters smaller than this are left out of the local table.
-    top_k_trace: concepts traced to their pairs; trace_pairs: pairs listed per traced concept.
-    cluster_label_members: with labels on, the best-ranked tested members labelled per feature
-        cluster, for the top `top_k_trace` clusters (paper method: the cluster table's names).
-
-    Paper method (defaults are the paper's; `seed` also seeds Leiden and k-means):
-    tau: a feature is active in a span when its firing frequency exceeds τ (0.01).
-    cofire_top_fraction: fraction of all feature pairs kept as co-firing edges, by NMI (0.01).
-    cofire_min_tokens: a feature enters the co-firing graph only if it fires on at least this many
-        corpus tokens ("fire often enough"; 10, our choice).
-    min_cluster_size: Leiden communities with fewer features are dropped (4).
-    leiden_resolution: RBConfiguration resolution (1.0 = modularity).
-    cofire_block_size: features per block of the sparse XᵀX (memory / speed only, same result).
-    silent_percentile: pairs with total symmetric activity below this percentile are set aside (5).
-    n_data_clusters: K of the spherical k-means (8 here; the paper picks K per dataset).
-    local_min_features / local_min_pairs: the filters |T_m| ≥ 10 and n_k ≥ 25 of the local table.
-    cluster_examples: example pairs kept per feature cluster (report).
-    cluster_target_size: None (default) clusters at `leiden_resolution`; "auto" or a number of
-        features per cluster picks each hook's resolution by a rule that never sees the
-        preferences: the resolution (powers of 2 from 1/16 to 1024) whose kept clusters have a
-        mean size nearest the target; "auto" is the paper's ≈ 80 features per cluster at 65,536
-        features scaled by √(d_sae/65,536), about 7 at 512 (`audit.cofiring.choose_resolution`).
-
-    Prediction (either method):
-    predictor: what `predicted_shift` of the cluster table holds. "paper" (default): each
-        cluster's own mean chosen − rejected disparity (Δ). "tilt": a Bradley–Terry reward fitted
-        jointly on all clusters' activities, propagated as the tilt exp(t·w·a) of the dataset's
-        responses (`audit.tilt`); the table also gets `predicted_shift_first_order`,
-        `tilt_weight` and `tilt_sample`, and Δ stays in `delta`.
-    tilt_scale: t of the tilt (1: the fitted reward as is; DPO's exact optimum is 1/β).
-    tilt_folds: K of the K-fold pair cross-validation that picks the L2 strength (5).
-    """
-
-    method: str = "paired"
-    stat: str | None = None
-    n_bootstrap: int = 1000
-    seed: int = 0
-    alpha: float = 0.05
-    confidence: float = 0.95
-    min_fire_count: int = 5
-    length_control: bool = True
-    top_n_cluster: int = 200
-    n_clusters: int | None = None
-    n_data_clusters: int = 8
-    min_cluster_pairs: int = 20
-    top_k_trace: int = 10
-    trace_pairs: int = 5
-    snippet_chars: int = 200
-    cluster_label_members: int = 3
-    tau: float = 0.01
-    cofire_top_fraction: float = 0.01
-    cofire_min_tokens: int = 10
-    min_cluster_size: int = 4
-    leiden_resolution: float = 1.0
-    cofire_block_size: int = 256
-    silent_percentile: float = 5.0
-    local_min_features: int = 10
-    local_min_pairs: int = 25
-    cluster_examples: int = 3
-    cluster_target_size: float | str | None = None
-    predictor: str = "paper"
-    tilt_scale: float = 1.0
-    tilt_folds: int = 5
-
-    def resolved(self) -> AuditOptions:
-        """These options with `stat` filled in for the method."""
-        if self.stat is not None:
-            return self
-        return replace(self, stat="freq" if self.method == "paper" else "max")
-
-    def validate(self, features: SpanFeatures | None = None) -> None:
-        def bad(name: str, value: Any, need: str) -> ValueError:
-            return ValueError(f"audit option {name}={value!r} is invalid: {need}")
-
-        if self.method not in METHODS:
-            raise bad("method", self.method, f"choose one of {', '.join(METHODS)}")
-        if self.predictor not in PREDICTORS:
-            raise bad("predictor", self.predictor, f"choose one of {', '.join(PREDICTORS)}")
-        if not (isinstance(self.tilt_scale, int | float) and not isinstance(self.tilt_scale, bool)
-                and np.isfinite(self.tilt_scale) and self.tilt_scale > 0):
-            raise bad("tilt_scale", self.tilt_scale, "must be a number > 0 (1: the fitted reward as is)")
-        if isinstance(self.tilt_folds, bool) or not isinstance(self.tilt_folds, int | np.integer) or self.tilt_folds < 2:
-            raise bad("tilt_folds", self.tilt_folds, "must be an integer >= 2")
-        check_target_size(self.cluster_target_size)
-        if self.stat is not None and self.stat not in STATS:
-            raise bad("stat", self.stat, f"choose one of {', '.join(STATS)}")
-        if self.method == "paper" and self.stat not in (None, "freq"):
-            raise bad("stat", self.stat, "method='paper' compares firing frequencies; drop stat or pass stat='freq'")
-        for name, low in (("cofire_min_tokens", 1), ("min_cluster_size", 1), ("cofire_block_size", 1),
-                          ("local_min_features", 1), ("local_min_pairs", 1), ("cluster_examples", 0),
-                          ("cluster_label_members", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-                raise bad(name, value, f"must be an integer >= {low}")
-        if not (isinstance(self.tau, int | float) and 0 <= self.tau < 1):
-            raise bad("tau", self.tau, "the firing-frequency threshold must be in [0, 1) (paper: 0.01)")
-        if not (isinstance(self.cofire_top_fraction, int | float) and 0 < self.cofire_top_fraction <= 1):
-            raise bad("cofire_top_fraction", self.cofire_top_fraction, "must be in (0, 1] (paper: 0.01)")
-        if not (isinstance(self.leiden_resolution, int | float) and self.leiden_resolution > 0):
-            raise bad("leiden_resolution", self.leiden_resolution, "must be > 0 (1.0 = modularity)")
-        if not (isinstance(self.silent_percentile, int | float) and 0 <= self.silent_percentile < 100):
-            raise bad("silent_percentile", self.silent_percentile, "must be in [0, 100) (paper: 5)")
-        stat = self.resolved().stat
-        for name, low in (("n_bootstrap", 0), ("min_fire_count", 1), ("top_n_cluster", 1), ("n_data_clusters", 1),
-                          ("min_cluster_pairs", 4), ("top_k_trace", 0), ("trace_pairs", 1), ("snippet_chars", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-                raise bad(name, value, f"must be an integer >= {low}")
-        if self.n_clusters is not None and (not isinstance(self.n_clusters, int | np.integer) or self.n_clusters < 1):
-            raise bad("n_clusters", self.n_clusters, "must be an integer >= 1 or None")
-        if not 0 < self.alpha < 1:
-            raise bad("alpha", self.alpha, "must be in (0, 1)")
-        if not 0 < self.confidence < 1:
-            raise bad("confidence", self.confidence, "must be in (0, 1), e.g. 0.95")
-        if features is None:
-            return
-        if features.n_pairs < 4:
-            raise ValueError(f"the audit needs at least 4 pairs (split halves of 2), got {features.n_pairs}")
-        prompt = self.n_data_clusters > 1 and self.method == "paired"
-        spans = ("chosen", "rejected") + (("prompt",) if prompt else ())
-        for hook in features.hooks:
-            for span in spans:
-                if (hook, span, stat) not in features.matrices:
-                    fix = " (or pass n_data_clusters=1 to skip data clusters)" if span == "prompt" else ""
-                    raise ValueError(f"span features lack (hook={hook!r}, span={span!r}, stat={stat!r}); "
-                                     f"extract that statistic or pick a stat that was extracted{fix}")
-        if self.predictor == "tilt":
-            for hook in features.hooks:
-                for span in ("chosen", "rejected"):
-                    if (hook, span, "freq") not in features.matrices:
-                        raise ValueError(f"predictor='tilt' reads each pair's cluster activity from firing "
-                                         f"frequencies, but the span features lack (hook={hook!r}, span={span!r}, "
-                                         "stat='freq'); extract 'freq' or pass predictor='paper'")
-        if self.length_control and not {"chosen", "rejected"} <= set(features.lengths):
-            raise ValueError("length_control needs features.lengths['chosen'] and ['rejected']; "
-                             "pass length_control=False for features without span lengths")
+REPORT_CONCEPTS = 100  # concepts the report lists (render_report's max_concepts): all get a label
 
 
 def _length_diff(features: SpanFeatures, options: AuditOptions) -> np.ndarray | None:
@@ -359,60 +211,13 @@ def _meta(features: SpanFeatures, opts: AuditOptions, concepts: pd.DataFrame) ->
     return meta
 
 
-def check_feature_clusters(assign: Any, features: SpanFeatures) -> pd.DataFrame:
-    """`assign` as a clean (hook, cluster, feature) table; errors name the bad column, hook or feature."""
-    if not isinstance(assign, pd.DataFrame):
-        raise TypeError(f"feature_clusters must be a pandas DataFrame (hook, cluster, feature), got {type(assign).__name__}")
-    missing = [c for c in CLUSTER_COLUMNS if c not in assign.columns]
-    if missing:
-        raise ValueError(f"feature_clusters lacks column(s) {missing}; pass a table with hook, cluster, feature "
-                         "(e.g. AuditResult.feature_clusters)")
-    out = assign[list(CLUSTER_COLUMNS)].astype({"cluster": np.int64, "feature": np.int64}).reset_index(drop=True)
-    unknown = sorted(set(out["hook"]) - set(features.hooks))
-    if unknown:
-        raise ValueError(f"feature_clusters names hook(s) {unknown} that are not in the audited features "
-                         f"{features.hooks}")
-    for hook, part in out.groupby("hook"):
-        bad = part["feature"][(part["feature"] < 0) | (part["feature"] >= features.d_sae[hook])]
-        if len(bad):
-            raise ValueError(f"feature_clusters: feature {int(bad.iloc[0])} is out of range for hook {hook!r} "
-                             f"(d_sae={features.d_sae[hook]})")
-    if out.duplicated(["hook", "feature"]).any():
-        raise ValueError("feature_clusters lists a (hook, feature) twice; each feature belongs to one cluster")
-    if (out.groupby("cluster")["hook"].nunique() > 1).any():
-        raise ValueError("feature_clusters: a cluster spans several hooks; a cluster's features share one hook")
-    return out
-
-
-def _paper_clusters(features: SpanFeatures, opts: AuditOptions, token_firing: Mapping[str, Any] | None,
-                    given: pd.DataFrame | None) -> pd.DataFrame:
-    if given is not None:
-        return check_feature_clusters(given, features)
-    if token_firing is None:
-        raise ValueError("method='paper' clusters features by token-level co-firing: pass token_firing={hook: "
-                         "binary token x feature matrix} (concepts.token_firing) or feature_clusters=<table of an "
-                         "earlier audit>; audit_dataset(..., method='paper') computes it from the model")
-    missing = [h for h in features.hooks if h not in token_firing]
-    if missing:
-        raise ValueError(f"token_firing lacks hook(s) {missing}; give one firing matrix per audited hook")
-    for hook in features.hooks:
-        width = token_firing[hook].shape[1]
-        if width != features.d_sae[hook]:
-            raise ValueError(f"token_firing[{hook!r}] has {width} columns but the hook's SAE has "
-                             f"d_sae={features.d_sae[hook]}; collect it with the audit's SAE")
-    return cofiring_clusters({h: token_firing[h] for h in features.hooks}, min_tokens=opts.cofire_min_tokens,
-                             top_fraction=opts.cofire_top_fraction, min_cluster_size=opts.min_cluster_size,
-                             resolution=opts.leiden_resolution, seed=opts.seed, block_size=opts.cofire_block_size,
-                             target_size=opts.cluster_target_size)
-
-
 def _paper_audit(
     features: SpanFeatures, opts: AuditOptions, row_map: dict[int, Any] | None, labels: Mapping | None,
     contexts: list[dict[str, Any]] | None, saes: Mapping[str, Any] | None,
     token_firing: Mapping[str, Any] | None, given_clusters: pd.DataFrame | None,
 ) -> AuditResult:
     """The feature-conditioned audit (module docstring); per-feature rows on 1{freq > τ}."""
-    assign = _paper_clusters(features, opts, token_firing, given_clusters)
+    assign = paper_clusters(features, opts, token_firing, given_clusters)
     act = fc.active_features(features, opts.tau, stat=opts.stat)
     parity = np.arange(features.n_pairs) % 2 == 0  # split halves by index parity
     concepts = _feature_table(act, opts, labels, stat="active", halves=parity, rank_by="delta_min")
@@ -554,7 +359,7 @@ def audit_dataset(
     saes = dict(getattr(lens, "saes", {}) or {})
     extra: dict[str, Any] = {}
     if method == "paper":
-        extra["feature_clusters"] = feature_clusters if feature_clusters is not None else _cofiring_clusters_of(
+        extra["feature_clusters"] = feature_clusters if feature_clusters is not None else lens_cofiring_clusters(
             lens, tokenizer, pairs, opts, corpus=cofire_corpus, max_tokens=cofire_max_tokens, batch_size=batch_size,
             threshold=threshold, max_length=max_length, out_dir=out_dir, firing=features.token_firing)
     result = audit_features(features, rows=rows, labels=labels, saes=saes or None, **extra, **options)
@@ -565,61 +370,26 @@ def audit_dataset(
     return result
 
 
-def _cofiring_clusters_of(
-    lens: Any, tokenizer: Any, pairs: Sequence[Any], opts: AuditOptions, *, corpus: Sequence[Any] | None,
-    max_tokens: int | None, batch_size: int, threshold: float, max_length: int, out_dir: str | os.PathLike | None,
-    firing: Mapping[str, Any] | None = None,
-) -> pd.DataFrame:
-    """Feature clusters from the co-firing corpus through the lens (cached under out_dir when given);
-    `firing`: the pairs' token firing the extraction kept, used instead of a second pass."""
-    from lightning_anatomy.concepts.token_firing import pair_span_firing, sequence_firing
-    from lightning_anatomy.data.tokenize import resolve_pad_token_id
-    from lightning_anatomy.digests import combined_digest, model_digest, pairs_digest
-    from lightning_anatomy.files import atomic_write_file
-
-    pad = resolve_pad_token_id(tokenizer)
-    sequences = None
-    if corpus is not None:
-        items = list(corpus)
-        if not items:
-            raise ValueError("cofire_corpus is empty; pass texts or token-id lists, or None for the dataset's spans")
-        sequences = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] if isinstance(t, str)
-                     else [int(i) for i in t] for t in items]
-    settings = {k: getattr(opts, k) for k in ("cofire_min_tokens", "cofire_top_fraction", "min_cluster_size",
-                                              "leiden_resolution", "seed")}
-    if opts.cluster_target_size is not None:  # (absent otherwise: earlier caches keep their keys)
-        settings["cluster_target_size"] = opts.cluster_target_size
-    key = combined_digest("cofiring-clusters-v1", model_digest(lens.model),
-                          {h: model_digest(sae) for h, sae in lens.saes.items()},
-                          pairs_digest(pairs) if sequences is None else combined_digest(sequences, length=64),
-                          float(threshold), max_tokens, settings)
-    cache = None if out_dir is None else Path(out_dir) / "cofiring" / f"clusters-{key}.parquet"
-    if cache is not None and cache.is_file():
-        return pd.read_parquet(cache)
-    if sequences is not None:
-        firing = sequence_firing(lens, sequences, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
-                                 max_tokens=max_tokens)
-    elif firing is None or max_tokens is not None:  # else: the same corpus, already read by the extraction
-        firing = pair_span_firing(lens, pairs, pad_token_id=pad, batch_size=batch_size, threshold=threshold,
-                                  max_tokens=max_tokens)
-    clusters = cofiring_clusters(firing, min_tokens=opts.cofire_min_tokens, top_fraction=opts.cofire_top_fraction,
-                                 min_cluster_size=opts.min_cluster_size, resolution=opts.leiden_resolution,
-                                 seed=opts.seed, block_size=opts.cofire_block_size,
-                                 target_size=opts.cluster_target_size)
-    if cache is not None:
-        atomic_write_file(cache, lambda tmp: clusters.to_parquet(tmp, index=False))
-    return clusters
-
-
 def _to_label(result: AuditResult) -> dict[str, tuple[list[int], list[int]]]:
     """{hook: (features, row ids of the pairs to read them on)}: the traced concepts on their traced
-    pairs, and (paper method) the best-ranked tested members of the top `top_k_trace` feature
+    pairs, the other concepts the report lists (`REPORT_CONCEPTS`) on their two strongest pairs,
+    and (paper method) the best-ranked tested members of the top `top_k_trace` feature
     clusters on the clusters' example pairs, so that the cluster table names what they are."""
     plan: dict[str, tuple[dict[int, None], dict[int, None]]] = {}
     for hook, part in result.traces.groupby("hook", sort=False):
         feats, rows = plan.setdefault(str(hook), ({}, {}))
         feats.update(dict.fromkeys(int(f) for f in part["feature"]))
         rows.update(dict.fromkeys(int(r) for r in part["row_id"]))
+    if result.features is not None:  # every concept the report lists, read on its 2 strongest pairs
+        for hook, part in result.concepts.head(REPORT_CONCEPTS).groupby("hook", sort=False):
+            if str(hook) not in result.features.d_sae:
+                continue
+            feats, rows = plan.setdefault(str(hook), ({}, {}))
+            extra = [int(f) for f in part["feature"] if int(f) not in feats]
+            if extra:
+                traced = trace_pairs(result.features, str(hook), extra, stat=result.stat, k=2)
+                feats.update(dict.fromkeys(int(f) for f in traced["feature"]))
+                rows.update(dict.fromkeys(int(r) for r in traced["row_id"]))
     n_members = int(result.options.get("cluster_label_members", 0))
     if n_members and result.options.get("method") == "paper" and len(result.clusters):
         rank = {(str(h), int(f)): int(r) for h, f, r in result.concepts[["hook", "feature", "rank"]].itertuples(index=False)}

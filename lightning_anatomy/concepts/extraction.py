@@ -6,7 +6,8 @@ processed in length-sorted batches (less padding); batches are grouped into fixe
 boundaries depend only on the data and settings, never on the number of devices, so a run
 killed on 8 GPUs can resume on 1 and give the same bytes. Each shard is written atomically and
 recorded only once complete; `manifest.json` carries a fingerprint of the pairs, lens and
-settings so a rerun never mixes results from different inputs.
+settings so a rerun never mixes results from different inputs (the directory's format, and
+reading it back: `concepts.feature_store`).
 
 Multi-process runs go through `Trainer.predict`: shard k of the pending ones goes to rank
 k mod world_size (no DistributedSampler), each rank writes its own shard files and records them
@@ -26,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,17 +37,31 @@ import lightning.pytorch as pl
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_anatomy.concepts.feature_store import (
+    JOURNAL_RE,
+    MANIFEST,
+    SHARD_RE,
+    ExtractionError,
+    assemble,
+    check_dir,
+    load_span_features,
+    matrix_keys,
+    new_manifest,
+    read_manifest,
+    recorded_shards,
+    recorded_token_firing,
+    shard_intact,
+    write_json,
+    write_shard,
+)
 from lightning_anatomy.concepts.lens import ConceptLens, span_stats
 from lightning_anatomy.concepts.span_features import SPANS, STATS, SpanFeatures
 from lightning_anatomy.concepts.token_firing import masked_firing, pair_firing_mask
 from lightning_anatomy.data.tokenize import TokenizedPair, collate_pairs
 from lightning_anatomy.digests import full_model_digest, model_digest, pairs_digest
-from lightning_anatomy.files import atomic_write_bytes
 from lightning_anatomy.models.loading import max_positions
 from lightning_anatomy.sharding import (
     fsdp2_data_mesh,
@@ -59,16 +73,8 @@ from lightning_anatomy.sharding import (
 
 __all__ = ["ExtractionError", "extract_span_features", "load_span_features", "recorded_token_firing"]
 
-MANIFEST = "manifest.json"
-FORMAT = "lightning-anatomy/span-features"
-VERSION = 1
 DEFAULT_BATCHES_PER_SHARD = 64
-_SHARD_RE = re.compile(r"^shard-\d+-\d+\.safetensors$")
-_JOURNAL_RE = re.compile(r"^journal-rank(\d+)\.json$")
-
-
-class ExtractionError(ValueError):
-    """An extraction cannot start or an output directory cannot be used or read."""
+_write_shard = write_shard  # the one shard write (tests patch it here to kill a run mid-shard)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,95 +153,6 @@ def _fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _matrix_keys(settings: dict[str, Any]) -> list[tuple[str, str, str]]:
-    return [(h, span, stat) for h in settings["hooks"] for span in SPANS for stat in settings["stats"]]
-
-
-# --------------------------------------------------------------------------------------------
-# Files: atomic writes, shards, manifest and per-rank journals
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> dict[str, Any]:
-    """Write one shard atomically; return its manifest entry fields (sha256, bytes)."""
-    data = st_save(arrays, metadata=metadata)
-    atomic_write_bytes(path, data)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExtractionError(f"{path} is not valid JSON ({e}); delete the directory and rerun the extraction") from None
-    if manifest.get("format") != FORMAT:
-        raise ExtractionError(f"{path} is not a span-feature manifest (format={manifest.get('format')!r})")
-    return manifest
-
-
-def _recorded_shards(out_dir: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Shards recorded in the manifest or in a rank's journal (a killed multi-process run)."""
-    done = {int(e["index"]): e for e in manifest["shards"]}
-    for path in sorted(out_dir.iterdir()):
-        if _JOURNAL_RE.match(path.name):
-            journal = json.loads(path.read_text())
-            if journal.get("fingerprint") == manifest["fingerprint"]:
-                done.update({int(e["index"]): e for e in journal["shards"]})
-    return done
-
-
-def _shard_intact(out_dir: Path, entry: dict[str, Any]) -> bool:
-    path = out_dir / entry["file"]
-    if not path.is_file() or path.stat().st_size != entry["bytes"]:
-        return False
-    return hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
-
-
-def _new_manifest(fingerprint: str, settings: dict[str, Any], plan: _Plan) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "fingerprint": fingerprint,
-        "settings": settings,
-        "matrices": [list(k) for k in _matrix_keys(settings)],
-        "n_shards": plan.n_shards,
-        "shard_rows": [list(r) for r in plan.shard_rows],
-        "shards": [],
-        "complete": False,
-    }
-
-
-def _check_dir(out_dir: Path, fingerprint: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """Read-only check every rank can run: the manifest (if any) must be for the same job."""
-    if not out_dir.exists():
-        return None
-    if not out_dir.is_dir():
-        raise ExtractionError(f"out_dir {out_dir} exists and is not a directory; pass a directory path")
-    manifest = _read_manifest(out_dir)
-    if manifest is None:
-        leftovers = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
-        if leftovers:
-            raise ExtractionError(
-                f"out_dir {out_dir} is not empty ({', '.join(sorted(leftovers)[:3])}, ...) and has no {MANIFEST}; "
-                "use a new directory or an empty one"
-            )
-        return None
-    if manifest["fingerprint"] != fingerprint:
-        old = manifest.get("settings", {})
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise ExtractionError(
-            f"out_dir {out_dir} holds an extraction with a different fingerprint (changed: {', '.join(changed) or '?'}): "
-            "it was made from other pairs, lens or settings. Use a new out_dir, or delete this one to start over"
-        )
-    return manifest
-
-
 # --------------------------------------------------------------------------------------------
 # Sparse per-batch statistics
 
@@ -276,13 +193,6 @@ class _ShardBuffer:
             out[f"t{j}.indices"] = np.ascontiguousarray(t.indices, dtype=np.int32)
             out[f"t{j}.indptr"] = np.ascontiguousarray(t.indptr, dtype=np.int64)
         return out
-
-
-def _csr_from(arrays: dict[str, np.ndarray], i: int, d_sae: int) -> sp.csr_matrix:
-    indptr = arrays[f"m{i}.indptr"]
-    return sp.csr_matrix(
-        (arrays[f"m{i}.data"], arrays[f"m{i}.indices"], indptr), shape=(len(indptr) - 1, d_sae)
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +249,7 @@ class _ExtractionModule(pl.LightningModule):
         self.lm = lens.model
         self.saes = nn.ModuleList(_lens_saes(lens).values())
         self.job = job
-        self.keys = _matrix_keys(job.settings)
+        self.keys = matrix_keys(job.settings)
         self.row_ids = np.array([p.row_id for p in job.pairs], dtype=np.int64)
         self.results: dict[int, dict[str, np.ndarray]] = {}
         self._buffers: dict[int, _ShardBuffer] = {}
@@ -360,14 +270,14 @@ class _ExtractionModule(pl.LightningModule):
         if job.out_dir is None:
             return list(range(job.plan.n_shards))
         job.out_dir.mkdir(parents=True, exist_ok=True)
-        manifest = _check_dir(job.out_dir, job.fingerprint, job.settings) or _new_manifest(job.fingerprint, job.settings, job.plan)
-        done = {k: e for k, e in _recorded_shards(job.out_dir, manifest).items() if _shard_intact(job.out_dir, e)}
+        manifest = check_dir(job.out_dir, job.fingerprint, job.settings) or new_manifest(job.fingerprint, job.settings, job.plan)
+        done = {k: e for k, e in recorded_shards(job.out_dir, manifest).items() if shard_intact(job.out_dir, e)}
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["complete"] = len(done) == job.plan.n_shards
-        _write_json(job.out_dir / MANIFEST, manifest)
+        write_json(job.out_dir / MANIFEST, manifest)
         keep = {e["file"] for e in done.values()}
         for path in job.out_dir.iterdir():  # journals are merged; partial or unrecorded shards redone
-            stale = _JOURNAL_RE.match(path.name) or (_SHARD_RE.match(path.name) and path.name not in keep)
+            stale = JOURNAL_RE.match(path.name) or (SHARD_RE.match(path.name) and path.name not in keep)
             partial = path.name.startswith((".shard-", f".{MANIFEST}.", ".journal-rank")) and (
                 path.name.endswith(".tmp") or ".tmp-" in path.name)  # temps of older versions, then of files.py
             if stale or partial:
@@ -442,13 +352,13 @@ class _ExtractionModule(pl.LightningModule):
         out_dir = self.job.out_dir
         assert out_dir is not None
         if self.global_rank == 0:
-            manifest = _read_manifest(out_dir)
+            manifest = read_manifest(out_dir)
             assert manifest is not None
             manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["index"])
-            _write_json(out_dir / MANIFEST, manifest)
+            write_json(out_dir / MANIFEST, manifest)
         else:
             self._journal.append(entry)
-            _write_json(out_dir / f"journal-rank{self.global_rank}.json",
+            write_json(out_dir / f"journal-rank{self.global_rank}.json",
                         {"fingerprint": self.job.fingerprint, "shards": self._journal})
 
     def finalize(self) -> None:
@@ -465,87 +375,16 @@ class _ExtractionModule(pl.LightningModule):
         strategy = self.trainer.strategy
         strategy.barrier("span_features_shards_written")
         if self.global_rank == 0:
-            manifest = _read_manifest(out_dir)
+            manifest = read_manifest(out_dir)
             assert manifest is not None
-            done = _recorded_shards(out_dir, manifest)
+            done = recorded_shards(out_dir, manifest)
             manifest["shards"] = [done[k] for k in sorted(done)]
             manifest["complete"] = len(done) == self.job.plan.n_shards
-            _write_json(out_dir / MANIFEST, manifest)
+            write_json(out_dir / MANIFEST, manifest)
             for path in out_dir.iterdir():
-                if _JOURNAL_RE.match(path.name):
+                if JOURNAL_RE.match(path.name):
                     path.unlink()
         strategy.barrier("span_features_manifest_written")
-
-
-# --------------------------------------------------------------------------------------------
-# Assembly
-
-
-def _assemble(
-    shards: list[dict[str, np.ndarray]], settings: dict[str, Any], fingerprint: str, meta: dict[str, Any]
-) -> SpanFeatures:
-    """Stack shards (processing order) and put rows back into the order of `pairs`."""
-    keys = _matrix_keys(settings)
-    n = settings["n_pairs"]
-    positions = np.concatenate([s["positions"] for s in shards])
-    if len(positions) != n or not np.array_equal(np.sort(positions), np.arange(n)):
-        raise ExtractionError(f"shards cover {len(positions)} rows, expected each of the {n} pairs exactly once")
-    back = np.argsort(positions, kind="stable")
-    matrices = {}
-    for i, key in enumerate(keys):
-        d_sae = settings["hooks"][key[0]]
-        m = sp.vstack([_csr_from(s, i, d_sae) for s in shards], format="csr")[back]
-        m.sort_indices()
-        matrices[key] = m
-    token_firing = None
-    if settings.get("token_firing"):
-        token_firing = {hook: sp.vstack([_token_csr_from(s, j, d_sae) for s in shards], format="csr")
-                        for j, (hook, d_sae) in enumerate(settings["hooks"].items())}
-    return SpanFeatures(
-        row_ids=np.concatenate([s["row_ids"] for s in shards])[back],
-        lengths={span: np.concatenate([s[f"lengths.{span}"] for s in shards])[back] for span in SPANS},
-        matrices=matrices,
-        d_sae=dict(settings["hooks"]),
-        threshold=settings["threshold"],
-        meta={"fingerprint": fingerprint, "stats": list(settings["stats"]), **meta},
-        token_firing=token_firing,
-    )
-
-
-def _token_csr_from(arrays: dict[str, np.ndarray], j: int, d_sae: int) -> sp.csr_matrix:
-    indices, indptr = arrays[f"t{j}.indices"], arrays[f"t{j}.indptr"]
-    return sp.csr_matrix((np.ones(len(indices), dtype=np.int32), indices, indptr), shape=(len(indptr) - 1, d_sae))
-
-
-def recorded_token_firing(out_dir: str | os.PathLike | None) -> bool | None:
-    """Whether the extraction in `out_dir` keeps token firing (None: no extraction there yet), so a
-    caller can ask for what the directory already holds instead of a different fingerprint."""
-    manifest = None if out_dir is None or not Path(out_dir).is_dir() else _read_manifest(Path(out_dir))
-    return None if manifest is None else bool(manifest.get("settings", {}).get("token_firing", False))
-
-
-def load_span_features(out_dir: str | os.PathLike) -> SpanFeatures:
-    """Read a complete extraction back (every shard's sha256 is checked against the manifest)."""
-    out_dir = Path(out_dir)
-    manifest = _read_manifest(out_dir)
-    if manifest is None:
-        raise ExtractionError(f"{out_dir} has no {MANIFEST}; run extract_span_features(..., out_dir=...) first")
-    if not manifest["complete"]:
-        raise ExtractionError(
-            f"extraction in {out_dir} is incomplete ({len(manifest['shards'])} of {manifest['n_shards']} shards); "
-            "rerun extract_span_features with the same pairs, lens and settings to resume it"
-        )
-    shards = []
-    for entry in manifest["shards"]:
-        path = out_dir / entry["file"]
-        if not path.is_file():
-            raise ExtractionError(f"shard file {path} listed in the manifest is missing; delete {out_dir} and rerun")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ExtractionError(f"shard file {path} does not match its sha256 in the manifest (corrupt or replaced); "
-                                  f"delete {out_dir} and rerun")
-        shards.append(st_load(data))
-    return _assemble(shards, manifest["settings"], manifest["fingerprint"], {"out_dir": str(out_dir)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +482,7 @@ def extract_span_features(
     fingerprint = _fingerprint(settings)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
-        manifest = _check_dir(out_path, fingerprint, settings)  # every rank, before any heavy work
+        manifest = check_dir(out_path, fingerprint, settings)  # every rank, before any heavy work
         if manifest is not None and manifest["complete"]:
             return load_span_features(out_path)
 
@@ -680,4 +519,4 @@ def extract_span_features(
                 m.to(devices[id(m)])
     if out_path is not None:
         return load_span_features(out_path)
-    return _assemble([module.results[k] for k in sorted(module.results)], settings, fingerprint, {})
+    return assemble([module.results[k] for k in sorted(module.results)], settings, fingerprint, {})
