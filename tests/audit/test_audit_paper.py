@@ -289,10 +289,14 @@ def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path
     assert corpus.options["method"] == "paper"
 
 
-def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs():
+def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs(monkeypatch):
     """With few traced concepts, the cluster table would name few clusters: the best-ranked
-    tested members of the top clusters get labels and contexts too (cluster_label_members)."""
+    tested members of the top clusters get labels and contexts too (cluster_label_members).
+    The other rule, every concept the report lists gets a label, is switched off here to see this one."""
+    from lightning_anatomy.audit import run
     from lightning_anatomy.models.tiny import build_tiny_tokenizer
+
+    monkeypatch.setattr(run, "REPORT_CONCEPTS", 0)
     from tests.audit.test_audit_end_to_end import build_lens, planted_rows
 
     tokenizer, lens, rows = build_tiny_tokenizer(), build_lens(vocab_size=260), planted_rows(48)
