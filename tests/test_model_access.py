@@ -210,6 +210,7 @@ def test_editing_hooks_work_on_tuple_and_tensor_outputs():
         assert torch.equal(model(ids).logits, base)  # hooks were removed
 
 
+@pytest.mark.slow
 def test_peft_wrapped_model_resolves_to_the_same_modules():
     peft = pytest.importorskip("peft")
     model = build_tiny_model("llama", num_layers=2, hidden_size=32, num_heads=4)

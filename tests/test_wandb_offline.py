@@ -115,6 +115,7 @@ def test_corruption_and_truncation_are_reported(tmp_path):
         find_offline_runs(tmp_path / "absent")
 
 
+@pytest.mark.slow
 def test_lightning_wandb_logger_metrics_read_back(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 

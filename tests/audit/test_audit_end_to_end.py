@@ -63,6 +63,7 @@ def marker_features(lens: ConceptLens, tokenizer, rows: list[PreferenceRow]) -> 
     return set(torch.nonzero(at_marker[has_marker].mean(0) > elsewhere).flatten().tolist())
 
 
+@pytest.mark.slow
 def test_planted_marker_through_the_model(tmp_path):
     tokenizer = build_tiny_tokenizer()
     lens = build_lens(vocab_size=260)

@@ -192,6 +192,7 @@ def planted():
     return result, blocks, 0.8 * (chosen - rejected)
 
 
+@pytest.mark.slow
 def test_paper_audit_contract_and_planted_predictions(planted, tmp_path):
     result, blocks, expected = planted
     assign = result.feature_clusters
@@ -253,6 +254,7 @@ def test_bad_cluster_inputs_are_named():
         cofiring_edges(sp.csr_matrix((4, 4)), min_tokens=0)
 
 
+@pytest.mark.slow
 def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path, monkeypatch):
     from lightning_anatomy.models.tiny import build_tiny_tokenizer
     from tests.audit.test_audit_end_to_end import build_lens, planted_rows
@@ -289,6 +291,7 @@ def test_audit_dataset_paper_through_a_tiny_model_and_its_cluster_cache(tmp_path
     assert corpus.options["method"] == "paper"
 
 
+@pytest.mark.slow
 def test_top_clusters_best_members_are_labelled_on_the_clusters_example_pairs(monkeypatch):
     """With few traced concepts, the cluster table would name few clusters: the best-ranked
     tested members of the top clusters get labels and contexts too (cluster_label_members).
@@ -340,6 +343,7 @@ def test_token_firing_counts_the_spans_tokens_in_a_measurement_pass():
     assert sequence_firing(lens, [[5, 6, 7, 8, 9]] * 3, max_tokens=7)[HOOK].shape[0] == 7
 
 
+@pytest.mark.slow
 def test_cofiring_scale_benchmark_quick(tmp_path):
     import json
 

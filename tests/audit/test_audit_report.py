@@ -144,6 +144,7 @@ def page(audited):
     return render_report(audited[0])
 
 
+@pytest.mark.slow
 def test_report_escapes_dataset_text_and_is_self_contained(page):
     assert_safe(page, EVIL)
     assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in page
@@ -160,6 +161,7 @@ def test_report_escapes_dataset_text_and_is_self_contained(page):
     assert len(csp) == 1 and csp[0].startswith("default-src 'none'; img-src data:;") and "script-src 'sha256-" in csp[0]
 
 
+@pytest.mark.slow
 def test_report_navigation_every_concept_and_cluster(audited):
     result, _ = audited
     page = render_report(result, max_concepts=40)
@@ -191,6 +193,7 @@ def test_report_labels_every_listed_concept_with_fallbacks(audited, page):
     assert shown and {w for _, w in shown} <= {"amplify", "suppress", "none"} and all(a == b for a, b in shown)
 
 
+@pytest.mark.slow
 def test_next_step_box_names_the_concept_set_and_the_train_command(audited, tmp_path, monkeypatch, capsys):
     import shlex
     from pathlib import Path
@@ -229,6 +232,7 @@ def _auroc_by_hand(d: np.ndarray) -> float:
     return float(((x > y).sum() + 0.5 * (x == y).sum()) / d.size ** 2)
 
 
+@pytest.mark.slow
 def test_summary_says_what_dpo_learns_with_direction_effect_and_confounding(audited, tmp_path):
     from scipy.stats import norm
 
@@ -266,6 +270,7 @@ def test_summary_says_what_dpo_learns_with_direction_effect_and_confounding(audi
     assert "<b>No concept passes</b>" in render_report(null)
 
 
+@pytest.mark.slow
 def test_details_are_collapsed_and_empty_views_left_out(audited, page):
     result, _ = audited
     sections = re.findall(r'<details class="sec" id="([^"]+)"( open)?>', page)
@@ -283,6 +288,7 @@ def test_details_are_collapsed_and_empty_views_left_out(audited, page):
     assert 'id="data-clusters"' not in render_report(one)  # one data cluster: no data-cluster views
 
 
+@pytest.mark.slow
 def test_labels_fall_back_to_the_tokens_a_concept_fires_on(audited):
     import dataclasses
 
@@ -297,6 +303,7 @@ def test_labels_fall_back_to_the_tokens_a_concept_fires_on(audited):
     assert cell == "fires on “sorry”, “cannot”, “&lt;b&gt;”"  # distinct tokens, best first, escaped
 
 
+@pytest.mark.slow
 def test_cofiring_heatmap_shows_only_the_top_clusters(audited, monkeypatch):
     import lightning_anatomy.audit.report as report
 
@@ -312,6 +319,7 @@ def test_cofiring_heatmap_shows_only_the_top_clusters(audited, monkeypatch):
     assert blocks[0][0] == int(best["cluster"]) and names[0].endswith(f"(c{int(best['cluster'])})")
 
 
+@pytest.mark.slow
 def test_plots_skip_what_the_result_lacks():
     features, _ = make_span_features(n_pairs=60, d_sae=40, planted=(3,), seed=2)
     result = audit_features(features, n_bootstrap=0, n_data_clusters=1, length_control=False)
@@ -333,6 +341,7 @@ def paper_result():
                           labels={(HOOK, 3): f"label {EVIL}"})
 
 
+@pytest.mark.slow
 def test_paper_report_has_the_same_navigation(paper_result):
     result = paper_result
     page = render_report(result, max_concepts=30)
@@ -365,6 +374,7 @@ def test_concepts_table_contract_and_traces(audited):
         result.trace(HOOK, 9999)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_is_atomic_and_complete(audited, tmp_path):
     result, _ = audited
     out = result.save(tmp_path / "audit")

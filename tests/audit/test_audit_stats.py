@@ -137,6 +137,7 @@ def test_rejected_side_marker_is_predicted_suppressed():
     assert top["feature"] == 11 and top["predicted_direction"] == "suppress" and top["delta"] < 0
 
 
+@pytest.mark.slow
 def test_no_signal_after_random_swaps_in_19_of_20_seeds():
     false_alarms = 0
     for seed in range(20):

@@ -40,6 +40,7 @@ def case():
     return model, sae, result, bias, prompts
 
 
+@pytest.mark.slow
 def test_a_policy_raising_exactly_the_flagged_clusters_gives_r2_near_1(case, tmp_path):
     model, sae, result, bias, prompts = case
     after = copy.deepcopy(model)
@@ -66,6 +67,7 @@ def test_a_policy_raising_exactly_the_flagged_clusters_gives_r2_near_1(case, tmp
     assert json.loads((out / "clusters.json").read_text())[0].keys() >= {"cluster", "predicted", "observed"}
 
 
+@pytest.mark.slow
 def test_an_unrelated_change_gives_r2_near_0(case):
     model, sae, result, bias, prompts = case
     after = copy.deepcopy(model)
@@ -131,6 +133,7 @@ class FrozenDPO(DPOModule):
         return torch.optim.SGD(self.policy.parameters(), lr=0.0)
 
 
+@pytest.mark.slow
 def test_drift_monitor_logs_the_cluster_r2_of_its_rollouts(case, tmp_path):
     model, sae, result, bias, _ = case
     probe = random_pairs(12, seed=2, start_id=100)
@@ -168,6 +171,7 @@ def test_drift_monitor_logs_the_cluster_r2_of_its_rollouts(case, tmp_path):
     assert fresh.state_key == cb.state_key != plain.state_key
 
 
+@pytest.mark.slow
 def test_cli_check_prediction_end_to_end(tmp_path, capsys):
     from pathlib import Path
 
@@ -197,6 +201,7 @@ def test_cli_check_prediction_end_to_end(tmp_path, capsys):
     assert "not a saved audit directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prediction_benchmark_quick_writes_the_contract(tmp_path):
     from tests.helpers.bench_loader import run_quick
 

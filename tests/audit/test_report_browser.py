@@ -56,6 +56,7 @@ def driver():
     browser.quit()
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(driver, report_file):
     driver.get(report_file.as_uri())
     js = driver.execute_script

@@ -198,6 +198,7 @@ def test_drift_monitor_takes_the_predictor(case):
         ConceptDriftMonitor({HOOK: sae}, random_pairs(2), predictor="tilt")
 
 
+@pytest.mark.slow
 def test_check_prediction_compares_predictors_on_the_same_reused_rollouts(case):
     model, sae, result, bias = case
     g = torch.Generator().manual_seed(5)

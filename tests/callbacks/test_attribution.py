@@ -110,6 +110,7 @@ def test_gradient_accumulation_sums_the_micro_batches_of_a_step():
     assert not torch.allclose(cb.last_push[POST0], single, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_one_capture_per_micro_batch_under_gradient_checkpointing(reentrant):
     # transformers checkpoints a block's forward, so hooks on sublayers (mlp_out) re-run in backward.
@@ -209,6 +210,7 @@ def _csv_rows(root) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_scalars_reach_csv_and_wandb_and_the_table_reaches_wandb(tmp_path, monkeypatch):
     import wandb
 

@@ -234,6 +234,7 @@ def _completion_acts(model, pairs) -> torch.Tensor:
     return block0(model.eval(), batch, reference=True)[batch["completion_mask"].bool()]
 
 
+@pytest.mark.slow
 def test_blocking_keeps_the_feature_from_rising_on_held_out_pairs():
     train, held_out = random_pairs(16, seed=1), random_pairs(16, seed=2, start_id=100)
 
@@ -393,6 +394,7 @@ def test_warmup_and_log_schedule():
     assert cb.state_dict()["blocked_steps"] == 5
 
 
+@pytest.mark.slow
 def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
     pairs = random_pairs(4, seed=9)  # 2 batches of 2: one epoch = 2 optimizer steps, no shuffling
 

@@ -202,6 +202,7 @@ def test_resume_keeps_the_original_step0_baseline(tmp_path):
 # --------------------------------------------------------------------------- W&B
 
 
+@pytest.mark.slow
 def test_wandb_gets_series_histogram_top_table_and_scatter(tmp_path, monkeypatch):
     import wandb
 

@@ -39,6 +39,7 @@ def _metrics(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_audit_then_fit_with_the_exported_concept_set(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "audit"
@@ -76,6 +77,7 @@ def test_audit_then_fit_with_the_exported_concept_set(tmp_path, capsys, monkeypa
     assert len([r for r in rows if r["train/loss"]]) == 2
 
 
+@pytest.mark.slow
 def test_fit_prints_where_everything_went_and_stores_the_resolved_config(tmp_path, capsys):
     save = tmp_path / "runs"
     assert main(["fit", "--config", TINY, "--trainer.max_steps=2", f"--trainer.logger.init_args.save_dir={save}",
@@ -125,6 +127,7 @@ def test_bad_fit_inputs_name_the_key_before_any_model_loads(override, message, n
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_bad_callback_specs_name_the_callback_and_key(no_model_loads, capsys, tmp_path):
     bad_concepts = ["--trainer.callbacks+=lightning_anatomy.ConceptProjection",
                     f"--trainer.callbacks.concepts={tmp_path / 'nope'}"]
@@ -137,6 +140,7 @@ def test_bad_callback_specs_name_the_callback_and_key(no_model_loads, capsys, tm
     assert "trainer.callbacks[0] (ConceptAttribution).saes['blocks.1.hook_resid_post']" in err and "random" in err
 
 
+@pytest.mark.slow
 def test_help_lists_every_key_with_type_and_default(capsys):
     assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
@@ -193,6 +197,7 @@ def test_unknown_command_and_bare_call(capsys):
     assert main(["--help"]) == 0 and "check-prediction" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_console_is_quiet_and_the_bar_counts_optimizer_steps(tmp_path, capfd):
     assert main(["fit", "--config", TINY, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                  f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 0

@@ -50,6 +50,7 @@ def audited(tmp_path_factory):
 # ---------------------------------------------------------------------------------------- user errors
 
 
+@pytest.mark.slow
 def test_bad_data_rows_name_the_on_bad_rows_flag(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\nnot json\n')
@@ -60,6 +61,7 @@ def test_bad_data_rows_name_the_on_bad_rows_flag(tmp_path, capsys):
     assert 'on_bad_rows="skip"' not in line
 
 
+@pytest.mark.slow
 def test_a_used_output_folder_names_output_dir(audited, capsys):
     out, _, _ = audited
     assert main(["audit", "--config", TINY_AUDIT, f"--output_dir={out}", "--audit.n_bootstrap=50",
@@ -112,6 +114,7 @@ def test_a_bad_checkpoint_path_names_ckpt_path(tmp_path, capsys):
     assert "ckpt_path='nope.ckpt' is not a file" in _one_error_line(capsys, "fit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "expected"), [
     (["--model.beta=-1"], "beta must be a finite number > 0, got beta=-1.0; TRL's default is beta=0.1 "
                           "(change --model.beta)"),
@@ -152,6 +155,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"anatomy {lightning_anatomy.__version__}"
 
 
+@pytest.mark.slow
 def test_help_shows_the_projects_keys_first_and_survives_a_closed_pipe(tmp_path):
     script = "import sys; from lightning_anatomy.cli import main; sys.exit(main())"
     done = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} fit --help | head -5",
@@ -163,6 +167,7 @@ def test_help_shows_the_projects_keys_first_and_survives_a_closed_pipe(tmp_path)
 # ---------------------------------------------------------------------------------------- the next step
 
 
+@pytest.mark.slow
 def test_the_audits_next_step_runs_as_printed(audited, tmp_path, monkeypatch):
     out, command, printed = audited
     assert "marked suppress" in printed

@@ -196,6 +196,7 @@ def test_out_dir_manifest_shards_and_rerun_skips(lens, pairs, reference, tmp_pat
         load_span_features(out)
 
 
+@pytest.mark.slow
 def test_hooks_not_in_name_order_read_back_from_disk(pairs, tmp_path):
     """manifest.json sorts its keys: shards written in the lens's hook order must still be read
     back under the right hook (two SAEs of one width would swap silently)."""

@@ -683,6 +683,7 @@ def test_hh_rlhf_reads_with_implicit_prompts(hh_rlhf_path):
     assert mean_bytes > 1.5  # the merges do shorten real text
 
 
+@pytest.mark.slow
 def test_hh_rlhf_copies_stay_on_one_side_of_the_split(hh_rlhf_path, tok, tmp_path):
     """Real transcripts with 40 rows copied: every copy lands beside its original; without them
     the split is the plain seeded permutation."""

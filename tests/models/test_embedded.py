@@ -224,6 +224,7 @@ def test_package_texts_round_robin_over_packages(tmp_path):
     assert _paragraph_chunks("short\n\n" + para, 1000) == [f"short\n\n{para.strip()}"]
 
 
+@pytest.mark.slow
 def test_train_topk_sae_recovers_sparse_structure_and_round_trips(tmp_path, one_thread):
     from sae_lens import SAE
 

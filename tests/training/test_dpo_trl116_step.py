@@ -123,6 +123,7 @@ def _fit(root, max_steps: int, **options: Any) -> tuple[MemoryLogger, list[int],
     return logger, tokens, module
 
 
+@pytest.mark.slow
 def test_num_tokens_is_cumulative_and_new_metrics_are_logged(tmp_path):
     logger, tokens, _ = _fit(tmp_path, 3)
     logged = [v for _, v in logger.series("train/num_tokens")]

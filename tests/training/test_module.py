@@ -48,6 +48,7 @@ def test_sequence_logps_exact():
     assert lengths.tolist() == [2.0, 2.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_short_fit_learns_toy_preference_and_changes_parameters(family, tmp_path):
     tok = build_tiny_tokenizer()
@@ -68,6 +69,7 @@ def test_short_fit_learns_toy_preference_and_changes_parameters(family, tmp_path
     assert ref_same, "the frozen reference copy must not change"
 
 
+@pytest.mark.slow
 def test_val_metrics_logged_under_val_prefix(tmp_path):
     tok = build_tiny_tokenizer()
     logger = CSVLogger(tmp_path, name="val")
@@ -223,6 +225,7 @@ def test_pair_weights_scale_the_loss():
     assert full != half
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch(tmp_path):
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
@@ -244,6 +247,7 @@ def test_gradient_accumulation_equals_big_batch(tmp_path):
         torch.testing.assert_close(v, results["accum"][1][k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     tok = build_tiny_tokenizer()
     init = build_tiny_model("gpt2", vocab_size=len(tok)).state_dict()
@@ -282,6 +286,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_cli_fit_on_tiny_config(tmp_path):
     from lightning_anatomy.cli import main
 
@@ -299,6 +304,7 @@ def test_cli_rejects_unknown_keys(tmp_path, capsys):
     assert "modle.policy" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard",
                                        "apo_zero", "apo_down", "discopop"])
 def test_every_loss_type_trains_the_policy(loss_type):

@@ -86,6 +86,7 @@ def _run(root: Path, max_steps: int, *, ckpt_path: str | None = None, stop_at: i
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stop_at", "accumulate"), [(3, 1), (4, 2)])
 def test_resumed_tr_dpo_run_logs_what_the_uninterrupted_run_logs(tmp_path, stop_at, accumulate):
     """τ = 2, 6 steps: mixes at steps 2, 4, 6. Interrupted right after a mix (4, with accumulation, where

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:SAE at .* explains only")
 TOTAL = 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["copy", "precomputed", "peft"])
 @pytest.mark.parametrize("stop", [5, 9], ids=["mid_epoch", "epoch_end"])
 def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(tmp_path, reference, stop):
@@ -35,6 +36,7 @@ def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(tmp_path, refe
     assert [k for k in expected if got[k] != expected[k]] == []  # exact in fp32 on CPU
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_no_reference_weights_and_the_precomputed_table(tmp_path):
     copy_run = run("copy", 4, tmp_path / "copy", stop_at=2)
     ckpt = torch.load(copy_run["ckpt"], weights_only=False, map_location="cpu")

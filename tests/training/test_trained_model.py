@@ -69,6 +69,7 @@ def test_save_pretrained_loads_back_with_the_trained_log_probs(tmp_path, peft):
     assert not torch.allclose(trained, _logps(build_tiny_model("gpt2", vocab_size=len(tok)).eval(), tok), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_fit_writes_checkpoints_and_a_loadable_model_and_says_where(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "lightning_anatomy.cli", "fit", "--config", str(REPO / "configs/tiny.yaml"),
@@ -96,6 +97,7 @@ def test_cli_fit_writes_checkpoints_and_a_loadable_model_and_says_where(tmp_path
     assert resumed.stdout.strip().splitlines()[-1] == f"saved model: {tmp_path / 'tiny' / 'version_1' / 'final'}"
 
 
+@pytest.mark.slow
 def test_cli_checks_checkpoint_and_save_options_before_loading(tmp_path, capsys):
     from lightning_anatomy.cli import main
 
