@@ -306,12 +306,13 @@ def test_labels_fall_back_to_the_tokens_a_concept_fires_on(audited):
 @pytest.mark.slow
 def test_cofiring_heatmap_shows_only_the_top_clusters(audited, monkeypatch):
     import lightning_anatomy.audit.report as report
+    import lightning_anatomy.audit.report_cluster_views as views
 
     result, _ = audited
     drawn = []
-    monkeypatch.setattr(report, "clustered_matrix_plot",
+    monkeypatch.setattr(views, "clustered_matrix_plot",
                         lambda mi, blocks, hook, names=None, title=None: drawn.append((mi.shape, blocks, names)) or "")
-    monkeypatch.setattr(report, "MAX_HEATMAP_SIDE", 3)
+    monkeypatch.setattr(views, "MAX_HEATMAP_SIDE", 3)
     render_report(result)
     ((shape, blocks, names),) = drawn
     assert shape[0] == shape[1] == len(names) <= 3 and sum(n for _, n in blocks) == len(names)
