@@ -26,8 +26,10 @@ demo: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/anatomy demo --config configs/demo.yaml
 
 # Everything CI runs: unit tests, multi-process (tests/distributed), benchmark smoke tests, docs blocks.
+# Two workers (pytest-xdist), a file per worker at a time: the tests run one thread each, and a
+# file's tests keep their order.
 test: venv
-	WANDB_MODE=offline $(PY) -m pytest tests
+	WANDB_MODE=offline $(PY) -m pytest tests -n 2 --dist loadfile
 
 # The inner loop: the unit tests (no `slow` mark, no multi-process, benchmark or docs-block tests).
 test-fast: venv
