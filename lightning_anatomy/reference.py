@@ -70,7 +70,9 @@ class ReferenceModel:
         return ref["chosen_logps"], ref["rejected_logps"]
 
     def _forward(self, batch: PreferenceBatch) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The reference forward of a mode that has one (copy, peft); `PrecomputedReference`
+        overrides `logps` instead and never calls this."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference forward; override logps or _forward")
 
     def forward_module(self) -> nn.Module | None:
         """The module the reference forward runs through (None: no forward runs)."""
