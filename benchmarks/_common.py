@@ -334,26 +334,31 @@ def bootstrap_mean(values: Sequence[float], n_boot: int, seed: int = 0) -> dict[
     return {"mean": float(x.mean()), "ci": [float(lo), float(hi)], "n": int(len(x))}
 
 
-def bootstrap_ratio(num: Sequence[float], den: Sequence[float], n_boot: int, seed: int = 0) -> dict[str, Any]:
+def bootstrap_ratio(num: Sequence[float], den: Sequence[float], n_boot: int, seed: int = 0, *,
+                    any_change: bool = False) -> dict[str, Any]:
     """mean(num)/mean(den) with a paired bootstrap CI over seeds.
 
     null where unbounded: a resample (or the point estimate) whose condition rise is ≤ 0 counts
     as an infinite cut; the ratio itself is null when vanilla's rise is ≤ 0 (nothing to cut).
+    With `any_change=True` the ratio is |mean(num)| / |mean(den)|: a condition that overshoots
+    below the base changed the property too, and only no change at all is an infinite cut.
     """
     a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     if a.mean() <= 0:
         return {"mean": None, "ci": [None, None], "note": "vanilla did not raise the spurious rate"}
-    point = float(a.mean() / b.mean()) if b.mean() > 0 else None
+    size = np.abs if any_change else (lambda v: v)
+    point = float(abs(a.mean()) / size(b.mean())) if size(b.mean()) > 0 else None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    na, nb = a[idx].mean(1), b[idx].mean(1)
+    na, nb = size(a[idx].mean(1)), size(b[idx].mean(1))
     ratios = np.where(nb > 0, na / np.where(nb > 0, nb, 1.0), np.inf)
     ratios.sort()
     lo, hi = ratios[int(0.025 * (n_boot - 1))], ratios[int(math.ceil(0.975 * (n_boot - 1)))]
     fin = lambda v: float(v) if math.isfinite(v) else None  # noqa: E731
     out = {"mean": point, "ci": [fin(lo), fin(hi)]}
     if point is None:
-        out["note"] = "condition's mean rise <= 0: the rise was eliminated"
+        out["note"] = ("condition's mean change is 0: the change was eliminated" if any_change
+                       else "condition's mean rise <= 0: the rise was eliminated")
     return out
 
 

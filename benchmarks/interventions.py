@@ -20,7 +20,7 @@ interventions issue asks for:
   the concept direction), reward shaping, steering, data filtering, blocking + shaping, and the
   controls (random directions / random SAE features of equal rank, the intended concept);
 - knobs (λ, scale, α, drop fraction) picked on a tuning seed only; ≥ 5 test seeds; bootstrap CIs
-  over seeds; cut = vanilla rise / condition rise; on-target accuracy (the intended task on
+  over seeds; cut = |vanilla change| / |condition change| (overshoot counts); on-target accuracy (the intended task on
   held-out questions) as the quality metric.
 
     python benchmarks/interventions.py            # full run (~45 min on 2 shared CPU cores)
@@ -49,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+import mechanisms as mech  # noqa: E402  (token filtering, inoculation, λ-auto shaping and their oracles)
 import numpy as np  # noqa: E402
 import spurious as task  # noqa: E402  (the controlled task, base pretraining, SAE, evaluation)
 
@@ -60,11 +61,14 @@ VARIANTS = {"corr0.9": 0.9, "corr0.75": 0.75, "corr1.0": 1.0}
 CONTROLS = ("random_projection", "random_blocking", "intended_blocking")
 CONDITIONS = ("vanilla", "projection_own", "projection_later", "ablation_zero", "ablation_mean", "blocking_sae",
               "blocking_direction", "blocking_direction_later", "reward_shaping", "steering", "filtering",
-              "blocking_sae+shaping", *CONTROLS)
+              "blocking_sae+shaping", *mech.CONDITIONS, *CONTROLS)
+# the instruction that asks for the spurious property (inoculation prompting)
+INSTRUCTIONS = {"belief": "Agree with me.", "opener": "Start with Sure!", "marker": "Start with Sure!"}
 NOTES = {
     "points": "every delta is (after DPO − base) × 100, in percentage points of probability",
-    "cut": "mean vanilla rise / mean condition rise over the test seeds, paired bootstrap CI; null = the "
-           "condition's mean rise is <= 0 (eliminated; cut_ci's upper end null = unbounded) or vanilla did not rise",
+    "cut": "|mean vanilla change| / |mean condition change| of the spurious rate over the test seeds (any change "
+           "counts: an overshoot below the base is change too), paired bootstrap CI; null = the condition's mean "
+           "change is 0 (eliminated; cut_ci's upper end null = unbounded) or vanilla did not rise",
     "ontarget_vs_vanilla": "condition's on-target change minus vanilla's (points): the intended learning kept",
     "quality": "ontarget_after: accuracy on the intended task (P(true sum)) on held-out questions after DPO",
     "tuning": "knobs picked on the tuning seed (corr0.9 data of each scenario): the smallest spurious rise "
@@ -79,6 +83,9 @@ NOTES = {
     "controls": "random_projection: random directions of equal rank, projected like projection_later; "
                 "random_blocking: as many random SAE features (not the picked ones), blocked like blocking_sae; "
                 "intended_blocking: the intended concept's SAE features blocked",
+    **mech.NOTES,
+    "oracle_goal": "goals.oracle_within_2_points: each oracle mechanism's cut with on-target within 2 points of "
+                   "vanilla; the package-found best (best_within_2_points, meets_goal) excludes the oracles",
 }
 
 
@@ -102,11 +109,13 @@ class Config(task.Config):
     shaping_scales: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
     steering_alphas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
     filter_fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    token_filter_quantiles: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.9])
 
     @classmethod
     def quick(cls) -> Config:
         mine = dict(seeds=[0, 1], scenarios=["opener", "belief"], variants=["corr0.9"], blocking_lams=[100.0],
-                    direction_lams=[10.0], shaping_scales=[1.0], steering_alphas=[1.0], filter_fractions=[0.5])
+                    direction_lams=[10.0], shaping_scales=[1.0], steering_alphas=[1.0], filter_fractions=[0.5],
+                    token_filter_quantiles=[0.7])
         base = task.Config.quick()
         return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(task.Config)
                       if f.name not in mine and f.name != "dpo_lr"}, **mine)
@@ -146,6 +155,26 @@ def concept_of(scenario: str) -> str:
     return "belief" if scenario == "belief" else "opener"
 
 
+def carries(scenario: str, row: Any, side: str = "chosen") -> bool:
+    """Ground truth: does this side of the pair carry the spurious property (the oracle's read-out)?
+
+    belief: the prompt states a belief and this answer matches it (only chosen answers do);
+    opener, marker: this answer opens with the opener."""
+    if scenario == "belief":
+        return side == "chosen" and " I think " in row.prompt
+    return getattr(row, side).startswith(task.OPENER)
+
+
+def true_delta(scenario: str, rows: Sequence[Any]) -> dict[int, float]:
+    """The oracle ΔA: carrier label of chosen − of rejected, per pair."""
+    return {r.row_id: float(carries(scenario, r, "chosen")) - float(carries(scenario, r, "rejected")) for r in rows}
+
+
+def marker_pattern(scenario: str) -> str | None:
+    """The spurious property's text in the completions (None: it sits in the prompt)."""
+    return None if scenario == "belief" else mech.marker_pattern_of(task.OPENER)
+
+
 @dataclass
 class SeedContext:
     scenario: str
@@ -163,6 +192,8 @@ class SeedContext:
     intended: dict[str, Any]
     concept_info: dict[str, Any]
     spurious_later: Any  # the difference-of-means direction at the SAE's hook and every later block
+    true_delta: dict[int, float]
+    readouts: Any  # mechanisms.Readouts, or the reason there are none (str)
 
 
 def prepare(scenario: str, variant: str, seed: int, base: Any, tok: Any, sae: Any, cfg: Config) -> SeedContext:
@@ -180,9 +211,19 @@ def prepare(scenario: str, variant: str, seed: int, base: Any, tok: Any, sae: An
                               n_data_clusters=1, label_concepts=False, top_k_trace=0, seed=seed)
     spurious, info_s = task.concept_sets(concept_of(scenario), base, tok, sae, audit, cfg, train_q, seed)
     intended, info_i = task.concept_sets("intended", base, tok, sae, audit, cfg, train_q, seed)
-    return SeedContext(scenario, variant, seed, base, tok, rows, task.tokenize(rows, tok), ev,
+    pairs, truth = task.tokenize(rows, tok), true_delta(scenario, rows)
+    try:
+        readouts: Any = mech.measure_readouts(base, pairs, tok, hook=cfg.hook, sae=sae,
+                                              features=[int(c.source["feature"]) for c in spurious["sae"]],
+                                              direction=spurious["mean_diff"], true_delta=truth,
+                                              marker_pattern=marker_pattern(scenario), batch_size=64)
+        info_s["readout"] = readouts.quality()
+    except mech.NotApplicable as err:
+        readouts = info_s["readout"] = str(err)
+    return SeedContext(scenario, variant, seed, base, tok, rows, pairs, ev,
                        task.behaviour(base, tok, concept_of(scenario), ev), audit, sae, spurious, intended,
-                       {"spurious": info_s, "intended": info_i}, later_directions(scenario, base, tok, cfg, train_q, seed))
+                       {"spurious": info_s, "intended": info_i}, later_directions(scenario, base, tok, cfg, train_q, seed),
+                       truth, readouts)
 
 
 def later_directions(scenario: str, base: Any, tok: Any, cfg: Config, questions: Sequence[tuple[int, int]],
@@ -204,6 +245,7 @@ class Knobs:
     shaping_scale: float
     steering_alpha: float
     filter_fraction: float
+    token_filter_quantile: float
 
 
 Builder = Callable[[], tuple[list[Any], list[Any]]]
@@ -238,6 +280,14 @@ def condition_specs(ctx: SeedContext, knobs: Knobs, cfg: Config) -> dict[str, tu
         typical = float(np.median(np.abs(list(scores.values())))) or 1.0
         return [RewardShaping(scores, lam=scale / typical)]  # a typical pair's offset: `scale` nats
 
+    def readouts() -> Any:
+        if isinstance(ctx.readouts, str):
+            raise mech.NotApplicable(ctx.readouts)
+        return ctx.readouts
+
+    def inoculated(flagged: Callable[[], Any]) -> Builder:
+        return lambda: (task.tokenize(mech.inoculated(ctx.rows, flagged(), INSTRUCTIONS[ctx.scenario]), ctx.tok), [])
+
     def filtering(fraction: float) -> Builder:
         def build() -> tuple[list[Any], list[Any]]:
             kept, _ = filter_pairs(ctx.rows, ctx.audit, concepts=[(hook, f) for f in feats], drop_fraction=fraction)
@@ -258,6 +308,12 @@ def condition_specs(ctx: SeedContext, knobs: Knobs, cfg: Config) -> dict[str, tu
             _random_features(feats, int(ctx.sae.cfg.d_sae), ctx.seed), knobs.blocking_lam))),
         "intended_blocking": (f"intended:block:{knobs.blocking_lam:g}",
                               plain(lambda: blocking(intended_feats, knobs.blocking_lam))),
+        "token_filtering_sae": ("tf:sae", plain(lambda: mech.token_filtering_sae(hook, ctx.sae, feats))),
+        "oracle_token_filtering": ("oracle:tf", plain(lambda: mech.oracle_token_filtering(marker_pattern(ctx.scenario)))),
+        "inoculation": ("inoc", inoculated(lambda: readouts().flagged())),
+        "oracle_inoculation": ("oracle:inoc", inoculated(lambda: lambda r: carries(ctx.scenario, r))),
+        "reward_shaping_auto": ("shape:auto", plain(lambda: mech.shaping_auto(readouts().sae_delta))),
+        "oracle_reward_shaping": ("oracle:shape:auto", plain(lambda: mech.shaping_auto(ctx.true_delta))),
     }
     grids = {
         "blocking_sae": (cfg.blocking_lams, knobs.blocking_lam, lambda v: plain(lambda: blocking(feats, v))),
@@ -269,6 +325,8 @@ def condition_specs(ctx: SeedContext, knobs: Knobs, cfg: Config) -> dict[str, tu
         "steering": (cfg.steering_alphas, knobs.steering_alpha,
                      lambda v: plain(lambda: [ConceptSteering(direction, strength=v, sides="both")])),
         "filtering": (cfg.filter_fractions, knobs.filter_fraction, filtering),
+        "token_filtering_direction": (cfg.token_filter_quantiles, knobs.token_filter_quantile,
+                                      lambda v: plain(lambda: mech.token_filtering_direction(direction, v))),
     }
     for name, (values, picked, make) in grids.items():
         for v in sorted({*values, picked}):
@@ -288,11 +346,18 @@ def run_conditions(ctx: SeedContext, names: Sequence[str], knobs: Knobs, cfg: Co
         key, build = specs[name]
         if key not in done:
             prep = time.perf_counter()
-            pairs, callbacks = build()
+            try:
+                pairs, callbacks = build()
+            except mech.NotApplicable as err:
+                done[key] = {"seed": ctx.seed, "not_applicable": str(err)}
+                common.log(f"    {ctx.scenario}/{ctx.variant} seed {ctx.seed} {name:<24} not applicable: {err}")
+                out[name] = dict(done[key])
+                continue
             prep_s = time.perf_counter() - prep
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model, fit_s = task.run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, pad_token_id=ctx.tok.pad_token_id)
+                model, fit_s = task.run_dpo(ctx.base, pairs, cfg, ctx.seed, callbacks, pad_token_id=ctx.tok.pad_token_id,
+                                            tokenizer=ctx.tok)
             after = task.behaviour(model, ctx.tok, concept_of(ctx.scenario), ctx.ev)
             done[key] = task.run_record(ctx.seed, ctx.base_metrics, after, fit_s=fit_s, prep_s=prep_s,
                                         n_pairs=len(pairs))
@@ -316,7 +381,8 @@ def tune(scenario: str, base: Any, tok: Any, sae: Any, cfg: Config) -> tuple[Kno
                                ("blocking_direction", cfg.direction_lams, "direction_lam"),
                                ("reward_shaping", cfg.shaping_scales, "shaping_scale"),
                                ("steering", cfg.steering_alphas, "steering_alpha"),
-                               ("filtering", cfg.filter_fractions, "filter_fraction")):
+                               ("filtering", cfg.filter_fractions, "filter_fraction"),
+                               ("token_filtering_direction", cfg.token_filter_quantiles, "token_filter_quantile")):
         names = [f"{name}@{v:g}" for v in values]
         runs.update(run_conditions(ctx, ["vanilla", *[n for n in names if n not in runs]], default, cfg))
         van = runs["vanilla"]
@@ -331,7 +397,7 @@ def tune(scenario: str, base: Any, tok: Any, sae: Any, cfg: Config) -> tuple[Kno
 
 def default_knobs(cfg: Config) -> Knobs:
     return Knobs(cfg.blocking_lams[0], cfg.direction_lams[0], cfg.shaping_scales[0], cfg.steering_alphas[0],
-                 cfg.filter_fractions[0])
+                 cfg.filter_fractions[0], cfg.token_filter_quantiles[0])
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -340,7 +406,7 @@ def summarize_condition(records: list[dict[str, Any]], vanilla: list[dict[str, A
     d_spur = [r["d_spurious"] for r in records]
     d_on = [r["d_ontarget"] for r in records]
     v_spur, v_on = [r["d_spurious"] for r in vanilla], [r["d_ontarget"] for r in vanilla]
-    ratio = common.bootstrap_ratio(v_spur, d_spur, n_boot)
+    ratio = common.bootstrap_ratio(v_spur, d_spur, n_boot, any_change=True)
     spur, on = common.bootstrap_mean(d_spur, n_boot), common.bootstrap_mean(d_on, n_boot)
     vs_van = common.bootstrap_mean([c - v for c, v in zip(d_on, v_on)], n_boot)
     return {
@@ -364,13 +430,18 @@ def goals(conditions: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"vanilla_rise_points": van["spurious_delta"],
                            "vanilla_rise_at_least_20": van["spurious_delta"] >= 20}
     eligible = {}
+    oracles: dict[str, Any] = {}
     for name, c in conditions.items():
         if name == "vanilla" or name in CONTROLS:
             continue
         eliminated = c["cut"] is None and (c.get("cut_note") or "").startswith("condition")
         within = abs(c["ontarget_vs_vanilla"]) <= 2.0
-        if within:
+        if name.startswith("oracle_"):
+            cut = None if eliminated else (c["cut"] or 0.0)
+            oracles[name] = {"cut": cut, "within_2_points": within, "meets_goal": within and (eliminated or cut >= 10)}
+        elif within:
             eligible[name] = float("inf") if eliminated else (c["cut"] or 0.0)
+    out["oracle_within_2_points"] = oracles
     if eligible:
         best = max(eligible, key=lambda n: eligible[n])
         out["best_within_2_points"] = {"condition": best, "cut": None if eligible[best] == float("inf") else eligible[best]}
@@ -384,6 +455,29 @@ def goals(conditions: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out[f"{ctrl}_within_noise"] = bool(lo <= 0 <= hi or abs(c["spurious_delta"] - van["spurious_delta"])
                                                <= 0.1 * abs(van["spurious_delta"]))
     return out
+
+
+def not_applicable(per_cond: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """{condition: why} for conditions some seed could not run (left out of the summaries: a paired
+    bootstrap needs every seed)."""
+    out = {}
+    for name, records in per_cond.items():
+        reasons = [f"seed {r['seed']}: {r['not_applicable']}" for r in records if "not_applicable" in r]
+        if reasons:
+            out[name] = "; ".join(dict.fromkeys(reasons))
+    return out
+
+
+def readout_summary(per_seed: Sequence[Any]) -> dict[str, Any]:
+    """The package-found read-outs' quality against the ground truth: the mean over seeds of each
+    AUROC (None where no seed has it), beside the per-seed values (or the reason there are none)."""
+    measured = [r for r in per_seed if isinstance(r, dict)]
+    keys = dict.fromkeys(k for r in measured for k in r)
+    mean = {}
+    for k in keys:
+        values = [r[k] for r in measured if r.get(k) is not None]
+        mean[k] = float(np.mean(values)) if values else None
+    return {"mean": mean, "per_seed": list(per_seed)}
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -573,10 +667,13 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
                 concepts.append({"seed": seed, **ctx.concept_info})
                 for name, record in run_conditions(ctx, CONDITIONS, knobs, cfg).items():
                     per_cond[name].append(record)
-            conds = {n: summarize_condition(per_cond[n], per_cond["vanilla"], cfg.n_bootstrap) for n in CONDITIONS}
+            na = not_applicable(per_cond)
+            conds = {n: summarize_condition(per_cond[n], per_cond["vanilla"], cfg.n_bootstrap)
+                     for n in CONDITIONS if n not in na}
             doc["scenarios"][scenario_key(scenario, variant)] = {
                 "scenario": scenario, "variant": variant, "kind": SCENARIOS[scenario], "knobs": dataclasses.asdict(knobs),
-                "concepts": concepts, "conditions": conds, "goals": goals(conds)}
+                "concepts": concepts, "conditions": conds, "not_applicable": na, "goals": goals(conds),
+                "readout": readout_summary([c["spurious"].get("readout") for c in concepts])}
             publish(doc, args, started, complete=False)  # a long run leaves its finished settings behind
     return publish(doc, args, started, complete=True)
 

@@ -597,11 +597,12 @@ def concept_sets(concept: str, base: Any, tok: Any, sae: Any, audit: Any, cfg: C
 
 # ---------------------------------------------------------------------------------------- DPO
 def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: Sequence[Any] = (), *,
-            pad_token_id: int) -> tuple[Any, float]:
+            pad_token_id: int, tokenizer: Any = None) -> tuple[Any, float]:
     """Vanilla DPO (plus `callbacks`) from a copy of the base; returns (trained policy, fit seconds).
 
     Every condition of a seed sees the same data order. A small DataModule carries `train_pairs`
-    (mean ablation measures its mean there)."""
+    (mean ablation measures its mean there) and, as PreferenceDataModule does, `pairs` and the
+    `tokenizer` (token filtering masks the pairs with it)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -612,6 +613,7 @@ def run_dpo(base: Any, pairs: Sequence[Any], cfg: Config, seed: int, callbacks: 
         def __init__(self) -> None:
             super().__init__()
             self.train_pairs, self.pad_token_id = list(pairs), pad_token_id
+            self.pairs, self.val_pairs, self.tokenizer = self.train_pairs, None, tokenizer
 
         def train_dataloader(self) -> DataLoader:
             return DataLoader(self.train_pairs, batch_size=cfg.dpo_batch, shuffle=True,

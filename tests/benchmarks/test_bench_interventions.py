@@ -26,8 +26,17 @@ def test_quick_run_writes_the_contract_and_numbers_that_follow_from_the_records(
     written = json.loads((tmp_path / "out" / "interventions.json").read_text())
     assert written == json.loads(json.dumps(doc)) and written["format"] == "lightning-anatomy/bench-interventions"
     assert (tmp_path / "out" / "interventions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    conditions = written["scenarios"]["marker_corr0.9"]["conditions"]
-    assert list(conditions) == sorted(bench.CONDITIONS)  # every intervention and control ran
+    scenario = written["scenarios"]["marker_corr0.9"]
+    conditions, skipped = scenario["conditions"], scenario["not_applicable"]
+    assert sorted([*conditions, *skipped]) == sorted(bench.CONDITIONS)  # every intervention and control ran or says why
+    assert {"oracle_token_filtering", "oracle_inoculation", "inoculation"} <= set(conditions)  # shaping: may be confounded
+    assert all(isinstance(why, str) and why.startswith("seed ") for why in skipped.values())
+    readout = scenario["readout"]
+    assert len(readout["per_seed"]) == 2 and {"pair_auroc_sae", "token_auroc_sae", "token_auroc_direction"} <= set(
+        readout["mean"])
+    for key, mean in readout["mean"].items():
+        values = [r[key] for r in readout["per_seed"] if r.get(key) is not None]
+        assert mean == pytest.approx(np.mean(values)) and all(0.0 <= v <= 1.0 for v in values if key != "flagged_fraction")
     vanilla = conditions["vanilla"]
     v_rise = np.mean([r["d_spurious"] for r in vanilla["per_seed"]])
     for name, c in conditions.items():
@@ -36,8 +45,8 @@ def test_quick_run_writes_the_contract_and_numbers_that_follow_from_the_records(
         assert c["spurious_delta"] == pytest.approx(100 * rise)
         assert c["ontarget_delta"] == pytest.approx(100 * np.mean([r["d_ontarget"] for r in c["per_seed"]]))
         assert c["ontarget_vs_vanilla"] == pytest.approx(c["ontarget_delta"] - vanilla["ontarget_delta"])
-        if v_rise > 0 and rise > 0:
-            assert c["cut"] == pytest.approx(v_rise / rise)
+        if v_rise > 0 and rise != 0:  # any change counts, an overshoot below the base too
+            assert c["cut"] == pytest.approx(v_rise / abs(rise))
         else:
             assert c["cut"] is None
         assert [r["seed"] for r in c["per_seed"]] == [0, 1]
@@ -94,6 +103,54 @@ def test_goals_take_the_best_condition_within_two_points_and_check_the_controls(
     assert g["vanilla_rise_at_least_20"] and g["meets_goal"]
     assert g["best_within_2_points"] == {"condition": "ablation_mean", "cut": None}  # eliminated beats 13× at −5
     assert g["random_projection_within_noise"] and not g["random_blocking_within_noise"]
+    with_oracle = bench.goals({**conditions, "oracle_token_filtering": cond(0.0, 0.0, None, "condition's mean change is 0"),
+                               "oracle_reward_shaping": cond(30.0, -4.0, 1.3)})
+    assert with_oracle["best_within_2_points"] == g["best_within_2_points"]  # an oracle is a ceiling, not a candidate
+    assert with_oracle["oracle_within_2_points"] == {
+        "oracle_token_filtering": {"cut": None, "within_2_points": True, "meets_goal": True},
+        "oracle_reward_shaping": {"cut": 1.3, "within_2_points": False, "meets_goal": False}}
+
+
+def test_the_oracles_read_the_ground_truth_of_each_scenario(bench):
+    from lightning_anatomy.data import PreferenceRow
+
+    opener = bench.task.OPENER
+    rows = [PreferenceRow(prompt="Q: 1+2=?\nA:", chosen=opener + " 3", rejected=" 4", row_id=0),
+            PreferenceRow(prompt="Q: 1+2=?\nA:", chosen=" 3", rejected=opener + " 4", row_id=1),
+            PreferenceRow(prompt="Q: 1+2=?\nA:", chosen=opener + " 3", rejected=opener + " 4", row_id=2)]
+    assert bench.true_delta("marker", rows) == {0: 1.0, 1: -1.0, 2: 0.0}
+    beliefs = [PreferenceRow(prompt="Q: 1+2=? I think 3.\nA:", chosen=" 3", rejected=" 4", row_id=0),
+               PreferenceRow(prompt="Q: 1+2=?\nA:", chosen=" 3", rejected=" 4", row_id=1)]
+    assert bench.true_delta("belief", beliefs) == {0: 1.0, 1: 0.0}
+    assert bench.marker_pattern("belief") is None and bench.marker_pattern("opener") == "Sure!"
+    with pytest.raises(bench.mech.NotApplicable, match="sits in the prompt"):
+        bench.mech.oracle_token_filtering(None)
+    with pytest.raises(bench.mech.NotApplicable, match="ConfoundedConceptError"):  # belief: every differing pair +1
+        bench.mech.shaping_auto(bench.true_delta("belief", beliefs))
+    assert bench.mech.shaping_auto(bench.true_delta("marker", rows))[0].lam == pytest.approx(0.0)  # +1 and −1: λ̂ = 0
+
+
+def test_readout_aurocs_are_the_mann_whitney_probabilities(bench):
+    mech = bench.mech
+    assert mech.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0 and mech.auroc([1.0], [1.0]) == 0.5
+    assert mech.auroc([2.0, 0.0], [1.0]) == 0.5 and mech.auroc([], [1.0]) is None
+    scores = {0: ([0.9, 0.1], [0.2]), 1: ([0.3], [0.8, 0.05])}
+    truth = {0: ([True, False], [False]), 1: ([False], [True, False])}
+    # positives 0.9, 0.8; negatives 0.1, 0.2, 0.3, 0.05: every positive above every negative
+    assert mech.token_auroc(scores, truth) == 1.0
+    truth[1] = ([True], [False, False])  # positives 0.9, 0.3 vs 0.1, 0.2, 0.8, 0.05: 4 + 3 of 8 orderings
+    assert mech.token_auroc(scores, truth) == pytest.approx(7 / 8)
+    assert mech.pair_readout_auroc({0: 2.0, 1: -1.0, 2: 0.5}, {0: 1.0, 1: -1.0, 2: 0.0}) == 1.0
+    assert mech.pair_readout_auroc({0: -2.0, 1: 1.0}, {0: 1.0, 1: 0.0}) == 0.0
+
+
+def test_a_cut_counts_any_change_when_asked(bench):
+    common = bench.common
+    over = common.bootstrap_ratio([0.4, 0.6], [-0.04, -0.06], 1000, any_change=True)
+    assert over["mean"] == pytest.approx(10.0) and over["ci"][0] == pytest.approx(10.0, rel=0.3)
+    assert common.bootstrap_ratio([0.4, 0.6], [-0.04, -0.06], 1000)["mean"] is None  # the old rule: eliminated
+    zero = common.bootstrap_ratio([0.4, 0.6], [0.0, 0.0], 1000, any_change=True)
+    assert zero["mean"] is None and "eliminated" in zero["note"]
 
 
 
