@@ -547,7 +547,35 @@ def markdown(doc: dict[str, Any]) -> str:
                           {True: "yes", False: "no", None: "n/a"}[g.get("random_blocking_within_noise")]])
     goals_table = common.markdown_table(["scenario", "data", "vanilla rise", "best within 2 on-target points", "cut",
                                          "≥10× goal", "random proj ≈ vanilla", "random block ≈ vanilla"], goal_rows)
-    return f"{table}\n\n{goals_table}"
+    return "\n\n".join(t for t in (table, goals_table, mechanism_tables(doc)) if t)
+
+
+def mechanism_tables(doc: dict[str, Any]) -> str:
+    """The oracle ceilings, the read-outs' quality and the conditions the data could not run."""
+    oracle_rows, readout_rows, skipped = [], [], []
+    for sc in doc["scenarios"].values():
+        for name, o in (sc["goals"].get("oracle_within_2_points") or {}).items():
+            c = sc["conditions"][name]
+            oracle_rows.append([sc["scenario"], sc["variant"], name, "∞" if o["cut"] is None else f"{o['cut']:.2g}",
+                                _fmt(c["ontarget_vs_vanilla"], c["ontarget_vs_vanilla_ci"]),
+                                "yes" if o["meets_goal"] else "no"])
+        mean = (sc.get("readout") or {}).get("mean") or {}
+        if mean:
+            readout_rows.append([sc["scenario"], sc["variant"], *(
+                "n/a" if mean.get(k) is None else f"{mean[k]:.3f}"
+                for k in ("pair_auroc_sae", "token_auroc_sae", "token_auroc_direction", "flagged_fraction"))])
+        for name, why in (sc.get("not_applicable") or {}).items():
+            skipped.append(f"- {sc['scenario']} {sc['variant']}, `{name}`: {why.split('; seed')[0].split(': ', 1)[-1]}")
+    parts = []
+    if oracle_rows:
+        parts.append(common.markdown_table(["scenario", "data", "oracle (ground-truth read-out)", "cut",
+                                            "on-target vs vanilla, points", "≥10× within 2 points"], oracle_rows))
+    if readout_rows:
+        parts.append(common.markdown_table(["scenario", "data", "pair AUROC of ΔA (SAE)", "token AUROC (SAE)",
+                                            "token AUROC (direction)", "pairs flagged"], readout_rows))
+    if skipped:
+        parts.append("Not applicable:\n\n" + "\n".join(skipped))
+    return "\n\n".join(parts)
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:

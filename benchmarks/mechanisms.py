@@ -185,8 +185,10 @@ def shaping_auto(delta: Mapping[int, float]) -> list[Any]:
 
     try:
         return [RewardShaping(dict(delta), lam="auto")]
-    except ConfoundedConceptError as err:
-        raise NotApplicable(f"ConfoundedConceptError: {err}") from None
+    except ConfoundedConceptError as err:  # the package's message names the remedy; the table needs the fact
+        side = "higher" if "positive" in str(err) else "lower"
+        raise NotApplicable(f"perfectly confounded (ConfoundedConceptError): every pair whose score differs has it "
+                            f"{side} in chosen, so the explain-away λ is infinite") from None
 
 
 def marker_pattern_of(marker: str) -> str:
