@@ -1,15 +1,19 @@
 """Benchmark: does the audit predict what DPO does? The paper method vs the paired method, and
 the paper's independent disparity predictor vs the tilt predictor.
 
-Each setting audits its preference pairs twice (`method="paper"` and `method="paired"`), trains
-vanilla DPO from the base, and runs `check_prediction` for each audit on held-out prompts
-(sampled rollouts of the base and the trained policy, same seeds; sampled once and reused
-across methods and predictors): R² (squared Pearson), its bootstrap CI over clusters, the
-no-intercept OLS R², the sign agreement and the cluster count. `methods.paper` / `methods.paired`
-are each method's own (disparity) prediction; `methods.tilt` the tilt predictor
-(`audit.tilt`: a joint Bradley–Terry reward on the paper method's clusters, propagated as a tilt
-of the base policy's rollouts) on the same clusters and rollouts as `methods.paper`; each entry
-says which prompts its rollouts came from (`prompts`: "heldout" here).
+Each setting audits its preference pairs twice (`method="paper"` and `method="paired"`, each
+audit once), trains vanilla DPO from the base, and runs `check_prediction` for each audit on two
+prompt sets: prompts of the DPO data itself (the paper's protocol: where DPO moved the model) and
+held-out prompts (whether the move generalises). Per prompt set both policies' rollouts are
+sampled once (same seeds) and reused across methods and predictors (`reuse=`). Reported per
+prompt set: R² (squared Pearson), its bootstrap CI over clusters, the no-intercept OLS R², the
+sign agreement and the cluster count. `methods.paper` / `methods.paired` are each method's own
+(disparity) prediction; `methods.tilt` the tilt predictor (`audit.tilt`: a joint Bradley–Terry
+reward on the paper method's clusters, propagated as a tilt of the base policy's rollouts) on the
+same clusters and rollouts as `methods.paper`. `methods` holds the training-prompt measurement
+(`prompts: "train"`), `methods_heldout` the held-out one (`prompts: "heldout"`), with the same
+keys. `implicit_reward_accuracy` is TRL's `rewards/accuracies` of the trained policy (chosen's
+β·log-ratio above rejected's) on the training pairs and on held-out pairs.
 
 - `graded_controlled`: a tiny GPT-2 (byte tokenizer, 3 × 64) pretrained here from scratch on
   "Q: … A: …" texts where six independent markers (an opener, a heading, an emoji, a sign-off,
@@ -19,12 +23,15 @@ says which prompts its rollouts came from (`prompts`: "heldout" here).
   0.5 − d_k/2 on the rejected side, d_k from strongly negative to strongly positive (known
   ground truth). Besides the cluster R², the marker R²: d_k vs the change in the share of
   rollouts containing marker k, and whether every marker's sign was predicted right (by the
-  audit cluster whose members fire most on the marker's text).
+  audit cluster whose members fire most on the marker's text). Held-out pairs for the reward
+  accuracy: the same disparities drawn on the held-out prompts' responses.
 - `graded_smollm2`: the same markers inserted into real responses (HH-RLHF chosen replies, cut)
   to real prompts, on the embedded SmolLM2-135M-Instruct with the project's SAE.
-- `hh_smollm2`: the shared HH-RLHF sample on SmolLM2: audit split, DPO on its first pairs long
-  enough for held-out implicit-reward accuracy to rise above chance (measured and reported, with
-  the training time), held-out prompts for the check.
+- `hh_smollm2`: the shared HH-RLHF sample on SmolLM2: audit split, DPO on its first pairs,
+  held-out pairs for the held-out prompts and reward accuracy (with the training time).
+
+The training prompts rolled out are the first `--train-prompts` prompts of the DPO pairs
+(default: as many as the held-out prompts, so both measurements rest on equally many rollouts).
 
     python benchmarks/prediction.py                    # all three settings (hours on 2 CPU cores)
     python benchmarks/prediction.py --parts graded_controlled
@@ -32,8 +39,9 @@ says which prompts its rollouts came from (`prompts`: "heldout" here).
     python benchmarks/prediction.py --parts graded_controlled --cluster-target-size auto --name prediction.auto
 
 Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
-`{"settings": {<setting>: {"methods": {"paper" | "paired" | "tilt": {"r2", "r2_ci", "r2_ols",
-"sign_agreement", "n_clusters", "prompts", ...}}, ...}}}`, null where a number is undefined.
+`{"settings": {<setting>: {"methods" | "methods_heldout": {"paper" | "paired" | "tilt": {"r2",
+"r2_ci", "r2_ols", "sign_agreement", "n_clusters", "prompts", ...}}, "implicit_reward_accuracy":
+{"train", "heldout"}, ...}}}`, null where a number is undefined.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ VERSION = 1
 SETTINGS = ("graded_controlled", "graded_smollm2", "hh_smollm2")
 METHODS = ("paper", "paired")
 PREDICTORS = {"paper": ("paper", "tilt"), "paired": ("paper",)}  # per audit method, compared on the same rollouts
+PROMPT_SETS = ("train", "heldout")  # rollouts on the DPO data's own prompts (the paper's protocol), then held-out
+RESULT_KEYS = {"train": "methods", "heldout": "methods_heldout"}  # prompt set -> key of its measurement
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class Sizes:
     max_prompt_length: int = 96
     n_bootstrap: int = 1000
     cluster_target_size: str | float | None = None  # the paper method's Leiden rule (None: resolution 1)
+    n_train_prompts: int | None = None  # training prompts rolled out (None: as many as the held-out prompts)
 
 
 FULL = Sizes()
@@ -126,11 +137,13 @@ def with_markers(response: str, present: dict[str, bool]) -> str:
     return pre + response + post
 
 
-def graded_rows(prompts: list[str], responses: list[str], disparities: dict[str, float], seed: int) -> list[Any]:
-    """Pairs sharing one response, differing only in the markers (chosen rate 0.5 + d/2, rejected 0.5 − d/2)."""
+def graded_rows(prompts: list[str], responses: list[str], disparities: dict[str, float], seed: int,
+                stream: str = "graded") -> list[Any]:
+    """Pairs sharing one response, differing only in the markers (chosen rate 0.5 + d/2, rejected 0.5 − d/2);
+    `stream` names the random draws (held-out pairs draw their own)."""
     from lightning_anatomy.data.rows import PreferenceRow
 
-    rng = random.Random(f"graded-{seed}")
+    rng = random.Random(f"{stream}-{seed}")
     rows = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         chosen = {m.name: rng.random() < 0.5 + disparities[m.name] / 2 for m in MARKERS}
@@ -235,46 +248,68 @@ def fit_dpo(base: Any, rows: list[Any], tok: Any, *, steps: int, lr: float, size
     return after, time.perf_counter() - started
 
 
-def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any], prompts: list[str],
-                  sizes: Sizes, seed: int, shards: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both audits of `rows` (one extraction in `shards`, shared) and their prediction checks (the
-    rollouts sampled once); returns (summary per method and predictor, {name: (audit, check, predictor)})."""
+def prompt_sets(train: list[str], heldout: list[str], sizes: Sizes) -> dict[str, list[str]]:
+    """The prompts each measurement rolls out: the first `n_train_prompts` prompts of the DPO pairs
+    (default: as many as the held-out prompts, so both rest on equally many rollouts) and the held-out ones."""
+    n = len(heldout) if sizes.n_train_prompts is None else sizes.n_train_prompts
+    if n > len(train):
+        common.log(f"  {n} training prompts asked for, the DPO data has {len(train)}: rolling out all of them")
+    return {"train": list(train[:n]), "heldout": list(heldout)}
+
+
+def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any],
+                  prompts: dict[str, list[str]], sizes: Sizes, seed: int, shards: Path
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Both audits of `rows` (each run once; one extraction in `shards`, shared), each checked on
+    every prompt set of `prompts` ({"train": …, "heldout": …}); per prompt set the rollouts are
+    sampled once and reused across methods and predictors. Returns ({prompt set: {results key:
+    summary}}, {prompt set: {results key: (audit, check, predictor)}})."""
     from lightning_anatomy.audit import audit_dataset, check_prediction
     from lightning_anatomy.concepts.lens import ConceptLens
 
     lens = ConceptLens(base, saes, fidelity_check=False)
-    # held-out prompts cut like the audit cuts prompts: their last max_prompt_length tokens
-    prompts = [tok(p, add_special_tokens=False)["input_ids"][-sizes.max_prompt_length:] for p in prompts]
-    methods, checks = {}, {}
-    reuse = None
+    # prompts cut like the audit cuts prompts: their last max_prompt_length tokens
+    ids = {name: [tok(p, add_special_tokens=False)["input_ids"][-sizes.max_prompt_length:] for p in texts]
+           for name, texts in prompts.items()}
+    methods: dict[str, dict[str, Any]] = {name: {} for name in ids}
+    checks: dict[str, dict[str, Any]] = {name: {} for name in ids}
+    reuse: dict[str, Any] = {}  # prompt set -> the check whose rollouts the next ones reuse
     for method in METHODS:
         started = time.perf_counter()
         audit = audit_dataset(rows, lens, tok, method=method, max_length=sizes.max_length,
                               max_prompt_length=sizes.max_prompt_length, batch_size=sizes.batch,
                               n_bootstrap=min(200, sizes.n_bootstrap), progress=False, label_concepts=False,
                               out_dir=shards, seed=seed, cluster_target_size=sizes.cluster_target_size)
-        audit_s = time.perf_counter() - started
-        n_clusters = int(audit.feature_clusters["cluster"].nunique())
+        about = {"method": method, "audit_s": time.perf_counter() - started,
+                 "n_feature_clusters": int(audit.feature_clusters["cluster"].nunique())}
         names = {"paper": method, "tilt": "tilt"}  # predictor -> results key
         if len(audit.cluster_predictions) < 2:  # nothing to correlate: record the miss, not a number
             common.log(f"  {method}: {len(audit.cluster_predictions)} feature clusters, no R²")
-            for predictor in PREDICTORS[method]:
-                methods[names[predictor]] = {
-                    "r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
-                    "n_clusters": len(audit.cluster_predictions), "prompts": "heldout", "method": method,
-                    "audit_s": audit_s, "n_feature_clusters": n_clusters}
+            for name in ids:
+                for predictor in PREDICTORS[method]:
+                    methods[name][names[predictor]] = {
+                        "r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
+                        "n_clusters": len(audit.cluster_predictions), "prompts": name, **about}
             continue
-        started = time.perf_counter()
-        check = check_prediction(audit, base, after, prompts, tokenizer=tok, saes=saes,
-                                 samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
-                                 seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=PREDICTORS[method], reuse=reuse)
-        check_s = time.perf_counter() - started
-        reuse = check
-        for predictor, summary in check.summary()["predictors"].items():
-            methods[names[predictor]] = {**summary, "prompts": "heldout", "method": method, "audit_s": audit_s,
-                                         "check_s": check_s, "n_feature_clusters": n_clusters}
-            checks[names[predictor]] = (audit, check, predictor)
+        for name, prompt_ids in ids.items():
+            started = time.perf_counter()
+            check = check_prediction(audit, base, after, prompt_ids, tokenizer=tok, saes=saes,
+                                     samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
+                                     seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=PREDICTORS[method],
+                                     reuse=reuse.get(name))
+            measured = {"check_s": time.perf_counter() - started, "n_prompts": len(prompt_ids),
+                        "n_rollouts": len(check.rollouts["before"]),
+                        "reused_rollouts": bool(check.settings["reused_rollouts"])}
+            reuse[name] = check
+            for predictor, summary in check.summary()["predictors"].items():
+                methods[name][names[predictor]] = {**summary, "prompts": name, **about, **measured}
+                checks[name][names[predictor]] = (audit, check, predictor)
     return methods, checks
+
+
+def by_prompts(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{"methods": the training-prompt measurement, "methods_heldout": the held-out one}."""
+    return {RESULT_KEYS[name]: methods[name] for name in PROMPT_SETS if name in methods}
 
 
 def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: Any, lens: Any, hook: str,
@@ -319,6 +354,8 @@ def marker_cluster_predictions(audit: Any, check: Any, lens: Any, tok: Any, hook
 
 
 def reward_accuracy(base: Any, after: Any, tok: Any, rows: list[Any], sizes: Sizes) -> float:
+    """TRL's `rewards/accuracies` of `after` against `base` on `rows`: the share of pairs whose
+    chosen β·log-ratio exceeds the rejected one's (β > 0 does not change the comparison)."""
     from real_model import pair_logps
 
     from lightning_anatomy.data import tokenize_rows
@@ -330,21 +367,44 @@ def reward_accuracy(base: Any, after: Any, tok: Any, rows: list[Any], sizes: Siz
     return float(np.mean((la[:, 0] - lb[:, 0]) - (la[:, 1] - lb[:, 1]) > 0))
 
 
+def implicit_reward_accuracy(base: Any, after: Any, tok: Any, train: list[Any], heldout: list[Any],
+                             sizes: Sizes) -> dict[str, float]:
+    """The implicit-reward accuracy on the training pairs (did DPO fit them?) and on held-out pairs
+    (did it generalise?)."""
+    return {"train": reward_accuracy(base, after, tok, train, sizes),
+            "heldout": reward_accuracy(base, after, tok, heldout, sizes)}
+
+
+def _log_setting(name: str, part: dict[str, Any]) -> None:
+    accuracy = part["implicit_reward_accuracy"]
+    common.log(f"  {name}: implicit-reward accuracy train {accuracy['train']:.3f}, held-out {accuracy['heldout']:.3f}")
+    for key in PROMPT_SETS:
+        methods = part.get(RESULT_KEYS[key], {})
+        common.log(f"  {name} ({key} prompts): " + ", ".join(f"{m} R² {v['r2']}" for m, v in methods.items()))
+
+
 def graded(name: str, base: Any, tok: Any, sae: Any, hook: str, prompts: list[str], responses: list[str],
-           heldout: list[str], *, steps: int, lr: float, sizes: Sizes, seed: int, work: Path) -> dict[str, Any]:
+           heldout: list[str], heldout_responses: list[str], *, steps: int, lr: float, sizes: Sizes, seed: int,
+           work: Path) -> dict[str, Any]:
     from lightning_anatomy.concepts.lens import ConceptLens
 
     order = np.random.default_rng(seed).permutation(len(MARKERS))
     disparities = {MARKERS[i].name: DISPARITIES[j] for j, i in enumerate(order)}
     rows = graded_rows(prompts, responses, disparities, seed)
+    heldout_rows = graded_rows(heldout, heldout_responses, disparities, seed, stream="graded-heldout")
     after, train_s = fit_dpo(base, rows, tok, steps=steps, lr=lr, sizes=sizes, seed=seed)
-    methods, checks = check_methods(base, after, tok, {hook: sae}, rows, heldout, sizes, seed, work / name)
+    sets = prompt_sets(prompts, heldout, sizes)
+    methods, checks = check_methods(base, after, tok, {hook: sae}, rows, sets, sizes, seed, work / name)
     lens = ConceptLens(base, {hook: sae}, fidelity_check=False)
-    for key, (audit, check, predictor) in checks.items():
-        methods[key].update(marker_summary(check, tok, disparities, audit, lens, hook, predictor))
-    common.log(f"  {name}: " + ", ".join(f"{m} R² {v['r2']}" for m, v in methods.items()))
-    return {"methods": methods, "disparities": disparities, "n_train": len(rows), "n_heldout_prompts": len(heldout),
-            "dpo_steps": steps, "lr": lr, "train_s": train_s}
+    for prompt_set, found in checks.items():
+        for key, (audit, check, predictor) in found.items():
+            methods[prompt_set][key].update(marker_summary(check, tok, disparities, audit, lens, hook, predictor))
+    part = {**by_prompts(methods),
+            "implicit_reward_accuracy": implicit_reward_accuracy(base, after, tok, rows, heldout_rows, sizes),
+            "disparities": disparities, "n_train": len(rows), "n_train_prompts": len(sets["train"]),
+            "n_heldout_prompts": len(heldout), "dpo_steps": steps, "lr": lr, "train_s": train_s}
+    _log_setting(name, part)
+    return part
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -359,8 +419,9 @@ def run_setting(name: str, sizes: Sizes, quick: bool, seed: int, hh_path: Path, 
         sae_texts = [p + with_markers(r, {m.name: rng.random() < 0.5 for m in MARKERS})
                      for p, r in zip(*controlled_texts(256, f"sae-{seed}"))]
         sae = train_sae(base, tok, hook, sae_texts, sizes, seed)
-        return graded(name, base, tok, sae, hook, prompts[:sizes.n_train], responses[:sizes.n_train],
-                      prompts[sizes.n_train:], steps=sizes.dpo_steps, lr=sizes.lr, sizes=sizes, seed=seed, work=work)
+        n = sizes.n_train
+        return graded(name, base, tok, sae, hook, prompts[:n], responses[:n], prompts[n:], responses[n:],
+                      steps=sizes.dpo_steps, lr=sizes.lr, sizes=sizes, seed=seed, work=work)
     if quick:
         base, tok, sae, hook = tiny_stand_in(seed)
     else:
@@ -379,35 +440,61 @@ def run_setting(name: str, sizes: Sizes, quick: bool, seed: int, hh_path: Path, 
         picked = [rows[i] for i in order[:sizes.smol_n_train + sizes.n_heldout]]
         prompts = [r.prompt for r in picked]
         responses = [" " + r.chosen.strip()[:200] for r in picked]
-        return graded(name, base, tok, sae, hook, prompts[:sizes.smol_n_train], responses[:sizes.smol_n_train],
-                      prompts[sizes.smol_n_train:], steps=sizes.smol_dpo_steps, lr=sizes.smol_lr, sizes=sizes,
-                      seed=seed, work=work)
+        n = sizes.smol_n_train
+        return graded(name, base, tok, sae, hook, prompts[:n], responses[:n], prompts[n:], responses[n:],
+                      steps=sizes.smol_dpo_steps, lr=sizes.smol_lr, sizes=sizes, seed=seed, work=work)
     audit_rows = [rows[i] for i in order[:sizes.hh_n_audit]]
     heldout = [rows[i] for i in order[sizes.hh_n_audit:sizes.hh_n_audit + sizes.hh_n_heldout]]
     train_rows = audit_rows[:sizes.hh_n_train]
     after, train_s = fit_dpo(base, train_rows, tok, steps=sizes.hh_dpo_steps, lr=sizes.hh_lr, sizes=sizes, seed=seed)
-    methods, _ = check_methods(base, after, tok, {hook: sae}, audit_rows, [r.prompt for r in heldout], sizes, seed,
-                               work / name)
-    accuracy = reward_accuracy(base, after, tok, heldout, sizes)
-    common.log(f"  {name}: held-out reward accuracy {accuracy:.3f} after {train_s:.0f} s; "
-               + ", ".join(f"{m} R² {v['r2']}" for m, v in methods.items()))
-    return {"methods": methods, "heldout_reward_accuracy": accuracy, "train_s": train_s, "n_audit": len(audit_rows),
-            "n_train": len(train_rows), "n_heldout": len(heldout), "dpo_steps": sizes.hh_dpo_steps, "lr": sizes.hh_lr}
+    sets = prompt_sets([r.prompt for r in train_rows], [r.prompt for r in heldout], sizes)
+    methods, _ = check_methods(base, after, tok, {hook: sae}, audit_rows, sets, sizes, seed, work / name)
+    part = {**by_prompts(methods),
+            "implicit_reward_accuracy": implicit_reward_accuracy(base, after, tok, train_rows, heldout, sizes),
+            "train_s": train_s, "n_audit": len(audit_rows), "n_train": len(train_rows),
+            "n_train_prompts": len(sets["train"]), "n_heldout": len(heldout), "dpo_steps": sizes.hh_dpo_steps,
+            "lr": sizes.hh_lr}
+    _log_setting(name, part)
+    return part
 
 
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def tables(results: dict[str, Any]) -> str:
+def _measurements(part: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(results key, prompt set, entry) of a setting: per key its training-prompt row, then its held-out row.
+
+    Results written before training-prompt rollouts have no `methods_heldout`, and their `methods`
+    were all measured on held-out prompts (some entries predate the `prompts` field)."""
+    train, heldout = part.get("methods", {}), part.get("methods_heldout")
+    if heldout is None:
+        return [(key, m.get("prompts") or "heldout", m) for key, m in train.items()]
     rows = []
+    for key in dict.fromkeys([*train, *heldout]):
+        rows += [(key, m.get("prompts") or name, m) for name, m in (("train", train.get(key)),
+                                                                    ("heldout", heldout.get(key))) if m is not None]
+    return rows
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The R² table (a row per setting, method or predictor, and prompt set) and the implicit-reward accuracies."""
+    rows, accuracy = [], []
     for name, part in results["settings"].items():
-        for method, m in part.get("methods", {}).items():
+        for key, prompts, m in _measurements(part):
             ci = m.get("r2_ci") or [None, None]
-            rows.append([name, method, _fmt(m.get("r2")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]", _fmt(m.get("r2_ols")),
-                         _fmt(m.get("sign_agreement")), _fmt(m.get("n_clusters")), _fmt(m.get("r2_markers"))])
-    return common.markdown_table(["setting", "method", "R²", "95% CI", "OLS R² (no intercept)", "sign agreement",
-                                  "clusters", "marker R²"], rows)
+            rows.append([name, key, prompts, _fmt(m.get("r2")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]",
+                         _fmt(m.get("r2_ols")), _fmt(m.get("sign_agreement")), _fmt(m.get("n_clusters")),
+                         _fmt(m.get("r2_markers"))])
+        acc = part.get("implicit_reward_accuracy") or {"heldout": part.get("heldout_reward_accuracy")}
+        if any(v is not None for v in acc.values()):
+            accuracy.append([name, _fmt(acc.get("train")), _fmt(acc.get("heldout"))])
+    out = common.markdown_table(["setting", "method", "prompts", "R²", "95% CI", "OLS R² (no intercept)",
+                                 "sign agreement", "clusters", "marker R²"], rows)
+    if accuracy:
+        out += "\n\n" + common.markdown_table(["setting", "implicit-reward accuracy, training pairs",
+                                                "held-out pairs"], accuracy)
+    return out
 
 
 def _plain(obj: Any) -> Any:
@@ -459,7 +546,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cluster-target-size", default=None,
                         help="paper method: pick the Leiden resolution for this mean cluster size ('auto': 80 "
                              "features at d_sae 65,536 scaled by sqrt(d_sae/65536)); default: resolution 1")
+    parser.add_argument("--train-prompts", type=int, default=None, metavar="N",
+                        help="prompts of the DPO pairs to roll out for the training-prompt measurement "
+                             "(default: as many as the setting's held-out prompts)")
     args = parser.parse_args(argv)
+    if args.train_prompts is not None and args.train_prompts < 2:
+        parser.error(f"--train-prompts {args.train_prompts}: roll out at least 2 prompts")
     if args.merge:
         merged = merge_results(args.merge)
         common.publish(merged, args.out, args.name or "prediction", tables)
@@ -470,7 +562,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target = args.cluster_target_size
     sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
                     dpo_steps=sizes.dpo_steps if args.steps is None else args.steps,
-                    cluster_target_size=None if target is None else target if target == "auto" else float(target))
+                    cluster_target_size=None if target is None else target if target == "auto" else float(target),
+                    n_train_prompts=args.train_prompts)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="anatomy-prediction-"))
     results: dict[str, Any] = {"format": FORMAT, "version": VERSION, "quick": args.quick, "seed": args.seed,

@@ -276,6 +276,43 @@ def test_audit_speed_quick_times_each_method_in_its_own_process(tmp_path):
         assert r["pairs_per_s"] == pytest.approx(64 / r["wall_s"])
         assert r["command"].startswith("anatomy audit --config configs/audit/tiny.yaml")
         assert f"--audit.method={method}" in r["command"]
+    tilt = on_disk["tilt_fit"]  # the quick path's small tilt-predictor timing
+    assert (tilt["n_pairs"], tilt["n_clusters"], tilt["n_rollouts"]) == (400, 16, speed.TILT_ROLLOUTS)
+    assert tilt["goal_s"] is None and tilt["goal_met"] is None  # below the goal's 10,000 pairs
+    _finite_positive(tilt["wall_s"], "tilt_fit.wall_s")
+    assert "| tilt_fit | 400 | 16 |" in speed.tables(on_disk)
+
+
+def test_audit_speed_tilt_only_times_the_fit_against_its_goal(tmp_path):
+    speed = load_benchmark("audit_speed")
+    results = speed.main(["--tilt-only", "--tilt-pairs", "10000", "--tilt-clusters", "6", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "audit_speed.tilt.json").read_text())
+    assert on_disk == json.loads(json.dumps(results)) and on_disk["methods"] == {}
+    tilt = on_disk["tilt_fit"]
+    assert (tilt["n_pairs"], tilt["n_clusters"], tilt["n_folds"]) == (10_000, 6, 5)
+    assert tilt["goal_s"] == 60 and tilt["goal_met"] == (tilt["wall_s"] <= 60)
+    table = speed.tables(on_disk)
+    assert "| tilt_fit | 10000 | 6 |" in table and "| method |" not in table  # no audit measured, no audit table
+    with pytest.raises(SystemExit):
+        speed.main(["--tilt-only", "--tilt-clusters", "1", "--out", str(tmp_path)])
+
+
+def test_audit_speed_tilt_sizes_follow_the_smollm2_sae_and_plant_a_preference():
+    import numpy as np
+
+    speed = load_benchmark("audit_speed")
+    assert speed.smollm2_cluster_count() == 154  # 2,304 features / the size rule's 15 per cluster, rounded up
+    chosen, rejected, rollouts = speed.synthetic_pairs(2000, 10, 50, seed=1)
+    assert chosen.shape == rejected.shape == (2000, 10) and rollouts.shape == (50, 10)
+    assert 0 <= chosen.min() and chosen.max() <= 1 and (chosen == 0).mean() > 0.3  # sparse activities
+    from lightning_anatomy.audit.tilt import fit_bradley_terry
+
+    assert np.abs(fit_bradley_terry(chosen - rejected).weights).max() > 0.5  # a preference to fit
+    # the audits' table is unchanged for results without tilt_fit (the stored files)
+    old = {"methods": {"paper": {"n_pairs": 10, "wall_s": 60.0, "pairs_per_s": 1 / 6, "peak_rss_mb": 100.0,
+                                 "goal_met": None, "goal_s": None}}}
+    assert speed.tables(old) == speed.common.markdown_table(
+        ["method", "pairs", "wall", "pairs/s", "peak RSS", "goal"], [["paper", 10, "1.0 min", "0.17", "100 MB", "–"]])
 
 
 def test_audit_speed_repeats_a_file_for_timing_and_refuses_bad_sizes(tmp_path):

@@ -1,0 +1,148 @@
+"""`benchmarks/prediction.py`: the --quick path end to end (training-prompt and held-out rollouts,
+each sampled once per prompt set), the results layout, and its tables on old and new results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.bench_loader import load_benchmark
+
+REPO = Path(__file__).resolve().parents[2]
+HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test-a.jsonl"
+KEYS = {"r2", "r2_ci", "r2_ols", "sign_agreement", "n_clusters", "prompts"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("prediction")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _counting_sampler(monkeypatch) -> list[int]:
+    """Count the rollout samplings check_prediction makes (one per policy per sampled prompt set)."""
+    import lightning_anatomy.audit.prediction as prediction
+
+    calls: list[int] = []
+    real = prediction.sample_rollouts
+
+    def counted(policy, ids, **kwargs):
+        calls.append(len(ids))
+        return real(policy, ids, **kwargs)
+
+    monkeypatch.setattr(prediction, "sample_rollouts", counted)
+    return calls
+
+
+def test_quick_run_measures_train_and_heldout_prompts_sampling_each_once(bench, tmp_path, monkeypatch):
+    """graded_controlled always; hh_smollm2 where ../shared/data holds the HH sample (else skipped)."""
+    calls = _counting_sampler(monkeypatch)
+    results = bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--hh", str(HH_RLHF),
+                          "--parts", "graded_controlled", "hh_smollm2"])
+    on_disk = json.loads((tmp_path / "prediction.quick.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    settings = {k: v for k, v in on_disk["settings"].items() if "skipped" not in v}
+    assert "graded_controlled" in settings and ("hh_smollm2" in settings) == HH_RLHF.is_file()
+    sampled_sets = 0
+    for part in settings.values():
+        n_heldout = part.get("n_heldout_prompts", part.get("n_heldout"))
+        assert part["n_train_prompts"] == n_heldout  # the default: as many training prompts as held-out ones
+        assert set(part["implicit_reward_accuracy"]) == {"train", "heldout"}
+        assert all(0 <= v <= 1 for v in part["implicit_reward_accuracy"].values())
+        assert set(part["methods"]) == set(part["methods_heldout"]) == {"paper", "paired", "tilt"}
+        for key, prompts, n in (("methods", "train", part["n_train_prompts"]), ("methods_heldout", "heldout", n_heldout)):
+            entries = part[key]
+            for entry in entries.values():
+                assert KEYS <= set(entry) and entry["prompts"] == prompts
+            checked = {e["method"]: e for e in entries.values() if "n_rollouts" in e}
+            if not checked:  # no method had clusters to check: nothing sampled
+                continue
+            sampled_sets += 1
+            assert all(e["n_prompts"] == n and e["n_rollouts"] == n * bench.QUICK.samples_per_prompt
+                       for e in checked.values())
+            # one method sampled this prompt set, every later one reused its rollouts
+            assert sorted(e["reused_rollouts"] for e in checked.values()) == [False] + [True] * (len(checked) - 1)
+            if "paper" in checked:
+                assert entries["tilt"]["check_s"] == entries["paper"]["check_s"]  # one check, two predictors
+    assert len(calls) == 2 * sampled_sets  # before and after, once per prompt set
+    table = bench.tables(on_disk)
+    for name in settings:
+        for key in ("paper", "tilt", "paired"):
+            assert f"| {name} | {key} | train |" in table and f"| {name} | {key} | heldout |" in table
+    assert "implicit-reward accuracy" in table
+
+
+def test_train_prompts_flag_sets_the_training_prompt_count(bench, tmp_path, monkeypatch):
+    calls = _counting_sampler(monkeypatch)
+    results = bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--parts", "graded_controlled",
+                          "--train-prompts", "3"])
+    part = results["settings"]["graded_controlled"]
+    assert part["n_train_prompts"] == 3 and part["n_heldout_prompts"] == bench.QUICK.n_heldout
+    assert {e["n_prompts"] for e in part["methods"].values() if "n_prompts" in e} == {3}
+    assert sorted(calls) == [3, 3, bench.QUICK.n_heldout, bench.QUICK.n_heldout]
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path), "--train-prompts", "1"])
+
+
+def test_prompt_sets_default_to_the_heldout_count_and_clip_to_the_data(bench):
+    sizes = bench.QUICK
+    sets = bench.prompt_sets([f"t{i}" for i in range(10)], ["h0", "h1", "h2"], sizes)
+    assert sets == {"train": ["t0", "t1", "t2"], "heldout": ["h0", "h1", "h2"]}
+    from dataclasses import replace
+
+    assert bench.prompt_sets(["t0", "t1"], ["h0"], replace(sizes, n_train_prompts=5))["train"] == ["t0", "t1"]
+
+
+def _entry(r2: float, prompts: str | None) -> dict:
+    entry = {"r2": r2, "r2_ci": [0.1, 0.9], "r2_ols": 0.5, "sign_agreement": 0.75, "n_clusters": 12}
+    return entry if prompts is None else entry | {"prompts": prompts}
+
+
+def test_tables_show_both_prompt_sets_and_read_results_from_before_them(bench):
+    new = {"settings": {"s": {"methods": {"paper": _entry(0.25, "train"), "tilt": _entry(0.5, "train")},
+                              "methods_heldout": {"paper": _entry(0.125, "heldout"), "tilt": _entry(0.75, "heldout")},
+                              "implicit_reward_accuracy": {"train": 0.875, "heldout": 0.5}}}}
+    lines = bench.tables(new).splitlines()
+    rows = [line for line in lines if line.startswith("| s |")]
+    assert [row.split(" | ")[1:4] for row in rows[:4]] == [
+        ["paper", "train", "0.250"], ["paper", "heldout", "0.125"], ["tilt", "train", "0.500"],
+        ["tilt", "heldout", "0.750"]]
+    assert rows[4] == "| s | 0.875 | 0.500 |"
+    # the old layout: `methods` measured on held-out prompts (some entries without `prompts`), no train accuracy
+    old = {"settings": {"s": {"methods": {"paper": _entry(0.25, None), "tilt": _entry(0.5, "heldout")},
+                              "heldout_reward_accuracy": 0.5}, "t": {"methods": {"paper": _entry(0.3, None)}}}}
+    text = bench.tables(old)
+    assert "| s | paper | heldout | 0.250 |" in text and "| s | tilt | heldout | 0.500 |" in text
+    assert "| s | – | 0.500 |" in text and "| t | – |" not in text and "train" not in text.split("\n\n")[0]
+
+
+def test_stored_results_still_render_in_the_docs(bench):
+    """The results files stored before the training-prompt measurement render without error."""
+    readme_tables = load_benchmark("readme_tables")
+    results = REPO / "benchmarks" / "results"
+    stored = json.loads((results / "prediction.json").read_text())
+    assert all(f"| {name} |" in bench.tables(stored) for name in stored["settings"])
+    page = "x\n<!-- prediction-table:begin -->\nold\n<!-- prediction-table:end -->\ny\n"
+    rendered = readme_tables.render(page, results)
+    assert "old" not in rendered and "| graded_controlled | paper |" in rendered
+
+
+def test_merge_keeps_both_measurements(bench, tmp_path):
+    part = {"format": bench.FORMAT, "quick": False, "wall_s": 12.0, "seed": 0, "sizes": {}, "settings": {
+        "s": {"methods": {"paper": _entry(0.25, "train")}, "methods_heldout": {"paper": _entry(0.125, "heldout")},
+              "implicit_reward_accuracy": {"train": 0.875, "heldout": 0.5}}}}
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps(part))
+    merged = bench.main(["--merge", str(path), "--out", str(tmp_path), "--name", "merged"])
+    assert merged["settings"] == part["settings"] and merged["parts"]["s"]["wall_s"] == 12.0
+    assert json.loads((tmp_path / "merged.json").read_text())["settings"] == part["settings"]
