@@ -502,14 +502,30 @@ def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "version": VERSION, "scenarios": flat}
 
 
+def merge_scenario(old: dict[str, Any] | None, new: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """`new` (a run of some conditions) over `old` (the stored entry of that scenario): the conditions
+    the new run did not train are kept, each condition says which run it came from (`source`), and
+    the goals are taken again over the merged conditions. A kept condition's comparisons with vanilla
+    are those of its own run (same seeds, data and batch order)."""
+    conditions = {n: {**c, "source": c.get("source") or (old or {}).get("source", source)}
+                  for n, c in ((old or {}).get("conditions") or {}).items()}
+    conditions.update({n: {**c, "source": source} for n, c in new["conditions"].items()})
+    skipped = {**((old or {}).get("not_applicable") or {}), **(new.get("not_applicable") or {})}
+    skipped = {n: why for n, why in skipped.items() if n not in new["conditions"]}
+    conditions = {n: c for n, c in conditions.items() if n not in (new.get("not_applicable") or {})}
+    return {**(old or {}), **new, "source": source, "conditions": conditions, "not_applicable": skipped,
+            "goals": goals(conditions)}
+
+
 def add_scenarios(path: Path, part: dict[str, Any], *, source: str) -> None:
-    """Add another benchmark's scenarios (same layout) to the results file at `path`, in place."""
+    """Add another benchmark's scenarios (same layout) to the results file at `path`, in place; a
+    scenario already there keeps the conditions this run did not train (`merge_scenario`)."""
     if not path.is_file():
         common.log(f"{path} is absent: {source} stays on its own")
         return
     doc = upgrade(json.loads(path.read_text()))
     for key, sc in part["scenarios"].items():
-        doc["scenarios"][key] = {**sc, "source": source}
+        doc["scenarios"][key] = merge_scenario(doc["scenarios"].get(key), sc, source=source)
     common.atomic_write_json(path, doc)
     plot(doc, path.with_suffix(".png"))
     common.log(f"added {', '.join(part['scenarios'])} to {path}")

@@ -173,3 +173,22 @@ def test_readme_tables_are_regenerated_from_the_results_file(bench, tmp_path):
     (tmp_path / "interventions.json").unlink()
     with pytest.raises(FileNotFoundError, match="interventions.json is missing"):
         tables.main(["--readme", str(readme), "--results", str(tmp_path)])
+
+
+def test_a_later_run_of_some_conditions_is_merged_over_the_stored_scenario(bench, tmp_path):
+    def cond(rise, cut):
+        return {"spurious_delta": rise, "spurious_delta_ci": [rise - 1, rise + 1], "ontarget_vs_vanilla": 0.0,
+                "cut": cut, "cut_note": None, "spurious_vs_vanilla_ci": [-1.0, 1.0]}
+
+    stored = {"scenario": "s", "variant": "corr0.9", "source": "first.json", "not_applicable": {"x": "seed 0: why"},
+              "conditions": {"vanilla": cond(40.0, 1.0), "blocking_sae": cond(20.0, 2.0), "x_old": cond(4.0, 10.0)}}
+    (tmp_path / "interventions.json").write_text(json.dumps({"version": 2, "scenarios": {"s_corr0.9": stored}}))
+    later = {"scenario": "s", "variant": "corr0.9", "not_applicable": {"x_old": "seed 0: now confounded"},
+             "conditions": {"vanilla": cond(41.0, 1.0), "x": cond(2.0, 20.5)}}
+    bench.add_scenarios(tmp_path / "interventions.json", {"scenarios": {"s_corr0.9": later}}, source="second.json")
+    merged = json.loads((tmp_path / "interventions.json").read_text())["scenarios"]["s_corr0.9"]
+    assert {n: c["source"] for n, c in merged["conditions"].items()} == {
+        "vanilla": "second.json", "blocking_sae": "first.json", "x": "second.json"}
+    assert merged["not_applicable"] == {"x_old": "seed 0: now confounded"}  # x ran now; x_old could not
+    assert merged["goals"]["best_within_2_points"] == {"condition": "x", "cut": 20.5}
+    assert merged["goals"]["vanilla_rise_points"] == 41.0
