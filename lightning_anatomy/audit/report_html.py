@@ -133,6 +133,9 @@ LEGEND = {
     "ū": "predicted DPO shift: mean over pairs of u (members active in chosen − in rejected)",
     "split-half": "both split halves give Δ of the same sign",
     "direction": "predicted DPO effect where the row passes (q < α and split halves agree); none otherwise",
+    "λ": ("how much of the preference the concept alone explains (Bradley–Terry MLE of ΔA on the preferences; "
+          "∞: it orders every differing pair — perfect confounding, per-pair methods cannot separate it)"),
+    "pair AUROC": "P(chosen has more of it than its rejected), ties ½",
 }
 
 def esc(value: Any) -> str:

@@ -27,7 +27,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 STAT_KEYS = {"Δ": "delta", "d": "cohens_d", "z": "z", "Welch z": "welch_z", "q": "q_value", "Δmin": "delta_min",
-             "Δlen": "delta_len_ctrl", "zlen": "z_len_ctrl", "ū": "predicted_shift"}
+             "Δlen": "delta_len_ctrl", "zlen": "z_len_ctrl", "ū": "predicted_shift", "λ": "explain_away_lambda",
+             "pair AUROC": "pair_auroc"}
+CONFOUNDING_STATS = ("λ", "pair AUROC")
+
+
+def _confounding(rows: pd.DataFrame) -> tuple[str, ...]:
+    """The confounding columns when any shown row has them (audits saved before them show none)."""
+    has = "pair_auroc" in rows.columns and rows["pair_auroc"].notna().any()
+    return CONFOUNDING_STATS if has else ()
 
 
 def _stat_cells(r: pd.Series, stats: Sequence[str]) -> list[str]:
@@ -53,7 +61,7 @@ def concepts_table(index: ReportIndex) -> str:
     """The ranked concepts: each row links to its section, its cluster's section and back."""
     result = index.result
     multi_hook = result.concepts["hook"].nunique() > 1 if len(result.concepts) else False
-    stats = _concept_stats(result.method)
+    stats = _concept_stats(result.method) + _confounding(index.listed)
     head = ["rank", *(["hook"] if multi_hook else []), "feature", "label", "cluster", *stats, "split-half",
             "direction"]
     rows = []
@@ -77,7 +85,7 @@ def clusters_table(index: ReportIndex) -> str:
     if index.clusters.empty:
         return ("<p>No feature clusters (too few co-firing features; see cofire_min_tokens, "
                 "min_cluster_size).</p>")
-    stats = _cluster_stats(index.result.method)
+    stats = _cluster_stats(index.result.method) + _confounding(index.clusters)
     head = ["rank", "cluster", "size", "label (top members)", "members", *stats, "split-half", "direction"]
     rows = []
     for _, r in index.clusters.iterrows():

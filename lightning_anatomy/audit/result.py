@@ -30,6 +30,10 @@ MARKER = "audit.json"
 TABLES = ("concepts", "clusters", "local", "traces", "feature_clusters", "data_clusters")
 OPTIONAL_TABLES = ("cluster_examples",)  # absent from audits saved before the paper method
 PREDICTION_COLUMNS = ("hook", "cluster", "predicted_shift", "n_features")
+# (column, dtype) of each concept's and cluster's confounding with the preference (`audit.run.confounding_columns`):
+# NA where not computed, and in audits saved before them
+CONFOUNDING = (("explain_away_lambda", "float64", np.nan), ("pair_auroc", "float64", np.nan),
+               ("perfectly_confounded", "boolean", pd.NA))
 
 
 @dataclass
@@ -44,6 +48,12 @@ class AuditResult:
     `contexts` token-level top-activating contexts per concept, when a model was at hand;
     `cluster_examples` (method "paper") the pairs leaning most with each feature cluster.
     `cluster_predictions` is the per-cluster prediction `check_prediction` tests.
+
+    `concepts` (the top rows: those the report lists) and `clusters` carry how confounded each is
+    with the preference, from the same per-pair ΔA as their statistics: `explain_away_lambda` (the
+    Bradley–Terry MLE of ΔA on the preferences; ±inf when perfectly confounded, then
+    `perfectly_confounded` is True; the JSON files write ±inf as null, Parquet keeps it) and
+    `pair_auroc` (P(chosen has more of it), ties ½); NA where not computed.
     """
 
     concepts: pd.DataFrame
@@ -197,6 +207,10 @@ class AuditResult:
         tables = {name: pd.read_parquet(root / f"{name}.parquet") for name in TABLES}
         tables.update({name: pd.read_parquet(root / f"{name}.parquet") for name in OPTIONAL_TABLES
                        if (root / f"{name}.parquet").is_file()})
+        for name in ("concepts", "clusters"):  # audits saved before the confounding columns: NA
+            for column, dtype, missing in CONFOUNDING:
+                if column not in tables[name].columns:
+                    tables[name][column] = pd.Series(missing, index=tables[name].index, dtype=dtype)
         with np.load(root / "cofiring.npz") as npz:
             cofiring = {h: npz[f"h{i}"] for i, h in enumerate(meta.get("cofiring_hooks", []))}
         features = _load_features(root / "features", meta["features"]) if meta.get("has_features") else None

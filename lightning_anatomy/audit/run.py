@@ -5,6 +5,9 @@ every feature that fires often enough on the span statistic (BH across all of th
 top features by co-firing and test the clusters, cluster the pairs by prompt and test every
 (data cluster × feature cluster), trace the top concepts to their pairs.
 
+Both methods add, per listed concept and per feature cluster, how confounded it is with the
+preference (`confounding_columns`: the explain-away λ and the pair AUROC of the same per-pair ΔA).
+
 `method="paper"` (Bergen et al. 2026, App. B.1, the feature-conditioned audit whose cluster
 predictions matched DPO's real effect at R² 0.9): firing frequencies thresholded at τ, feature
 clusters over all features from token-level co-firing (`audit.cofiring`), the per-cluster
@@ -39,8 +42,10 @@ from lightning_anatomy.audit.statistics import STAT_COLUMNS, add_decisions, pair
 from lightning_anatomy.audit.tilt import pair_cluster_activity, tilt_predict
 from lightning_anatomy.audit.tracing import snippet, trace_pairs
 from lightning_anatomy.concepts.span_features import SpanFeatures
+from lightning_anatomy.interventions.explain_away import confounding
 
 REPORT_CONCEPTS = 100  # concepts the report lists (render_report's max_concepts): all get a label
+_CONFOUNDING_BLOCK = 256  # columns of ΔA densified at once
 
 
 def _length_diff(features: SpanFeatures, options: AuditOptions) -> np.ndarray | None:
@@ -65,6 +70,65 @@ def _feature_table(features: SpanFeatures, options: AuditOptions, labels: Mappin
     table = add_decisions(table, alpha=options.alpha, keys=("hook", "feature"), rank_by=rank_by)
     table.insert(3, "label", [_label(labels, h, f) for h, f in zip(table["hook"], table["feature"])])
     return table
+
+
+def confounding_columns(chosen: sp.spmatrix, rejected: sp.spmatrix, columns: Sequence[int]) -> pd.DataFrame:
+    """Per column of ΔA = chosen − rejected ([n_pairs, n] rows are pairs): how confounded it is with
+    the preference, from the same per-pair values the audit's statistics use.
+
+    `explain_away_lambda`: the Bradley–Terry MLE of ΔA on the preferences (±inf when every differing
+    pair leans one way: perfect confounding, `perfectly_confounded`; NaN when ΔA is 0 in every pair,
+    which says nothing about λ); `pair_auroc`: P(ΔA > 0) + ½·P(ΔA = 0), "chosen has more of it".
+    """
+    cols = np.asarray(columns, dtype=np.int64)
+    lam = np.full(len(cols), np.nan)
+    auroc = np.full(len(cols), np.nan)
+    c, r = sp.csr_matrix(chosen), sp.csr_matrix(rejected)  # no copy of a CSR matrix; a column slice is one pass
+    for b0 in range(0, len(cols), _CONFOUNDING_BLOCK):
+        block = cols[b0:b0 + _CONFOUNDING_BLOCK]
+        diff = (c[:, block].astype(np.float64) - r[:, block].astype(np.float64)).toarray()  # as the statistics: float64
+        for j in range(diff.shape[1]):
+            d = diff[:, j]
+            if not d.any():  # no pair differs: AUROC ½, λ undefined (an error in explain_away_lambda)
+                auroc[b0 + j] = 0.5
+                continue
+            conf = confounding(d)
+            lam[b0 + j], auroc[b0 + j] = conf["lambda"], conf["auroc"]
+    return pd.DataFrame({"explain_away_lambda": lam, "pair_auroc": auroc,
+                         "perfectly_confounded": pd.array(np.isinf(lam), dtype="boolean")})
+
+
+Sides = tuple[sp.spmatrix, sp.spmatrix, np.ndarray]  # (chosen, rejected, the ids of their columns)
+
+
+def _add_confounding(table: pd.DataFrame, key: str, sides: Mapping[str, Sides] | Sides,
+                     rows: int | None = None) -> pd.DataFrame:
+    """`table` with the confounding columns (`result.CONFOUNDING`) for its first `rows` rows (None:
+    all), NA below them.
+
+    `sides`: one (chosen, rejected, ids) for every row, or one per hook (`{hook: ...}`); a row's
+    `table[key]` is its column id among `ids`."""
+    out = table.copy()
+    lam = np.full(len(out), np.nan)
+    auroc = np.full(len(out), np.nan)
+    flag = pd.array([pd.NA] * len(out), dtype="boolean")
+    head = out.head(len(out) if rows is None else rows)
+    for hook, part in head.groupby("hook", sort=False):
+        chosen, rejected, ids = sides[hook] if isinstance(sides, Mapping) else sides
+        col_of = {int(i): k for k, i in enumerate(ids)}
+        got = confounding_columns(chosen, rejected, [col_of[int(i)] for i in part[key]])
+        pos = out.index.get_indexer(part.index)
+        lam[pos], auroc[pos] = got["explain_away_lambda"].to_numpy(), got["pair_auroc"].to_numpy()
+        flag[pos] = got["perfectly_confounded"].array
+    out["explain_away_lambda"], out["pair_auroc"], out["perfectly_confounded"] = lam, auroc, flag
+    return out
+
+
+def _feature_confounding(table: pd.DataFrame, features: SpanFeatures, stat: str, opts: AuditOptions) -> pd.DataFrame:
+    """The confounding columns of the concepts the report lists (and every traced one), on `stat`."""
+    matrices = {hook: (features.get(hook, "chosen", stat), features.get(hook, "rejected", stat),
+                       np.arange(features.d_sae[hook])) for hook in features.hooks}
+    return _add_confounding(table, "feature", matrices, rows=max(REPORT_CONCEPTS, opts.top_k_trace))
 
 
 def _label(labels: Mapping | None, hook: str, feature: int) -> str:
@@ -105,6 +169,7 @@ def _cluster_tables(
         return out
 
     clusters = add_decisions(table(None, options.seed), alpha=options.alpha, keys=("hook", "cluster"))
+    clusters = _add_confounding(clusters, "cluster", (chosen, rejected, ids))
     local_parts = []
     for g in np.unique(labels):
         rows = np.flatnonzero(labels == g)
@@ -161,7 +226,7 @@ def audit_features(
     if token_firing is not None or feature_clusters is not None:
         raise ValueError("token_firing / feature_clusters belong to method='paper'; pass method='paper' or drop them")
 
-    concepts = _feature_table(features, opts, labels, stat=opts.stat)
+    concepts = _feature_confounding(_feature_table(features, opts, labels, stat=opts.stat), features, opts.stat, opts)
     clusters, local, cofiring, assign, data_assign = _cluster_tables(features, concepts, opts)
     _add_cluster_column(concepts, assign)
     clusters, tilt_meta = _apply_predictor(clusters, features, assign, opts)
@@ -221,6 +286,7 @@ def _paper_audit(
     act = fc.active_features(features, opts.tau, stat=opts.stat)
     parity = np.arange(features.n_pairs) % 2 == 0  # split halves by index parity
     concepts = _feature_table(act, opts, labels, stat="active", halves=parity, rank_by="delta_min")
+    concepts = _feature_confounding(concepts, act, "active", opts)
     _add_cluster_column(concepts, assign)
 
     empty_local = pd.DataFrame(columns=list(fc.LOCAL_COLUMNS))
@@ -243,6 +309,7 @@ def _paper_audit(
         table.insert(2, "size", [len(members.loc[k]) for k in cluster])
         table.insert(3, "features", [members.loc[k] for k in cluster])
         clusters = add_decisions(table, alpha=opts.alpha, keys=("hook", "cluster"), rank_by="delta_min")
+        clusters = _add_confounding(clusters, "cluster", (chosen, rejected, ids))
         clusters, tilt_meta = _apply_predictor(clusters, act, assign, opts)
 
         disparity = chosen - rejected
