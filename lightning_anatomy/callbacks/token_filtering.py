@@ -7,18 +7,22 @@ neither the log-ratio nor the sigmoid weight sees them.
 
 The masks are computed once, at fit start, with the initial model (one measurement pass for
 SAE / ConceptSet scores; patterns need only the tokenizer), kept per row id (and in checkpoints,
-so a resumed run does not measure its trained model), and written into the DataModule's pairs
-(`TokenizedPair.chosen_keep` / `rejected_keep`): `collate_pairs` then adds the batch key
-`loss_mask`, which DPOModule scores instead of `completion_mask` in every reference mode, and a
-precomputed reference table is keyed on the masks (its fingerprint hashes the pairs).
+so a resumed run does not measure its trained model), optionally cached on disk under a
+fingerprint of what they depend on (as reward-shaping scores are), and written into the
+DataModule's pairs (`TokenizedPair.chosen_keep` / `rejected_keep`): `collate_pairs` then adds the
+batch key `loss_mask`, which DPOModule scores instead of `completion_mask` in every reference
+mode, and a precomputed reference table is keyed on the masks (its fingerprint hashes the pairs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -30,6 +34,7 @@ from lightning_anatomy.callbacks.strategies import DATA_PARALLEL, SHARDED, check
 from lightning_anatomy.concepts.concept_set import ConceptSet
 from lightning_anatomy.concepts.lens import ConceptLens
 from lightning_anatomy.data.tokenize import TokenizedPair
+from lightning_anatomy.digests import combined_digest, full_model_digest, model_digest, pairs_digest
 from lightning_anatomy.interventions.token_filter import (
     FILTER_SIDES,
     UNITS,
@@ -38,13 +43,16 @@ from lightning_anatomy.interventions.token_filter import (
     callable_scores,
     compile_patterns,
     direction_score,
+    load_token_masks,
     measure_token_scores,
     pattern_hits,
     resolve_threshold,
     sae_feature_score,
+    save_token_masks,
     widen_token_hits,
 )
 from lightning_anatomy.model_access import find_causal_lm
+from lightning_anatomy.sharding import has_fsdp1_units
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -79,6 +87,14 @@ class TokenFiltering(Callback):
             whitespace-delimited word; the paper's unit).
         sides: filter `"both"` completions, only `"chosen"` or only `"rejected"`.
         batch_size: pairs per forward of the measurement pass.
+        cache_dir: a folder where the masks (with the per-concept counts and the report) are
+            cached as `token-masks-<fingerprint>.json`; a run that finds its file skips the
+            measurement pass. The fingerprint covers the model's weights (only when SAE or
+            ConceptSet concepts need the model), the pairs' token ids, the tokenizer's vocabulary
+            (patterns, `unit="word"`), the patterns, the concepts (SAE weights and feature,
+            ConceptSet vectors, a callable by its qualified name: rename it, or clear the cache,
+            when its behaviour changes), the thresholds, `unit` and `sides`. Rank zero reads and
+            writes it. None: no cache.
         allow_untested_strategy: run under strategies other than single-device, DDP and FSDP.
 
     The tokenizer is the DataModule's (`trainer.datamodule.tokenizer`), and the pairs are its
@@ -88,7 +104,17 @@ class TokenFiltering(Callback):
 
     Strategies (`supported_strategies`): SingleDeviceStrategy, DDPStrategy, FSDPStrategy (FSDP1)
     and ModelParallelStrategy (FSDP2); every rank measures (an FSDP forward is a collective) and
-    rank zero's masks are broadcast.
+    rank zero's masks (and counts) are broadcast. A resumed run takes the masks from the
+    checkpoint and never measures its trained model: where the strategy loads the checkpoint
+    after `on_fit_start` (FSDP), the masks measured there on the freshly built (initial) weights
+    are replaced by the checkpoint's when it loads, before any batch; with `cache_dir` that
+    measurement is a cache hit.
+
+    Raises:
+        ValueError: at construction for invalid options (a bad regular expression is named); at
+            fit start when no pair has a completion left, for a cache file that is not a
+            token-mask file (named), or for a resume from a checkpoint without this filter's
+            masks when its concepts would have to be measured on the trained model.
     """
 
     supported_strategies: ClassVar[tuple[type[Strategy], ...]] = (*DATA_PARALLEL, *SHARDED)
@@ -104,6 +130,7 @@ class TokenFiltering(Callback):
         unit: str = "token",
         sides: str = "both",
         batch_size: int = 8,
+        cache_dir: str | None = None,
         allow_untested_strategy: bool = False,
     ) -> None:
         super().__init__()
@@ -121,6 +148,9 @@ class TokenFiltering(Callback):
         if patterns is not None and not self.patterns:
             raise ValueError("TokenFiltering: patterns is empty; pass at least one pattern or leave it None")
         self.unit, self.sides, self.batch_size = unit, sides, batch_size
+        if cache_dir is not None and not isinstance(cache_dir, str | os.PathLike):
+            raise ValueError(f"TokenFiltering: cache_dir must be a folder path or None, got {cache_dir!r}")
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.allow_untested_strategy = bool(allow_untested_strategy)
         self._saes: dict[str, Any] = {}
         if saes is not None:
@@ -133,6 +163,8 @@ class TokenFiltering(Callback):
         self.masks: Masks | None = None
         self.concept_drops: dict[str, dict[int, int]] = {}
         self.report: dict[str, Any] = {}
+        self._datamodule: Any = None  # during a fit: re-masked when a checkpoint loads after on_fit_start
+        self._masked: list[list[TokenizedPair]] = []  # every pair list masked in this fit (a loader may hold one)
 
     # ------------------------------------------------------------------ options
     def _plan(self, concepts: object) -> dict[str, tuple]:
@@ -288,17 +320,104 @@ class TokenFiltering(Callback):
             raise ValueError("TokenFiltering needs a PreferenceDataModule passed to trainer.fit(datamodule=...): "
                              "it filters the DataModule's pairs with the DataModule's tokenizer")
         if self.masks is None:
-            model = find_causal_lm(pl_module) if self._concepts else None
-            if model is not None and self._saes:
-                self._saes = build_pending_saes(self._saes, model)
-            masks = self.compute_masks(pairs, getattr(dm, "tokenizer", None), model, getattr(dm, "pad_token_id", 0))
-            self.masks = trainer.strategy.broadcast(masks, src=0)
-        missing = [p.row_id for p in pairs if p.row_id not in self.masks]
+            if trainer.ckpt_path and self._needs_model() and not _restores_after_fit_start(trainer):
+                raise ValueError(
+                    f"TokenFiltering: the checkpoint {str(trainer.ckpt_path)!r} holds no masks for this filter "
+                    f"(state key {self.state_key!r}), and its concepts {sorted(self._concepts)} would be measured "
+                    "on the trained model; resume with the run's own TokenFiltering settings, or start a new run"
+                )
+            self._measure_or_load(trainer, pl_module, dm, pairs)
+        self._datamodule = dm
+        self._apply(dm)
+
+    def _needs_model(self) -> bool:
+        return any(spec[0] in ("sae", "direction") for spec in self._concepts.values())
+
+    def _measure_or_load(self, trainer: Trainer, pl_module: LightningModule, dm: Any,
+                         pairs: Sequence[TokenizedPair]) -> None:
+        """Masks from the cache file (rank zero reads it), else measured on every rank; rank zero's
+        are broadcast, and written to the cache by rank zero alone."""
+        strategy = trainer.strategy
+        tokenizer = getattr(dm, "tokenizer", None)
+        model = find_causal_lm(pl_module) if self._concepts else None
+        if model is not None and self._saes:
+            self._saes = build_pending_saes(self._saes, model)
+        path, meta = None, {}
+        if self.cache_dir is not None:  # every rank: the weight digest is a collective under FSDP
+            fingerprint, meta = self._fingerprint(pairs, tokenizer, model, trainer)
+            path = Path(self.cache_dir) / f"token-masks-{fingerprint}.json"
+        found, problem = None, None
+        if path is not None and strategy.is_global_zero and path.is_file():
+            try:
+                found = load_token_masks(path)
+                self._check_cached(path, pairs, *found)
+            except (OSError, ValueError) as err:  # raised on every rank below, not only here
+                found, problem = None, str(err)
+        found, problem = strategy.broadcast((found, problem), src=0)
+        if problem:
+            raise ValueError(problem)
+        if found is None:
+            masks = self.compute_masks(pairs, tokenizer, model, getattr(dm, "pad_token_id", 0))
+            self.masks, self.concept_drops, self.report = strategy.broadcast(
+                (masks, self.concept_drops, self.report), src=0)
+            if path is not None and strategy.is_global_zero:
+                try:
+                    save_token_masks(path, self.masks, self.concept_drops, report=self.report, meta=meta)
+                except OSError as err:  # a cache only saves time: training goes on without it
+                    log.warning("TokenFiltering: could not write the mask cache %s (%s)", path, err)
+        else:
+            self.masks, self.concept_drops = found
+            self._check_masks(list(pairs), self.masks)  # the report (and its warnings), as when measured
+
+    def _check_cached(self, path: Path, pairs: Sequence[TokenizedPair], masks: Masks,
+                      drops: Mapping[str, Mapping[int, int]]) -> None:
+        names = [p.pattern for p in self.patterns] + list(self._concepts)
+        bad = [p.row_id for p in pairs if p.row_id not in masks
+               or (len(masks[p.row_id][0]), len(masks[p.row_id][1])) != (len(p.chosen_ids), len(p.rejected_ids))]
+        if bad or sorted(drops) != sorted(names):
+            raise ValueError(f"{path} does not fit this data and these concepts (row ids {bad[:5]}, concepts "
+                             f"{sorted(drops)}); delete it (it is a cache) to recompute the masks")
+
+    def _fingerprint(self, pairs: Sequence[TokenizedPair], tokenizer: object, model: torch.nn.Module | None,
+                     trainer: Trainer) -> tuple[str, dict[str, Any]]:
+        """The cache key: everything the masks depend on (see `cache_dir`), and the readable settings."""
+        concepts: dict[str, list] = {}
+        for name, spec in self._concepts.items():
+            if spec[0] == "sae":
+                concepts[name] = ["sae", spec[1], int(spec[2]), _module_digest(self._saes[spec[1]])]
+            elif spec[0] == "direction":
+                vector = spec[2].detach().to(torch.float32).cpu().contiguous()
+                concepts[name] = ["direction", spec[1], hashlib.sha256(vector.numpy().tobytes()).hexdigest()]
+            else:
+                concepts[name] = ["callable", _qualified_name(spec[1])]
+        settings = {
+            "patterns": [[p.pattern, int(p.flags)] for p in self.patterns], "concepts": concepts,
+            "thresholds": {n: {"quantile": t.q} if isinstance(t, Quantile) else t for n, t in self.thresholds.items()},
+            "unit": self.unit, "sides": self.sides,
+        }
+        weights = None
+        if self._needs_model() and model is not None:
+            root = trainer.model  # FSDP1: the unit owning the root weights
+            weights = full_model_digest(model, fsdp_root=root if root is not None and has_fsdp1_units(root) else None)
+        text = _tokenizer_digest(tokenizer) if (self.patterns or self.unit == "word") else None
+        bare = [dataclasses.replace(p, ref_prompt_ids=None, chosen_keep=None, rejected_keep=None) for p in pairs]
+        fingerprint = combined_digest("token-masks", weights, pairs_digest(bare), text, settings)
+        return fingerprint, {"fingerprint": fingerprint, **settings}
+
+    def _apply(self, dm: Any) -> None:
+        """Write the masks into the DataModule's pairs, in place, and into every list masked before in
+        this fit: a loader built already (Lightning builds the training one to count the steps for
+        the schedule, before a late checkpoint load replaces the DataModule's lists) sees them."""
+        assert self.masks is not None
+        missing = [p.row_id for p in dm.pairs if p.row_id not in self.masks]
         if missing:
             raise ValueError(f"TokenFiltering: the checkpoint's masks lack row ids {missing[:5]} of this data; resume "
                              "with the same data")
         for group in (dm.pairs, dm.train_pairs, dm.val_pairs):
-            for i, p in enumerate(group or []):  # in place: a loader built already sees the masked pairs
+            if group is not None and not any(group is seen for seen in self._masked):
+                self._masked.append(group)
+        for group in self._masked:
+            for i, p in enumerate(group):
                 c, r = self.masks[p.row_id]
                 group[i] = dataclasses.replace(p, chosen_keep=c, rejected_keep=r)
 
@@ -315,17 +434,53 @@ class TokenFiltering(Callback):
         for key, value in values.items():
             pl_module.log(key, value.to(pl_module.device), on_step=True, on_epoch=False, batch_size=n)
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._datamodule, self._masked = None, []  # after the fit (or its exception): a later load must not touch them
+
     def state_dict(self) -> dict[str, Any]:
         if self.masks is None:
             return {}
         return {"masks": {int(k): (list(c), list(r)) for k, (c, r) in self.masks.items()},
-                "concept_drops": self.concept_drops}
+                "concept_drops": self.concept_drops, "report": self.report}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checkpoint's masks. Loaded after `on_fit_start` (strategies that restore late, FSDP),
+        they replace the masks measured there and the DataModule's pairs are masked again, before
+        any loader reads them."""
         if "masks" in state_dict:
             self.masks = {int(k): (tuple(c), tuple(r)) for k, (c, r) in state_dict["masks"].items()}
             self.concept_drops = {k: {int(i): int(n) for i, n in v.items()}
                                   for k, v in state_dict.get("concept_drops", {}).items()}
+            self.report = dict(state_dict.get("report", {}))
+            if self._datamodule is not None:
+                self._apply(self._datamodule)
+
+
+def _restores_after_fit_start(trainer: Trainer) -> bool:
+    """ModelParallelStrategy and FSDPStrategy load a checkpoint after the on_fit_start hooks."""
+    return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+
+
+def _qualified_name(fn: object) -> str:
+    """A callable's identity in the cache key: module and qualified name (of its class for objects)."""
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', repr(named))}"
+
+
+def _module_digest(sae: object) -> str:
+    if isinstance(sae, torch.nn.Module):
+        return f"{type(sae).__name__}:{model_digest(sae)}"
+    w = sae.W_dec.detach().to(torch.float32).cpu().contiguous()  # type: ignore[attr-defined]
+    return f"{type(sae).__name__}:{hashlib.sha256(w.numpy().tobytes()).hexdigest()}"
+
+
+def _tokenizer_digest(tokenizer: object) -> str | None:
+    """The tokenizer's class and vocabulary: pattern masks read the decoded text."""
+    if tokenizer is None:
+        return None
+    vocab = getattr(tokenizer, "get_vocab", None)
+    items = sorted(vocab().items()) if callable(vocab) else None
+    return combined_digest(type(tokenizer).__name__, items, length=32)
 
 
 __all__ = ["METRIC", "TokenFiltering"]

@@ -16,9 +16,12 @@ completion at a time, as token ids; the masks are completion-relative (one bool 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_anatomy.data.tokenize import TokenizedPair, collate_pairs
+from lightning_anatomy.files import atomic_write_text
 from lightning_anatomy.model_access import reference_pass, resolve_hook
 
 UNITS = ("token", "word")
 FILTER_SIDES = ("both", "chosen", "rejected")
+MASKS_FORMAT = "lightning-anatomy/token-masks"
 
 Span = tuple[int, int]
 # fn(row_id, side, completion_ids) -> one score per completion token
@@ -329,6 +334,52 @@ def callable_scores(fn: TokenScoreFn, name: str, pairs: Sequence[TokenizedPair]
     return out
 
 
-__all__ = ["ActivationScore", "FILTER_SIDES", "Quantile", "TokenScoreFn", "UNITS", "callable_scores",
-           "compile_patterns", "direction_score", "fit_threshold", "measure_token_scores", "pattern_hits", "pattern_token_mask",
-           "resolve_threshold", "sae_feature_score", "token_spans", "widen_token_hits"]
+# ------------------------------------------------------------------------------ the mask cache
+TokenMasks = dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]]
+
+
+def save_token_masks(path: str | os.PathLike, masks: Mapping[int, tuple[Sequence[bool], Sequence[bool]]],
+                     concept_drops: Mapping[str, Mapping[int, int]], *, report: Mapping[str, Any] | None = None,
+                     meta: Mapping[str, Any] | None = None) -> Path:
+    """Write token masks (`{row_id: (chosen keep, rejected keep)}`) and the per-concept drop counts
+    as JSON atomically (temp file + rename), so a reader never sees half a file. A mask is a string
+    of "1" (kept) and "0" (removed), one character per completion token."""
+    def bits(keep: Sequence[bool]) -> str:
+        return "".join("1" if k else "0" for k in keep)
+
+    doc = {"format": MASKS_FORMAT, "meta": dict(meta or {}), "report": dict(report or {}),
+           "masks": {str(int(rid)): [bits(c), bits(r)] for rid, (c, r) in masks.items()},
+           "concept_drops": {name: {str(int(rid)): int(n) for rid, n in per_row.items()}
+                             for name, per_row in concept_drops.items()}}
+    return atomic_write_text(Path(path), json.dumps(doc))
+
+
+def load_token_masks(path: str | os.PathLike) -> tuple[TokenMasks, dict[str, dict[int, int]]]:
+    """`(masks, concept_drops)` from a file `save_token_masks` wrote; anything else raises one
+    ValueError naming the file."""
+    path = Path(path)
+    fix = "delete it (it is a cache) or point cache_dir elsewhere"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a token-mask cache file (not JSON: {err}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != MASKS_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path} is not a token-mask cache file (format {found!r}, expected {MASKS_FORMAT!r}); {fix}")
+    try:
+        masks: TokenMasks = {}
+        for rid, (c, r) in doc["masks"].items():
+            if not isinstance(c, str) or not isinstance(r, str) or set(c + r) - {"0", "1"}:
+                raise ValueError(f"row {rid}")
+            masks[int(rid)] = (tuple(ch == "1" for ch in c), tuple(ch == "1" for ch in r))
+        drops = {str(name): {int(rid): int(n) for rid, n in per_row.items()}
+                 for name, per_row in doc["concept_drops"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: a token-mask cache file with a missing or malformed entry ({err}); {fix}") from None
+    return masks, drops
+
+
+__all__ = ["ActivationScore", "FILTER_SIDES", "MASKS_FORMAT", "Quantile", "TokenMasks", "TokenScoreFn", "UNITS",
+           "callable_scores", "compile_patterns", "direction_score", "fit_threshold", "load_token_masks",
+           "measure_token_scores", "pattern_hits", "pattern_token_mask", "resolve_threshold", "sae_feature_score",
+           "save_token_masks", "token_spans", "widen_token_hits"]

@@ -357,3 +357,208 @@ def test_a_precomputed_reference_table_is_computed_on_the_masks(tmp_path):
         assert table[p.row_id][0] == pytest.approx(float(want["chosen_logps"][i]), abs=1e-5)
         assert table[p.row_id][1] == pytest.approx(float(want["rejected_logps"][i]), abs=1e-5)
     assert table[0][0] != pytest.approx(float(unmasked["chosen_logps"][0]), abs=1e-3)  # row 0's chosen has SURE
+
+
+# --------------------------------------------------------------------------- the mask cache
+
+
+CACHE_ROWS = 16
+
+
+def _dm(rows: list[dict[str, str]] | None = None):
+    from lightning_anatomy import PreferenceDataModule
+
+    dm = PreferenceDataModule(rows or _sure_rows(CACHE_ROWS), "tiny:gpt2", batch_size=4, val_fraction=0.0,
+                              shuffle=False)
+    dm.setup("fit")
+    return dm
+
+
+def _filter(cache, **overrides):
+    """Patterns and a measured SAE feature (so the model's weights are part of the cache key)."""
+    from lightning_anatomy import TokenFiltering
+
+    opts = {"patterns": ["SURE"], "concepts": {"f": (HOOK, 5)}, "saes": {HOOK: random_sae(seed=2)},
+            "threshold": {"f": Quantile(0.9)}, "cache_dir": None if cache is None else str(cache)}
+    return TokenFiltering(**{**opts, **overrides})
+
+
+class _Trainer:
+    """What on_fit_start reads of a Trainer: a one-process strategy, the DataModule, no checkpoint."""
+
+    def __init__(self, dm) -> None:
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        self.datamodule, self.ckpt_path, self.model = dm, None, None
+        self.strategy = SingleDeviceStrategy(device=torch.device("cpu"))
+
+
+def _oracle(row_id: int, side: str, ids: list[int]) -> list[float]:
+    return [1.0 if k == 1 else 0.0 for k in range(len(ids))]
+
+
+def _other_oracle(row_id: int, side: str, ids: list[int]) -> list[float]:
+    return [1.0 if k == 1 else 0.0 for k in range(len(ids))]
+
+
+def test_masks_are_cached_and_a_hit_skips_the_measurement_pass(tmp_path, monkeypatch):
+    import lightning_anatomy.callbacks.token_filtering as tf
+    from lightning_anatomy import DPOModule
+    from tests.helpers.intervention_helpers import trainer
+
+    cache = tmp_path / "masks"
+    dm, first = _dm(), _filter(cache)
+    trainer([first], max_steps=1).fit(DPOModule("tiny:gpt2", lr=1e-3), datamodule=dm)
+    files = list(cache.iterdir())
+    assert [f.name[:12] for f in files] == ["token-masks-"] and files[0].suffix == ".json"  # no temp left
+    assert first.report["per_concept"]["f"] > 0 and first.report["per_concept"]["SURE"] > 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the measurement pass ran")
+
+    real_measure, real_hits = tf.measure_token_scores, tf.pattern_hits
+    monkeypatch.setattr(tf, "measure_token_scores", refuse)
+    monkeypatch.setattr(tf, "pattern_hits", refuse)
+    dm2, again = _dm(), _filter(cache)
+    trainer([again], max_steps=1).fit(DPOModule("tiny:gpt2", lr=1e-3), datamodule=dm2)
+    assert again.masks == first.masks and again.concept_drops == first.concept_drops
+    assert again.report == first.report
+    assert [(p.chosen_keep, p.rejected_keep) for p in dm2.train_pairs] == \
+        [(p.chosen_keep, p.rejected_keep) for p in dm.train_pairs]
+
+    # every setting the masks depend on is in the key: a change misses (measures, writes a new file)
+    calls: list[int] = []
+    monkeypatch.setattr(tf, "measure_token_scores", lambda *a, **k: calls.append(1) or real_measure(*a, **k))
+    monkeypatch.setattr(tf, "pattern_hits", real_hits)
+    module = DPOModule("tiny:gpt2")
+    _filter(cache).on_fit_start(_Trainer(_dm()), module)
+    assert calls == []  # the same settings: a hit
+    perturbed = DPOModule("tiny:gpt2")
+    with torch.no_grad():
+        next(perturbed.policy.parameters()).add_(0.01)
+    other_rows = _sure_rows(CACHE_ROWS)
+    other_rows[3] = {**other_rows[3], "chosen": "SURE hi there"}
+    changes = [({"threshold": {"f": Quantile(0.8)}}, module, None), ({"patterns": ["hi"]}, module, None),
+               ({"unit": "word"}, module, None), ({"sides": "chosen"}, module, None),
+               ({"concepts": {"f": (HOOK, 6)}}, module, None), ({"saes": {HOOK: random_sae(seed=3)}}, module, None),
+               ({}, perturbed, None), ({}, module, other_rows)]
+    for overrides, model, rows in changes:
+        before = len(calls)
+        _filter(cache, **overrides).on_fit_start(_Trainer(_dm(rows)), model)
+        assert len(calls) == before + 1, overrides
+    assert len(list(cache.iterdir())) == 1 + len(changes)
+
+    # patterns and callables need no model: its weights are not part of their key
+    oracle_calls: list[int] = []
+
+    def counted(name):
+        fn = {"_oracle": _oracle, "_other_oracle": _other_oracle}[name]
+
+        def wrapped(*args):
+            oracle_calls.append(1)
+            return fn(*args)
+        wrapped.__qualname__, wrapped.__module__ = fn.__qualname__, fn.__module__
+        return wrapped
+
+    def model_free(name="_oracle"):
+        return _filter(cache, concepts={"gt": counted(name)}, saes=None, threshold=0.5)
+
+    model_free().on_fit_start(_Trainer(_dm()), module)
+    assert len(oracle_calls) == 2 * CACHE_ROWS  # once per completion
+    model_free().on_fit_start(_Trainer(_dm()), perturbed)
+    assert len(oracle_calls) == 2 * CACHE_ROWS  # a hit with other weights
+    model_free("_other_oracle").on_fit_start(_Trainer(_dm()), module)
+    assert len(oracle_calls) == 4 * CACHE_ROWS  # another callable (by qualified name): a miss
+
+
+def test_a_file_that_is_not_a_token_mask_cache_is_refused_naming_it(tmp_path):
+    import json
+
+    from lightning_anatomy import DPOModule
+    from lightning_anatomy.interventions.reward_shaping import save_scores
+
+    cache, module = tmp_path / "masks", DPOModule("tiny:gpt2")
+    _filter(cache).on_fit_start(_Trainer(_dm()), module)
+    (path,) = cache.iterdir()
+    for content in (lambda: save_scores({0: 1.0}, path), lambda: path.write_text("not json"),
+                    lambda: path.write_text(json.dumps([1, 2]))):
+        content()
+        with pytest.raises(ValueError, match="is not a token-mask cache file") as err:
+            _filter(cache).on_fit_start(_Trainer(_dm()), module)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    doc = {"format": "lightning-anatomy/token-masks", "masks": {"0": ["1", "1"]}, "concept_drops": {"f": {}}}
+    path.write_text(json.dumps(doc))  # the right kind of file, for other data
+    with pytest.raises(ValueError, match="does not fit this data") as err:
+        _filter(cache).on_fit_start(_Trainer(_dm()), module)
+    assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+ORACLE_ON = {"on": True}  # switched off in resumed runs: re-measuring would change the masks
+
+
+def _switchable(row_id: int, side: str, ids: list[int]) -> list[float]:
+    return [1.0 if ORACLE_ON["on"] and k == 2 else 0.0 for k in range(len(ids))]
+
+
+def _resume_run(root, epochs: int, *, cache=None, ckpt_path=None, late: bool = False, **overrides):
+    """Fit 8 rows in batches of 4 (2 steps an epoch) under patterns, an SAE feature and a callable."""
+    import lightning as L
+
+    from lightning_anatomy import DPOModule
+    from tests.helpers.intervention_helpers import MemoryLogger
+    from tests.helpers.resume_helpers import RestoresAfterSetup
+
+    L.seed_everything(0, verbose=False)
+    dm = _dm(_sure_rows(8))
+    cb = _filter(cache, concepts={"f": (HOOK, 5), "gt": _switchable}, threshold={"f": Quantile(0.9), "gt": 0.5},
+                 **overrides)
+    logger = MemoryLogger()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=-1, max_epochs=epochs, logger=logger,
+                        log_every_n_steps=1, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
+                        **({"strategy": RestoresAfterSetup(device=torch.device("cpu"))} if late else {}))
+    # a constant lr: a schedule's length would differ between the 1- and the 2-epoch run
+    trainer.fit(DPOModule("tiny:gpt2", lr=1e-3, scheduler="constant", reference_cache_dir=None), datamodule=dm,
+                ckpt_path=ckpt_path)
+    return cb, dict(logger.series("train/loss")), trainer, dm
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["restores-before-fit-start", "restores-after-fit-start"])
+def test_a_resumed_run_takes_the_checkpoints_masks_and_never_measures_its_trained_model(tmp_path, monkeypatch, late):
+    import lightning_anatomy.callbacks.token_filtering as tf
+
+    ORACLE_ON["on"] = True
+    full, full_losses, _, _ = _resume_run(tmp_path, 2)
+    first, _, first_trainer, _ = _resume_run(tmp_path, 1)
+    ckpt = tmp_path / "half.ckpt"
+    first_trainer.save_checkpoint(ckpt)  # at an epoch end: the resumed run starts epoch 1 with its first batch
+    assert first.masks == full.masks and full.report["per_concept"]["gt"] > 0
+
+    measured: list[str] = []
+    real = tf.measure_token_scores
+    monkeypatch.setattr(tf, "measure_token_scores", lambda *a, **k: measured.append("model") or real(*a, **k))
+    ORACLE_ON["on"] = False  # what a measurement now would give: none of the callable's tokens
+    try:
+        resumed, losses, _, dm = _resume_run(tmp_path, 2, ckpt_path=str(ckpt), late=late)
+        # late: on_fit_start measured the freshly built (initial) weights; the checkpoint's masks replaced them
+        assert measured == (["model"] if late else [])
+        assert resumed.masks == full.masks and resumed.concept_drops == full.concept_drops
+        assert resumed.report == full.report
+        assert {p.row_id: (p.chosen_keep, p.rejected_keep) for p in dm.pairs} == full.masks
+        assert losses == {2: full_losses[2], 3: full_losses[3]}  # exact in fp32 on CPU
+    finally:
+        ORACLE_ON["on"] = True
+
+    # with a cache (written by a run from the same initial weights), the late order measures nothing either
+    if late:
+        cache = tmp_path / "masks"
+        _resume_run(tmp_path, 1, cache=cache)
+        measured.clear()
+        _, cached_losses, _, _ = _resume_run(tmp_path, 2, cache=cache, ckpt_path=str(ckpt), late=True)
+        assert measured == [] and cached_losses == losses
+    else:  # a checkpoint without this filter's masks: its trained model would be measured, so refuse
+        with pytest.raises(ValueError, match="holds no masks for this filter"):
+            _resume_run(tmp_path, 2, ckpt_path=str(ckpt), sides="chosen")
