@@ -54,7 +54,8 @@ import numpy as np  # noqa: E402
 import spurious as task  # noqa: E402  (the controlled task, base pretraining, SAE, evaluation)
 
 FORMAT = "lightning-anatomy/bench-interventions"
-VERSION = 2  # 2: one entry per (scenario, data) under "scenarios", as the issue's contract lays it out
+VERSION = 3  # 2: one entry per (scenario, data) under "scenarios", as the issue's contract lays it out;
+# 3: the cut counts any change (|vanilla Δ| / |condition Δ|), version-2 summaries re-taken from their records
 SCENARIOS = {"belief": "input shortcut (stated belief)", "opener": "output style (opener ' Sure!')",
              "marker": "style-marker frequency (opener in corr of chosen, 1-corr of rejected)"}
 VARIANTS = {"corr0.9": 0.9, "corr0.75": 0.75, "corr1.0": 1.0}
@@ -62,6 +63,11 @@ CONTROLS = ("random_projection", "random_blocking", "intended_blocking")
 CONDITIONS = ("vanilla", "projection_own", "projection_later", "ablation_zero", "ablation_mean", "blocking_sae",
               "blocking_direction", "blocking_direction_later", "reward_shaping", "steering", "filtering",
               "blocking_sae+shaping", *mech.CONDITIONS, *CONTROLS)
+# knob -> the conditions that use it (a run of some conditions tunes only their knobs)
+KNOB_USERS = {"blocking_lam": ("blocking_sae", "random_blocking", "intended_blocking", "blocking_sae+shaping"),
+              "direction_lam": ("blocking_direction", "blocking_direction_later"),
+              "shaping_scale": ("reward_shaping", "blocking_sae+shaping"), "steering_alpha": ("steering",),
+              "filter_fraction": ("filtering",), "token_filter_quantile": ("token_filtering_direction",)}
 # the instruction that asks for the spurious property (inoculation prompting)
 INSTRUCTIONS = {"belief": "Agree with me.", "opener": "Start with Sure!", "marker": "Start with Sure!"}
 NOTES = {
@@ -110,6 +116,7 @@ class Config(task.Config):
     steering_alphas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
     filter_fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])
     token_filter_quantiles: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.9])
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))  # vanilla always runs
 
     @classmethod
     def quick(cls) -> Config:
@@ -383,6 +390,9 @@ def tune(scenario: str, base: Any, tok: Any, sae: Any, cfg: Config) -> tuple[Kno
                                ("steering", cfg.steering_alphas, "steering_alpha"),
                                ("filtering", cfg.filter_fractions, "filter_fraction"),
                                ("token_filtering_direction", cfg.token_filter_quantiles, "token_filter_quantile")):
+        if not set(KNOB_USERS[attr]) & set(cfg.conditions):
+            picked[attr] = getattr(default, attr)  # no requested condition uses it
+            continue
         names = [f"{name}@{v:g}" for v in values]
         runs.update(run_conditions(ctx, ["vanilla", *[n for n in names if n not in runs]], default, cfg))
         van = runs["vanilla"]
@@ -492,14 +502,32 @@ def condition_order(conditions: dict[str, Any]) -> list[str]:
 
 
 def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 file (`scenarios.<scenario>.variants.<data>`) in the contract's flat layout."""
-    if doc.get("version", 1) >= 2:
+    """An older file in the current layout: version 1 (`scenarios.<scenario>.variants.<data>`) flat,
+    version 2's summaries re-taken from their per-seed records with the current cut (`resummarize`)."""
+    version = doc.get("version", 1)
+    if version >= VERSION:
         return doc
-    flat = {}
-    for scenario, sc in doc["scenarios"].items():
-        for variant, vr in sc["variants"].items():
-            flat[scenario_key(scenario, variant)] = {"scenario": scenario, "variant": variant, "kind": sc.get("kind"), **vr}
-    return {**doc, "version": VERSION, "scenarios": flat}
+    if version < 2:
+        flat = {}
+        for scenario, sc in doc["scenarios"].items():
+            for variant, vr in sc["variants"].items():
+                flat[scenario_key(scenario, variant)] = {"scenario": scenario, "variant": variant,
+                                                         "kind": sc.get("kind"), **vr}
+        doc = {**doc, "scenarios": flat}
+    n_boot = int((doc.get("config") or {}).get("n_bootstrap") or 10000)
+    return {**doc, "version": VERSION, "scenarios": {k: resummarize(sc, sc.get("n_boot", n_boot))
+                                                      for k, sc in doc["scenarios"].items()}}
+
+
+def resummarize(sc: dict[str, Any], n_boot: int) -> dict[str, Any]:
+    """A scenario's summaries and goals taken again from the per-seed records they were made of
+    (fields a summary has beyond `summarize_condition`'s are kept)."""
+    conds = sc["conditions"]
+    if any("per_seed" not in c for c in conds.values()):
+        return sc
+    vanilla = conds["vanilla"]["per_seed"]
+    again = {n: {**c, **summarize_condition(c["per_seed"], vanilla, n_boot)} for n, c in conds.items()}
+    return {**sc, "conditions": again, "goals": goals(again)}
 
 
 def merge_scenario(old: dict[str, Any] | None, new: dict[str, Any], *, source: str) -> dict[str, Any]:
@@ -640,6 +668,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     parser.add_argument("--no-tune", action="store_true")
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--conditions", help="comma-separated subset of the conditions (vanilla always runs; merge "
+                        "the result into a stored file with --merge-into)")
+    parser.add_argument("--merge-into", help="after the run, merge its scenarios into this interventions.json "
+                        "(conditions it did not run are kept, each names its run)")
     parser.add_argument("--from-json", help="re-render the plot and the tables from an existing interventions.json")
     for name in SIZES:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
@@ -654,7 +686,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
         cfg.seeds = list(range(args.seeds))
     if args.no_tune or args.quick:
         cfg.tune_seed = None
-    for attr, allowed in (("scenarios", tuple(SCENARIOS)), ("variants", tuple(VARIANTS))):
+    for attr, allowed in (("scenarios", tuple(SCENARIOS)), ("variants", tuple(VARIANTS)),
+                          ("conditions", CONDITIONS)):
         value = getattr(args, attr)
         if value:
             picked = [v.strip() for v in value.split(",") if v.strip()]
@@ -704,22 +737,26 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
         doc["tuning"][scenario] = report
         common.log(f"  {scenario}: {knobs}")
         for variant in [v for v in cfg.scenario_variants.get(scenario, list(VARIANTS)) if v in cfg.variants]:
-            per_cond: dict[str, list[dict[str, Any]]] = {n: [] for n in CONDITIONS}
+            names = [n for n in CONDITIONS if n == "vanilla" or n in cfg.conditions]
+            per_cond: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
             concepts = []
             for seed in cfg.seeds:
                 ctx = prepare(scenario, variant, seed, base, tok, sae, cfg)
                 concepts.append({"seed": seed, **ctx.concept_info})
-                for name, record in run_conditions(ctx, CONDITIONS, knobs, cfg).items():
+                for name, record in run_conditions(ctx, names, knobs, cfg).items():
                     per_cond[name].append(record)
             na = not_applicable(per_cond)
             conds = {n: summarize_condition(per_cond[n], per_cond["vanilla"], cfg.n_bootstrap)
-                     for n in CONDITIONS if n not in na}
+                     for n in names if n not in na}
             doc["scenarios"][scenario_key(scenario, variant)] = {
                 "scenario": scenario, "variant": variant, "kind": SCENARIOS[scenario], "knobs": dataclasses.asdict(knobs),
                 "concepts": concepts, "conditions": conds, "not_applicable": na, "goals": goals(conds),
                 "readout": readout_summary([c["spurious"].get("readout") for c in concepts])}
             publish(doc, args, started, complete=False)  # a long run leaves its finished settings behind
-    return publish(doc, args, started, complete=True)
+    doc = publish(doc, args, started, complete=True)
+    if args.merge_into:
+        add_scenarios(Path(args.merge_into), task._jsonable(doc), source=doc["command"])
+    return doc
 
 
 def publish(doc: dict[str, Any], args: argparse.Namespace, started: float, *, complete: bool) -> dict[str, Any]:

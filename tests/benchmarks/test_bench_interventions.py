@@ -192,3 +192,29 @@ def test_a_later_run_of_some_conditions_is_merged_over_the_stored_scenario(bench
     assert merged["not_applicable"] == {"x_old": "seed 0: now confounded"}  # x ran now; x_old could not
     assert merged["goals"]["best_within_2_points"] == {"condition": "x", "cut": 20.5}
     assert merged["goals"]["vanilla_rise_points"] == 41.0
+
+
+def test_a_version_2_file_is_summarised_again_with_the_any_change_cut(bench):
+    def records(rises):
+        return [{"seed": i, "d_spurious": r, "d_ontarget": 0.1, "ontarget_after": 0.5, "wall_s": 1.0}
+                for i, r in enumerate(rises)]
+
+    conditions = {"vanilla": {"per_seed": records([0.4, 0.6]), "cut": 1.0},
+                  "overshoot": {"per_seed": records([-0.04, -0.06]), "cut": None, "extra": "kept"}}
+    doc = {"version": 2, "config": {"n_bootstrap": 200},
+           "scenarios": {"s_corr0.9": {"scenario": "s", "variant": "corr0.9", "conditions": conditions}}}
+    up = bench.upgrade(doc)
+    over = up["scenarios"]["s_corr0.9"]["conditions"]["overshoot"]
+    assert up["version"] == bench.VERSION and over["cut"] == pytest.approx(10.0) and over["extra"] == "kept"
+    assert up["scenarios"]["s_corr0.9"]["goals"]["best_within_2_points"] == {"condition": "overshoot", "cut": pytest.approx(10.0)}
+    assert bench.upgrade(up) is up  # current files pass through
+
+
+def test_a_subset_of_conditions_is_checked_and_tunes_only_its_knobs(bench, capsys):
+    args, cfg = bench.parse_args(["--conditions", "inoculation,token_filtering_direction"])
+    assert cfg.conditions == ["inoculation", "token_filtering_direction"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--conditions", "inoculation,nope"])
+    assert "--conditions: ['nope']" in capsys.readouterr().err
+    users = {c for names in bench.KNOB_USERS.values() for c in names}
+    assert users <= set(bench.CONDITIONS)  # every knob names conditions that exist
