@@ -629,20 +629,21 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         panels.setdefault(sc["scenario"], {})[sc["variant"]] = sc
     scenarios = list(panels)
     with common.matplotlib_agg() as plt:
-        fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 5.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(6.2 * len(scenarios), 6.5), squeeze=False)
         for col, scenario in enumerate(scenarios):
             ax = axes[0][col]
-            names: list[str] = []
+            # one row per condition any variant has (variants may have run different conditions)
+            names = condition_order({n: None for vr in panels[scenario].values() for n in vr["conditions"]})
             for k, (variant, vr) in enumerate(panels[scenario].items()):
-                names = condition_order(vr["conditions"])
-                xs = [vr["conditions"][n]["spurious_delta"] for n in names]
-                lo = [x - vr["conditions"][n]["spurious_delta_ci"][0] for x, n in zip(xs, names)]
-                hi = [vr["conditions"][n]["spurious_delta_ci"][1] - x for x, n in zip(xs, names)]
-                ax.errorbar(xs, [i + 0.22 * k for i in range(len(names))], xerr=[lo, hi], fmt="os^"[k % 3],
+                mine = [n for n in names if n in vr["conditions"]]
+                xs = [vr["conditions"][n]["spurious_delta"] for n in mine]
+                lo = [x - vr["conditions"][n]["spurious_delta_ci"][0] for x, n in zip(xs, mine)]
+                hi = [vr["conditions"][n]["spurious_delta_ci"][1] - x for x, n in zip(xs, mine)]
+                ax.errorbar(xs, [names.index(n) + 0.22 * k for n in mine], xerr=[lo, hi], fmt="os^"[k % 3],
                             color=f"C{k}", capsize=2, label=variant)
                 ax.axvline(vr["conditions"]["vanilla"]["spurious_delta"] / 10, color=f"C{k}", ls=":", lw=1)
             ax.set_yticks(range(len(names)))
-            ax.set_yticklabels(names if col == 0 else [""] * len(names), fontsize=8)
+            ax.set_yticklabels(names, fontsize=7)  # panels differ in the conditions they ran
             ax.invert_yaxis()
             ax.axvline(0, color="0.6", lw=0.8)
             ax.set_title(f"{scenario}: Δ spurious (points)", fontsize=10)
