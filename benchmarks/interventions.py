@@ -530,12 +530,14 @@ def resummarize(sc: dict[str, Any], n_boot: int) -> dict[str, Any]:
     return {**sc, "conditions": again, "goals": goals(again)}
 
 
-def merge_scenario(old: dict[str, Any] | None, new: dict[str, Any], *, source: str) -> dict[str, Any]:
+def merge_scenario(old: dict[str, Any] | None, new: dict[str, Any], *, source: str,
+                   earlier: str = "an earlier run") -> dict[str, Any]:
     """`new` (a run of some conditions) over `old` (the stored entry of that scenario): the conditions
     the new run did not train are kept, each condition says which run it came from (`source`), and
-    the goals are taken again over the merged conditions. A kept condition's comparisons with vanilla
-    are those of its own run (same seeds, data and batch order)."""
-    conditions = {n: {**c, "source": c.get("source") or (old or {}).get("source", source)}
+    the goals are taken again over the merged conditions; `earlier` names the run of stored
+    conditions that say nothing. A kept condition's comparisons with vanilla are those of its own
+    run (same seeds, data and batch order)."""
+    conditions = {n: {**c, "source": c.get("source") or (old or {}).get("source") or earlier}
                   for n, c in ((old or {}).get("conditions") or {}).items()}
     conditions.update({n: {**c, "source": source} for n, c in new["conditions"].items()})
     skipped = {**((old or {}).get("not_applicable") or {}), **(new.get("not_applicable") or {})}
@@ -553,7 +555,10 @@ def add_scenarios(path: Path, part: dict[str, Any], *, source: str) -> None:
         return
     doc = upgrade(json.loads(path.read_text()))
     for key, sc in part["scenarios"].items():
-        doc["scenarios"][key] = merge_scenario(doc["scenarios"].get(key), sc, source=source)
+        doc["scenarios"][key] = merge_scenario(doc["scenarios"].get(key), sc, source=source,
+                                               earlier=doc.get("command") or "an earlier run")
+    doc["merged"] = [*doc.get("merged", []), {"source": source, "scenarios": list(part["scenarios"]),
+                                              "wall_s": part.get("wall_s")}]
     common.atomic_write_json(path, doc)
     plot(doc, path.with_suffix(".png"))
     common.log(f"added {', '.join(part['scenarios'])} to {path}")

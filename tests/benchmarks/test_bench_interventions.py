@@ -182,7 +182,9 @@ def test_a_later_run_of_some_conditions_is_merged_over_the_stored_scenario(bench
 
     stored = {"scenario": "s", "variant": "corr0.9", "source": "first.json", "not_applicable": {"x": "seed 0: why"},
               "conditions": {"vanilla": cond(40.0, 1.0), "blocking_sae": cond(20.0, 2.0), "x_old": cond(4.0, 10.0)}}
-    (tmp_path / "interventions.json").write_text(json.dumps({"version": 2, "scenarios": {"s_corr0.9": stored}}))
+    own = {"scenario": "t", "variant": "corr0.9", "conditions": {"vanilla": cond(40.0, 1.0), "y": cond(30.0, 1.3)}}
+    (tmp_path / "interventions.json").write_text(json.dumps({"version": 3, "command": "python first",
+                                                             "scenarios": {"s_corr0.9": stored, "t_corr0.9": own}}))
     later = {"scenario": "s", "variant": "corr0.9", "not_applicable": {"x_old": "seed 0: now confounded"},
              "conditions": {"vanilla": cond(41.0, 1.0), "x": cond(2.0, 20.5)}}
     bench.add_scenarios(tmp_path / "interventions.json", {"scenarios": {"s_corr0.9": later}}, source="second.json")
@@ -192,6 +194,11 @@ def test_a_later_run_of_some_conditions_is_merged_over_the_stored_scenario(bench
     assert merged["not_applicable"] == {"x_old": "seed 0: now confounded"}  # x ran now; x_old could not
     assert merged["goals"]["best_within_2_points"] == {"condition": "x", "cut": 20.5}
     assert merged["goals"]["vanilla_rise_points"] == 41.0
+    bench.add_scenarios(tmp_path / "interventions.json", {"scenarios": {"t_corr0.9": {
+        "scenario": "t", "variant": "corr0.9", "conditions": {"vanilla": cond(41.0, 1.0), "x": cond(2.0, 20.5)}}}},
+        source="third.json")
+    kept = json.loads((tmp_path / "interventions.json").read_text())["scenarios"]["t_corr0.9"]["conditions"]
+    assert {n: c["source"] for n, c in kept.items()} == {"vanilla": "third.json", "y": "python first", "x": "third.json"}
 
 
 def test_a_version_2_file_is_summarised_again_with_the_any_change_cut(bench):
