@@ -18,9 +18,11 @@ per seed:
 
 Measured per held-out prompt (teacher-forced, so no sampling noise):
 - spurious, style: P(the reply opens with " Sure!" | prompt), in points (and its log in nats);
-- spurious, markdown: the probability that the model opens a bold span inside its reply: the mean
-  over k ∈ {1, 3, 5, 7} of P(" **" | prompt + the reply's first k words), counting the positions
-  with a word after them (a one-word reply: k = 0, P(" **" | prompt)); in points (its log in nats);
+- spurious, markdown: the chance that the model opens a bold span somewhere in its reply,
+  1 − Π_k (1 − P(" **" | prompt + the reply's first k words)) over every position with a word
+  after it (a one-word reply: k = 0, P(" **" | prompt)), teacher-forced along the plain reply; in
+  points (its log in nats). (A mean over k ∈ {1, 3, 5, 7} moved 0.4 points under vanilla DPO on
+  seed 0: too little to cut.)
 - on-target: held-out coherence pairs without any marker (own reply vs its shuffle): the DPO
   implicit reward's accuracy (TRL's `rewards/accuracies`; 50 at the base by definition) — the
   quality metric is the same accuracy after DPO.
@@ -82,7 +84,6 @@ import torch  # noqa: E402
 FORMAT = "lightning-anatomy/bench-interventions"
 MARKER = " Sure!"
 BOLD = " **"  # what opens a bold span after a word (one SmolLM2 token)
-BOLD_POSITIONS = (1, 3, 5, 7)  # after how many reply words the markdown measure asks for BOLD
 LEGACY_CONDITIONS = ("vanilla", "projection_later", "blocking_sae", "blocking_sae_predicting", "reward_shaping",
                      "filtering", "random_projection")  # mean ablation on SmolLM2: the demo part of real_model.py
 CONDITIONS = (*LEGACY_CONDITIONS, *mechanisms.CONDITIONS)
@@ -93,8 +94,9 @@ KNOBS = {"lam": ("blocking_sae_predicting", "blocking_lams", ("blocking_sae", "b
          "quantile": ("token_filtering_direction", "direction_quantiles", ("token_filtering_direction",))}
 NOTES = {
     "spurious_smollm2_style": "P(' Sure!' | held-out prompt), teacher-forced (points)",
-    "spurious_smollm2_markdown": f"mean over k in {list(BOLD_POSITIONS)} of P(' **' | held-out prompt + the reply's "
-                                 "first k words), positions with a word after them, teacher-forced (points)",
+    "spurious_smollm2_markdown": "1 − Π_k (1 − P(' **' | held-out prompt + the reply's first k words)) over every "
+                                 "word position k with a word after it: the chance the reply opens a bold span somewhere, "
+                                 "teacher-forced along the plain reply (points)",
     "ground_truth": "the marker's regular expression in the completion: 'Sure!' (style) or '\\*\\*' (markdown: the "
                     "asterisk tokens, the bold words kept); a side carries the marker when its completion has it",
     "token_filter": "per seed and token-filtering condition: the share of the training pairs' completion tokens "
@@ -166,16 +168,19 @@ def opener_logp(model: Any, tok: Any, prompts: Sequence[str], max_prompt_length:
 
 
 def bold_logp(model: Any, tok: Any, rows: Sequence[Any], max_prompt_length: int) -> np.ndarray:
-    """log of the mean over `BOLD_POSITIONS` of P(" **" | prompt + the reply's first k words) per row
-    (the reply: the row's chosen completion; only positions with a word after them). A one-token
-    marker is read at every position from one pass over the prompt and the reply's first words."""
+    """log of 1 − Π_k (1 − P(" **" | prompt + the reply's first k words)) per row: the chance that the
+    reply opens a bold span at some word, teacher-forced along the plain reply (the row's chosen
+    completion; every position with a word after it, a one-word reply at its start). A style rate,
+    like the share of sampled replies with bold, without sampling noise; a mean over a few positions
+    moved 0.4 points under vanilla DPO on seed 0, too little to cut. A one-token marker is read at
+    every position from one pass over the prompt and the reply."""
     bold = tok(BOLD, add_special_tokens=False)["input_ids"]
     seqs: list[list[int]] = []
     reads: list[list[tuple[int, int]]] = []
     owner: list[int] = []
     for i, row in enumerate(rows):
         prompt, words = _prompt_ids(tok, row.prompt, max_prompt_length), row.chosen.split()
-        ks = [k for k in BOLD_POSITIONS if k < len(words)] or [0]
+        ks = list(range(1, len(words))) or [0]
         prefixes = [tok(" " + " ".join(words[:k]), add_special_tokens=False)["input_ids"] if k else [] for k in ks]
         longest = prefixes[-1]
         if len(bold) == 1 and all(longest[:len(p)] == p for p in prefixes):
@@ -191,7 +196,8 @@ def bold_logp(model: Any, tok: Any, rows: Sequence[Any], max_prompt_length: int)
     probs: list[list[float]] = [[] for _ in rows]
     for i, values in zip(owner, per_seq):
         probs[i].extend(np.exp(values) if len(bold) == 1 else [np.exp(sum(values))])
-    return np.log(np.asarray([np.mean(p) for p in probs]))
+    # 1 − Π(1 − p) through log1p / expm1: exact where every p is tiny
+    return np.log(np.asarray([-np.expm1(np.sum(np.log1p(-np.minimum(np.asarray(p), 1.0 - 1e-12)))) for p in probs]))
 
 
 # ------------------------------------------------------------------------------------------ scenarios
