@@ -3,12 +3,21 @@
 Two groups per model, each measured side by side in one process with the conditions interleaved
 round by round (ABC…, …CBA, …), every block a fresh `Trainer.fit` of a few steps on the same
 `DPOModule`. Step time is the wall time between consecutive `on_train_batch_end` calls (data,
-forward, backward, optimizer and every callback hook), the first step of a block is dropped.
+forward, backward, optimizer and every callback hook), the first step of a block is dropped. Every block
+fits from a `PairsData` DataModule (its tokenizer and pairs: what `TokenFiltering` reads).
 
 1. callbacks: vanilla DPO vs. `ConceptProjection` (gradient, own layer / all later layers),
    `ConceptAttribution` every step, `ConceptDriftMonitor` (every 50 steps: the steps in between
    are timed as they are, and the probe cost is measured by a run that probes after every step;
-   amortised = (49 · t_between + t_probing) / 50) and all three together.
+   amortised = (49 · t_between + t_probing) / 50) and all three together; and issue 22's style
+   interventions on the benchmark's markdown-marker data (the pattern `\\*\\*`, after
+   `benchmarks/interventions_smollm2.py`'s `smollm2_markdown` scenario): `TokenFiltering` (masks
+   set before the blocks: the one-time pass is timed apart, below) and inoculation (half the
+   pairs carry the instruction, their reference scores the prompt without it). Target ≤ 1.02.
+   The one-time pass, per pair, beside the audit's extraction on the same model and pairs,
+   interleaved: `TokenFiltering.compute_masks` with the pattern, and with SAE features of the
+   setting's SAE (a measurement forward), vs `extract_span_features` (what `audit_dataset`
+   runs). Target: ≤ 1.0× the extraction.
 2. TRL: `DPOModule` vs. TRL's `DPOTrainer` on identical token batches (same pairs per step,
    frozen reference copy, fp32, AdamW, no gradient checkpointing, no eval, no logging, no
    precomputed reference); steps/s ratio and step-memory ratio, for DPOModule's default chunked
@@ -20,9 +29,11 @@ never inherits another's garbage) and the rise above the RSS resident at block s
 optimizer state, activations: what training adds to the loaded models). On CUDA also peak
 allocated bytes, which is then the basis of the memory ratios.
 
-    python benchmarks/cost.py            # full settings (~6 min on 2 CPU cores)
+    python benchmarks/cost.py            # full settings (~8 min on 2 CPU cores)
     python benchmarks/cost.py --quick    # tiny sizes, for the smoke test
     python benchmarks/cost.py --models smollm2-135m --groups trl   # group 2 only -> cost.trl.json
+    python benchmarks/cost.py --groups callbacks --callbacks vanilla_aa token_filtering inoculation --repeats 4
+        # only these conditions (and vanilla) -> cost.callbacks.vanilla_aa+token_filtering+inoculation.json
 """
 
 from __future__ import annotations
@@ -45,18 +56,37 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch import Callback, LightningDataModule  # noqa: E402
 
 FORMAT = "lightning-anatomy/bench-cost"
 VERSION = 1
 DRIFT_EVERY = 50
-# The issue's targets, stated for a GPU; CPU ratios are reported against them as measured.
+# The issues' targets (the concept callbacks' stated for a GPU; issue 22's token filtering,
+# inoculation and one-time pass for any device); ratios are reported against them as measured.
 TARGETS = {"projection_own": 1.01, "projection_all_later": 1.01, "attribution": 1.03, "drift_amortised": 1.02,
-           "blocking": 1.05, "memory": 1.05, "trl_steps_per_s": 1.0}
+           "blocking": 1.05, "memory": 1.05, "trl_steps_per_s": 1.0, "token_filtering": 1.02, "inoculation": 1.02,
+           "one_time_pass_vs_extraction": 1.0}
 MEMORY_METHOD = ("peak RSS (VmHWM, reset per block via /proc/self/clear_refs after gc + malloc_trim); "
                  "step memory = that peak minus the RSS at block start")
 CALLBACK_CONDITIONS = ("vanilla", "vanilla_aa", "projection_own", "projection_all_later", "attribution", "drift_between",
-                       "drift_probing", "blocking", "all")
+                       "drift_probing", "blocking", "all", "token_filtering", "inoculation")
+# Issue 22's style interventions on markdown-marked pairs, as in interventions_smollm2's smollm2_markdown
+# scenario: a `**bold**` span in 90 % of chosen and 10 % of rejected completions, filtered by its pattern;
+# inoculation asks for it in the prompts of half the pairs.
+MARKER = " **bold**"
+MARKED_SHARE = {"chosen": 0.9, "rejected": 0.1}
+FILTER_PATTERN = r"\*\*"
+INSTRUCTION = " Use **bold** for key words."
+INOCULATED_SHARE = 0.5
+# The one-time pass with SAE concepts: a few features (the SAE's most often firing ones on the pairs, a
+# stand-in for the audit's top features of a marker), each flagging its top 5 % of completion tokens;
+# batch size as the audit's default.
+PASS_FEATURES = 2
+PASS_QUANTILE = 0.95
+PASS_BATCH = 8
+PASS_JOBS = ("mask_patterns", "mask_sae_features", "audit_extraction")
+GOALS = ("token_filtering_step_time", "inoculation_step_time", "mask_patterns_vs_extraction",
+         "mask_sae_features_vs_extraction")  # issue 22's, in the order the tables list them
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,7 @@ class ModelSetting:
     steps_per_block: int = 3  # timed steps per block (one more runs first, untimed)
     repeats: int = 3
     warmup: int = 1
+    pass_pairs: int = 32  # pairs of the one-time pass timing (token-filter masks vs the audit's extraction)
     trl: bool = True
     conditions: tuple[str, ...] = CALLBACK_CONDITIONS
     precision: str = "32-true"  # Lightning's; TRL gets bf16=True for "bf16-*"
@@ -87,6 +118,9 @@ class ModelSetting:
         if unknown or "vanilla" not in self.conditions:
             raise ValueError(f"ModelSetting {self.name!r}: conditions must include 'vanilla' and come from "
                              f"{CALLBACK_CONDITIONS}; got unknown {unknown}")
+        if self.source.startswith("random:") and "token_filtering" in self.conditions:
+            raise ValueError(f"ModelSetting {self.name!r}: token_filtering decodes completions, but a random:<shape> "
+                             "model has only the byte tokenizer, not one of its vocabulary; leave it out")
 
     @property
     def seq_len(self) -> int:
@@ -99,13 +133,14 @@ FULL = (
                  steps_per_block=3, repeats=3),
     # 5-7 s a step on a busy 2-core CPU: the conditions the issue targets, a short sequence, fewer repeats.
     ModelSetting("smollm2-135m", "embedded", pairs_per_step=2, prompt_tokens=24, completion_tokens=24,
-                 probe_pairs=8, steps_per_block=2, repeats=2, warmup=0,
-                 conditions=("vanilla", "vanilla_aa", "projection_own", "attribution", "drift_probing", "blocking")),
+                 probe_pairs=8, steps_per_block=2, repeats=2, warmup=0, pass_pairs=16,
+                 conditions=("vanilla", "vanilla_aa", "projection_own", "attribution", "drift_probing", "blocking",
+                             "token_filtering", "inoculation")),
 )
 QUICK = (
     ModelSetting("gpt2-2x64-byte", "tiny:gpt2", pairs_per_step=2, prompt_tokens=16, completion_tokens=16,
                  layers=2, width=64, vocab=260, hook_layer=0, d_sae=256, probe_pairs=4,
-                 steps_per_block=2, repeats=1, warmup=0),
+                 steps_per_block=2, repeats=1, warmup=0, pass_pairs=8),
 )
 
 
@@ -126,6 +161,58 @@ def random_pairs(n: int, setting: ModelSetting, vocab: int, eos: int, seed: int)
 
     c = setting.completion_tokens - 1
     return [TokenizedPair(i, ids(setting.prompt_tokens), ids(c) + [eos], ids(c) + [eos]) for i in range(n)]
+
+
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def mark_pairs(pairs: list[Any], marker: list[int], seed: int) -> list[Any]:
+    """The pairs with `marker` written over a random window of `MARKED_SHARE` of each side's
+    completions (lengths kept, eos untouched; a marker longer than the completion is cut).
+
+    What token filtering removes on real text: a style span in most chosen and few rejected replies.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in pairs:
+        sides = {}
+        for side, share in MARKED_SHARE.items():
+            ids = list(getattr(p, f"{side}_ids"))
+            body = len(ids) - 1
+            if body > 0 and torch.rand((), generator=g).item() < share:
+                m = marker[:body]
+                at = int(torch.randint(0, body - len(m) + 1, (), generator=g))
+                ids[at:at + len(m)] = m
+            sides[f"{side}_ids"] = ids
+        out.append(replace(p, **sides))
+    return out
+
+
+def inoculate_pairs(pairs: list[Any], instruction: list[int], share: float = INOCULATED_SHARE) -> list[Any]:
+    """`share` of the pairs (spread evenly, so every batch mixes both kinds) inoculated: the
+    policy's prompt ends with the instruction and the reference scores it without
+    (`ref_prompt_ids`), as `interventions.inoculate` + `tokenize_rows` give it.
+
+    The policy's prompt keeps its length (its last tokens become the instruction, cut to half the
+    prompt), so the policy batch has vanilla's shape and the step ratio is the mechanism's cost:
+    the reference's own `[2B, T_ref]` batch and its padding.
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"inoculate_pairs: share must be in (0, 1], got {share!r}")
+    out, done = [], 0
+    for i, p in enumerate(pairs):
+        if done >= share * (i + 1):
+            out.append(p)
+            continue
+        k = min(len(instruction), len(p.prompt_ids) // 2)
+        if k < 1:
+            raise ValueError(f"inoculate_pairs: a prompt of {len(p.prompt_ids)} token(s) leaves no room for the "
+                             "instruction; use prompts of >= 2 tokens")
+        original = list(p.prompt_ids[:-k])
+        out.append(replace(p, prompt_ids=original + list(instruction[:k]), ref_prompt_ids=original))
+        done += 1
+    return out
 
 
 # Random models of real shapes (benchmarks/gpu.py): Qwen2-0.5B / 1.5B configurations.
@@ -242,18 +329,33 @@ class StepTimer(Callback):
         self.clock.mark()
 
 
+class PairsData(LightningDataModule):
+    """A block's pairs as a DataModule (every condition's data path): `TokenFiltering` takes the
+    tokenizer and the `pairs` from it and writes its masks into them in place, which the loader
+    (over that very list) then reads."""
+
+    def __init__(self, pairs: list[Any], tokenizer: Any, pad_token_id: int, batch_size: int) -> None:
+        super().__init__()
+        self.pairs, self.train_pairs, self.val_pairs = pairs, pairs, None
+        self.tokenizer, self.pad_token_id, self.batch_size = tokenizer, pad_token_id, batch_size
+
+    def train_dataloader(self) -> Any:
+        from torch.utils.data import DataLoader
+
+        from lightning_anatomy.data import collate_pairs
+
+        return DataLoader(self.train_pairs, batch_size=self.batch_size, shuffle=False,
+                          collate_fn=partial(collate_pairs, pad_token_id=self.pad_token_id))
+
+
 def _lightning_block(module: Any, pairs: list[Any], callbacks: list[Any], setting: ModelSetting, device: str,
-                     pad_id: int) -> Block:
+                     pad_id: int, tokenizer: Any = None) -> Block:
     """One fresh `Trainer.fit` of steps_per_block + 1 steps on `module` (the first step untimed)."""
     import lightning as L
-    from torch.utils.data import DataLoader
-
-    from lightning_anatomy.data import collate_pairs
 
     clock = _Clock(device)
     steps = setting.steps_per_block + 1
-    loader = DataLoader(pairs[: steps * setting.pairs_per_step], batch_size=setting.pairs_per_step, shuffle=False,
-                        collate_fn=partial(collate_pairs, pad_token_id=pad_id))
+    data = PairsData(pairs[: steps * setting.pairs_per_step], tokenizer, pad_id, setting.pairs_per_step)
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -261,9 +363,9 @@ def _lightning_block(module: Any, pairs: list[Any], callbacks: list[Any], settin
         callbacks=[*callbacks, StepTimer(clock)],
     )
     with common.PeakMemory(device) as peak:
-        trainer.fit(module, train_dataloaders=loader)
+        trainer.fit(module, datamodule=data)
     module.trainer = None  # the module would keep this trainer (and its optimizer state) alive
-    del trainer
+    del trainer, data
     gc.collect()
     return Block(*clock.steps(setting.steps_per_block), peak)
 
@@ -339,12 +441,16 @@ def measure(blocks: dict[str, Callable[[], Block]], setting: ModelSetting) -> di
 
 # ----------------------------------------------------------------------------------- conditions
 def _callbacks(setting: ModelSetting, sae: Any, hook: str, probe: list[Any]) -> dict[str, Callable[[], list[Any]]]:
-    """Factories of each condition's callbacks (instances are built once and reused across blocks)."""
+    """Factories of each condition's callbacks (instances are built once and reused across blocks).
+
+    `inoculation` adds no callback: its pairs differ (`inoculate_pairs`), the module is the same.
+    """
     from lightning_anatomy.callbacks import (
         ConceptAttribution,
         ConceptBlocking,
         ConceptDriftMonitor,
         ConceptProjection,
+        TokenFiltering,
     )
     from lightning_anatomy.concepts import ConceptSet
 
@@ -369,6 +475,8 @@ def _callbacks(setting: ModelSetting, sae: Any, hook: str, probe: list[Any]) -> 
         "blocking": lambda: [ConceptBlocking({f"f{f}": (hook, f) for f in range(setting.n_concepts)},
                                              saes={hook: sae}, lam=1.0)],
         "all": lambda: [ConceptProjection(concepts, mode="gradient", layers="own"), attribution(), drift(DRIFT_EVERY)],
+        "token_filtering": lambda: [TokenFiltering(patterns=[FILTER_PATTERN])],
+        "inoculation": list,
     }
     return {name: factories[name] for name in setting.conditions}
 
@@ -394,13 +502,27 @@ def run_model(setting: ModelSetting, device: str, with_trl: bool, with_callbacks
         tokenizer.pad_token = tokenizer.eos_token
     pad_id, eos_id, vocab = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id), int(model.config.vocab_size)
     pairs = random_pairs((setting.steps_per_block + 1) * setting.pairs_per_step, setting, vocab, eos_id, seed=0)
+    styled = bool({"token_filtering", "inoculation"} & set(setting.conditions))
+    if styled:  # every condition trains on the same (marked) pairs; inoculation on its own copy of them
+        pairs = mark_pairs(pairs, _text_ids(tokenizer, MARKER), seed=0)
     probe = random_pairs(setting.probe_pairs, setting, vocab, eos_id, seed=1)
 
     module = DPOModule(model.to(device), reference="copy", lr=1e-6, scheduler="constant", reference_cache_dir=None)
     callbacks = {name: make() for name, make in _callbacks(setting, sae, hook, probe).items()}
+    own_pairs = {"inoculation": inoculate_pairs(pairs, _text_ids(tokenizer, INSTRUCTION))} if styled else {}
+    style: dict[str, Any] = {}
+    if "token_filtering" in callbacks:  # the one-time mask pass here, untimed: the blocks time the steps alone
+        (token_filter,) = callbacks["token_filtering"]
+        token_filter.masks = token_filter.compute_masks(pairs, tokenizer, None, pad_id)
+        style["token_filtering"] = {"pattern": FILTER_PATTERN, "marker": MARKER, "marked_share": MARKED_SHARE,
+                                    "dropped_fraction": token_filter.report["dropped_fraction"]}
+    if "inoculation" in own_pairs:
+        inoculated = [p for p in own_pairs["inoculation"] if p.ref_prompt_ids is not None]
+        style["inoculation"] = {"instruction": INSTRUCTION, "inoculated_share": len(inoculated) / len(pairs),
+                                "instruction_tokens": len(inoculated[0].prompt_ids) - len(inoculated[0].ref_prompt_ids)}
     with warnings.catch_warnings():  # one untimed fit first: lazy initialisation stays out of every block
         warnings.simplefilter("ignore")
-        _lightning_block(module, pairs, [], replace(setting, steps_per_block=1), device, pad_id)
+        _lightning_block(module, pairs, [], replace(setting, steps_per_block=1), device, pad_id, tokenizer)
     result: dict[str, Any] = {
         "setting": asdict(setting), "model": provenance,
         "parameters": sum(p.numel() for p in module.policy.parameters()), "sae": sae_provenance, "hook": hook,
@@ -410,12 +532,100 @@ def run_model(setting: ModelSetting, device: str, with_trl: bool, with_callbacks
         common.log("  group 1: concept callbacks")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            measured = measure({name: partial(_lightning_block, module, pairs, cbs, setting, device, pad_id)
+            measured = measure({name: partial(_lightning_block, module, own_pairs.get(name, pairs), cbs, setting,
+                                              device, pad_id, tokenizer)
                                 for name, cbs in callbacks.items()}, setting)
-        result["callbacks"] = {"conditions": measured, "ratios": _callback_ratios(measured, device)}
+        result["callbacks"] = {"conditions": measured, "ratios": _callback_ratios(measured, device), **style}
     if with_trl and setting.trl:
         result["trl"] = _run_trl(setting, module, pairs, tokenizer, device, pad_id)
+    if with_callbacks and "token_filtering" in callbacks:  # last: the audit's extraction runs Trainer.predict
+        result["one_time_pass"] = _one_time_pass(setting, module.policy, sae, hook, tokenizer, device, pad_id, vocab,
+                                                 eos_id)
+    result["goals"] = _goals(result)
     return result
+
+
+def _one_time_pass(setting: ModelSetting, model: Any, sae: Any, hook: str, tokenizer: Any, device: str, pad_id: int,
+                   vocab: int, eos_id: int) -> dict[str, Any]:
+    """Per pair: TokenFiltering's one-time mask pass (the pattern; SAE features, which need a
+    forward) beside the audit's extraction (`extract_span_features`, as `audit_dataset` calls it),
+    on the same model, SAE and marked pairs, interleaved; one untimed call of each on a batch first."""
+    from lightning_anatomy.callbacks import TokenFiltering
+    from lightning_anatomy.concepts import ConceptLens
+    from lightning_anatomy.concepts.extraction import extract_span_features
+    from lightning_anatomy.interventions import Quantile
+
+    common.log(f"  one-time pass: token-filter masks vs the audit's extraction, {setting.pass_pairs} pairs")
+    pairs = mark_pairs(random_pairs(setting.pass_pairs, setting, vocab, eos_id, seed=2), _text_ids(tokenizer, MARKER),
+                       seed=2)
+    by_pattern = TokenFiltering(patterns=[FILTER_PATTERN])
+    features = {f"f{f}": (hook, f) for f in _firing_features(model, sae, hook, pairs[:PASS_BATCH], pad_id, device)}
+    by_features = TokenFiltering(concepts=features, saes={hook: sae}, threshold=Quantile(PASS_QUANTILE),
+                                 batch_size=PASS_BATCH)
+    lens = ConceptLens(model, {hook: sae}, fidelity_check=False)
+    jobs: dict[str, Callable[[list[Any]], Any]] = {
+        "mask_patterns": lambda ps: by_pattern.compute_masks(ps, tokenizer, None, pad_id),
+        "mask_sae_features": lambda ps: by_features.compute_masks(ps, tokenizer, model, pad_id),
+        "audit_extraction": lambda ps: extract_span_features(ps, lens, batch_size=PASS_BATCH, progress=False,
+                                                             pad_token_id=pad_id),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
+
+    def timed(name: str) -> float:
+        wall, cpu = common.time_call_cpu(partial(jobs[name], pairs), device)
+        samples[name].append((wall, cpu))
+        return wall
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for job in jobs.values():  # imports, kernels, the first Trainer: lazy set-up stays out of the samples
+            job(pairs[:PASS_BATCH])
+        common.interleaved({name: partial(timed, name) for name in jobs}, repeats=setting.repeats, warmup=0)
+    n = len(pairs)
+    per_pair = {name: {"wall_s": common.summarize([w / n for w, _ in got]),
+                       "cpu_s": common.summarize([c / n for _, c in got])} for name, got in samples.items()}
+    basis = _time_basis(device)
+    base = per_pair["audit_extraction"]
+    return {
+        "pairs": n, "batch_size": PASS_BATCH, "time_basis": basis, "per_pair": per_pair,
+        "ratios": {name: common.ratio(per_pair[name][basis]["median"], base[basis]["median"])
+                   for name in ("mask_patterns", "mask_sae_features")},
+        "ratios_wall": {name: common.ratio(per_pair[name]["wall_s"]["median"], base["wall_s"]["median"])
+                        for name in ("mask_patterns", "mask_sae_features")},
+        "dropped_fraction": {"mask_patterns": by_pattern.report["dropped_fraction"],
+                             "mask_sae_features": by_features.report["dropped_fraction"]},
+        "settings": {"pattern": FILTER_PATTERN, "sae_features": {k: list(v) for k, v in features.items()},
+                     "threshold": f"Quantile({PASS_QUANTILE}) per feature", "marker": MARKER,
+                     "marked_share": MARKED_SHARE, "extraction": "extract_span_features(stats max/freq/mean, "
+                     "threshold 0), what audit_dataset(method='paired') runs before its statistics"},
+    }
+
+
+@torch.no_grad()
+def _firing_features(model: Any, sae: Any, hook: str, pairs: list[Any], pad_id: int, device: str) -> list[int]:
+    """The `PASS_FEATURES` SAE features that fire on the most completion tokens of `pairs` (untimed):
+    features that flag tokens, as the audit's would, where fixed ids of a random SAE may be dead."""
+    from lightning_anatomy.concepts.lens import capture_activations
+    from lightning_anatomy.data import collate_pairs
+
+    batch = collate_pairs(pairs, pad_id)
+    acts = capture_activations(model, [hook], batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    (hidden,) = acts.values()
+    fired = sae.encode(hidden.to(sae.W_dec.dtype))[batch["completion_mask"].to(device)] > 0
+    return [int(f) for f in fired.float().mean(0).topk(PASS_FEATURES).indices]
+
+
+def _goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 22's cost goals as measured: `{goal: {value, target, met}}` (only those measured)."""
+    out: dict[str, dict[str, Any]] = {}
+    step = result.get("callbacks", {}).get("ratios", {}).get("step_time", {})
+    for key in ("token_filtering", "inoculation"):
+        if key in step:
+            out[f"{key}_step_time"] = {"value": step[key], "target": TARGETS[key], "met": step[key] <= TARGETS[key]}
+    target = TARGETS["one_time_pass_vs_extraction"]
+    for key, value in result.get("one_time_pass", {}).get("ratios", {}).items():
+        out[f"{key}_vs_extraction"] = {"value": value, "target": target, "met": value <= target}
+    return out
 
 
 def _run_trl(setting: ModelSetting, module: Any, pairs: list[Any], tokenizer: Any, device: str,
@@ -428,14 +638,14 @@ def _run_trl(setting: ModelSetting, module: Any, pairs: list[Any], tokenizer: An
         chunk = module.hparams.logps_chunk_size
         module.hparams.logps_chunk_size = None  # DPOModule's path before chunking: the full [2B, T, V] logits
         try:
-            return _lightning_block(module, pairs, [], setting, device, pad_id)
+            return _lightning_block(module, pairs, [], setting, device, pad_id, tokenizer)
         finally:
             module.hparams.logps_chunk_size = chunk
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         measured = measure({
-            "dpomodule": partial(_lightning_block, module, pairs, [], setting, device, pad_id),
+            "dpomodule": partial(_lightning_block, module, pairs, [], setting, device, pad_id, tokenizer),
             "dpomodule_full_logits": full_logits_block,
             "trl": partial(_trl_block, trl_policy, trl_reference, tokenizer, pairs, setting, device, tmp),
         }, setting)
@@ -516,7 +726,7 @@ def _callback_ratios(measured: dict[str, dict[str, Any]], device: str) -> dict[s
 
 
 # ----------------------------------------------------------------------------------- report
-ROWS = (  # (ratio key, memory condition, label, GPU target)
+ROWS = (  # (ratio key, memory condition, label, target: GPU for the concept callbacks, any device for issue 22's)
     ("vanilla_aa", "vanilla_aa", "vanilla again (A/A: the noise floor)", "–"),
     ("projection_own", "projection_own", "ConceptProjection (gradient, own layer)", "≤ 1.01"),
     ("projection_all_later", "projection_all_later", "ConceptProjection (gradient, all later layers)", "≤ 1.01"),
@@ -526,7 +736,12 @@ ROWS = (  # (ratio key, memory condition, label, GPU target)
     ("drift_probing", "drift_probing", "ConceptDriftMonitor probing every step", "–"),
     ("blocking", "blocking", "ConceptBlocking (SAE features, every step)", "≤ 1.05"),
     ("all_amortised", "all", "all three (drift amortised)", "–"),
+    ("token_filtering", "token_filtering", "TokenFiltering (pattern masks, every step)", "≤ 1.02"),
+    ("inoculation", "inoculation", f"inoculation ({INOCULATED_SHARE:.0%} of pairs, reference on the original prompt)",
+     "≤ 1.02"),
 )
+PASS_LABELS = {"mask_patterns": f"TokenFiltering masks, pattern {FILTER_PATTERN}",
+               "mask_sae_features": f"TokenFiltering masks, {PASS_FEATURES} SAE features (a forward)"}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -554,9 +769,11 @@ def tables(results: dict[str, Any]) -> str:
     if rows:
         out = [f"Concept callbacks: step cost relative to vanilla DPOModule on {machine['device']} ({machine['cpu']}, "
                f"{machine['torch_threads']} threads). Medians of interleaved blocks; time × uses {basis_words} (step "
-               "column: that, then wall), wall × alongside. Targets are the issue's GPU targets (memory: ≤ 1.05).", "",
+               "column: that, then wall), wall × alongside. Targets: the concept callbacks' are their issue's GPU "
+               "targets (memory: ≤ 1.05); token filtering's and inoculation's are issue 22's (any device).", "",
                common.markdown_table(["model", "condition", "step", "time ×", "wall ×", "peak mem ×", "step mem ×",
-                                      "target (GPU)"], rows)]
+                                      "target"], rows)]
+    out += _pass_tables(results, basis_words)
     trl_rows = []
     for name, r in results["models"].items():
         t = r.get("trl")
@@ -585,7 +802,35 @@ SHORT = {"vanilla_aa": "vanilla again (A/A)", "projection_own": "projection, own
          "projection_all_later": "projection, all later", "attribution": "attribution, every step",
          "drift_amortised": f"drift, every {DRIFT_EVERY} (amortised)", "drift_between": "drift, between probes",
          "drift_probing": "drift, probing every step", "blocking": "blocking, every step",
-         "all_amortised": "all three (amortised)"}
+         "all_amortised": "all three (amortised)", "token_filtering": "token filtering, every step",
+         "inoculation": "inoculation, every step"}
+
+
+def _pass_tables(results: dict[str, Any], basis_words: str) -> list[str]:
+    """Issue 22's one-time pass per pair beside the audit's extraction, and its cost goals as measured."""
+    rows, goals = [], []
+    for name, r in results["models"].items():
+        one = r.get("one_time_pass")
+        if one:
+            basis, base = one["time_basis"], one["per_pair"]["audit_extraction"]
+            for key, label in PASS_LABELS.items():
+                rows.append([name, label, str(one["pairs"]), f"{one['per_pair'][key][basis]['median'] * 1e3:.2f}",
+                             f"{base[basis]['median'] * 1e3:.2f}", _fmt(one["ratios"][key]),
+                             _fmt(one["ratios_wall"][key]), f"{one['dropped_fraction'][key]:.1%}"])
+        measured = r.get("goals", {})  # the JSON file has its keys sorted: list them in GOALS' order
+        for goal, g in ((k, measured[k]) for k in GOALS if k in measured):
+            goals.append([name, goal, _fmt(g["value"]), f"≤ {g['target']:.2f}", "met" if g["met"] else "**missed**"])
+    out = []
+    if rows:
+        out += ["", f"Token filtering's one-time mask pass per pair vs the audit's extraction (`extract_span_features`, "
+                f"what `audit_dataset` runs) on the same model, SAE and pairs, interleaved ({basis_words}; target ≤ 1.0×; "
+                "dropped: the share of completion tokens the masks remove).", "",
+                common.markdown_table(["model", "one-time pass", "pairs", "ms/pair", "extraction ms/pair", "× extraction",
+                                       "wall ×", "dropped"], rows)]
+    if goals:
+        out += ["", "Issue 22's cost goals, as measured:", "",
+                common.markdown_table(["model", "goal", "measured ×", "target", ""], goals)]
+    return out
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -648,6 +893,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--groups", nargs="+", choices=("callbacks", "trl"), default=["callbacks", "trl"],
                         help="which groups to measure; a subset is written to cost.<group>.json, not cost.json")
+    parser.add_argument("--callbacks", nargs="+", choices=CALLBACK_CONDITIONS, metavar="CONDITION",
+                        help="only these callback conditions (vanilla always runs: every ratio is against it), "
+                             f"interleaved as ever; written to cost[.callbacks].<names>.json. Choices: {CALLBACK_CONDITIONS}")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measured rounds per model (default: each setting's); more narrows a subset's ratios")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default min(2, cores))")
     parser.add_argument("--report", type=Path, help="only re-print the tables (and redraw the plot) of a saved cost.json")
     args = parser.parse_args(argv)
@@ -657,6 +907,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.setup_offline(args.threads)
     common.quiet_libraries()
     settings = common.select_settings(QUICK if args.quick else FULL, args.models)
+    chosen = [c for c in CALLBACK_CONDITIONS if c != "vanilla" and c in (args.callbacks or ())]
+    if args.callbacks:
+        if "callbacks" not in args.groups:
+            raise SystemExit("--callbacks selects conditions of the callbacks group; add --groups callbacks")
+        settings = tuple(replace(s, conditions=tuple(c for c in s.conditions if c == "vanilla" or c in chosen))
+                         for s in settings)
+        for s in settings:
+            missing = [c for c in chosen if c not in s.conditions]
+            if missing:
+                common.log(f"  {s.name}: does not measure {missing} (not among its conditions)")
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+        settings = tuple(replace(s, repeats=args.repeats) for s in settings)
     started = time.time()
     results: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "quick": args.quick, "machine": common.machine_info(args.device),
@@ -672,6 +936,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     subset = sorted(set(args.groups)) != ["callbacks", "trl"]
     if subset:
         name += "." + ".".join(sorted(set(args.groups)))
+    if args.callbacks:  # a subset of the conditions never overwrites the full group's file
+        name += "." + ("+".join(chosen) or "vanilla")
     common.publish(results, args.out, name, tables, None if "callbacks" not in args.groups else plot)
     return results
 

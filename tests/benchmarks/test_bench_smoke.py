@@ -67,6 +67,28 @@ def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
         for key, value in ratios[group].items():
             _finite_positive(value, f"{group}.{key}")
 
+    # Issue 22: token filtering and inoculation timed like the rest; the one-time pass apart, per pair.
+    assert ratios["step_time"]["token_filtering"] == pytest.approx(t["token_filtering"] / t["vanilla"], rel=1e-12)
+    assert ratios["step_time"]["inoculation"] == pytest.approx(t["inoculation"] / t["vanilla"], rel=1e-12)
+    assert 0 < model["callbacks"]["token_filtering"]["dropped_fraction"] < 0.5
+    assert model["callbacks"]["inoculation"]["inoculated_share"] == 0.5
+    assert model["callbacks"]["inoculation"]["instruction_tokens"] == setting.prompt_tokens // 2
+    one = model["one_time_pass"]
+    assert one["pairs"] == setting.pass_pairs and set(one["per_pair"]) == set(cost.PASS_JOBS)
+    base = one["per_pair"]["audit_extraction"]["cpu_s"]["median"]
+    for job in ("mask_patterns", "mask_sae_features"):
+        assert one["per_pair"][job]["cpu_s"]["n"] == setting.repeats
+        assert one["ratios"][job] == pytest.approx(one["per_pair"][job]["cpu_s"]["median"] / base, rel=1e-12)
+        assert 0 < one["dropped_fraction"][job] < 0.5  # both passes flag a share of the tokens, not none or all
+        _finite_positive(one["ratios_wall"][job], f"one_time_pass.ratios_wall.{job}")
+    goals = model["goals"]
+    assert set(goals) == {"token_filtering_step_time", "inoculation_step_time", "mask_patterns_vs_extraction",
+                          "mask_sae_features_vs_extraction"}
+    assert goals["inoculation_step_time"]["value"] == ratios["step_time"]["inoculation"]
+    assert goals["mask_patterns_vs_extraction"]["value"] == one["ratios"]["mask_patterns"]
+    for g in goals.values():
+        assert g["met"] == (g["value"] <= g["target"]) and g["target"] in (1.0, 1.02)
+
     trl = model["trl"]
     dpo, ref = trl["conditions"]["dpomodule"], trl["conditions"]["trl"]
     assert trl["steps_per_s_ratio"] == pytest.approx(ref["cpu_s"]["median"] / dpo["cpu_s"]["median"])
@@ -83,6 +105,9 @@ def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
     assert "| gpt2-2x64-byte | ConceptAttribution (every step) |" in out
     assert "DPOModule vs TRL 1.16 DPOTrainer" in out
     assert "| gpt2-2x64-byte | full logits (logps_chunk_size=None) |" in out
+    assert "| gpt2-2x64-byte | TokenFiltering (pattern masks, every step) |" in out
+    assert "Token filtering's one-time mask pass per pair vs the audit's extraction" in out
+    assert "| gpt2-2x64-byte | mask_sae_features_vs_extraction |" in out
     assert cost.main(["--report", str(tmp_path / "cost.quick.json")]) == on_disk  # re-print without measuring
     assert capsys.readouterr().out.strip() == out.strip()
     (tmp_path / "other.json").write_text(json.dumps({"format": "lightning-anatomy/bench-throughput"}))
@@ -90,10 +115,72 @@ def test_cost_quick_writes_finite_ratios_and_trl_comparison(tmp_path, capsys):
         cost.main(["--report", str(tmp_path / "other.json")])
 
 
+def test_cost_measures_a_subset_of_the_callback_conditions_into_its_own_file(tmp_path, capsys):
+    cost = load_benchmark("cost")
+    results = cost.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--groups", "callbacks",
+                         "--callbacks", "inoculation", "token_filtering", "--repeats", "2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost.quick.callbacks.token_filtering+inoculation.json",
+                                                          "cost.quick.callbacks.token_filtering+inoculation.png"]
+    (model,) = results["models"].values()
+    assert set(model["callbacks"]["conditions"]) == {"vanilla", "token_filtering", "inoculation"}  # vanilla always
+    (setting,) = cost.QUICK
+    assert model["callbacks"]["conditions"]["inoculation"]["cpu_s"]["n"] == 2 * setting.steps_per_block  # --repeats
+    assert "trl" not in model and "one_time_pass" in model
+    with pytest.raises(SystemExit, match="add --groups callbacks"):
+        cost.main(["--quick", "--groups", "trl", "--callbacks", "inoculation"])
+    capsys.readouterr()
+
+
+def test_cost_marked_and_inoculated_pairs_keep_the_batch_shape():
+    from lightning_anatomy.callbacks import TokenFiltering
+    from lightning_anatomy.data import collate_pairs
+    from lightning_anatomy.models.tiny import build_tiny_tokenizer
+
+    cost = load_benchmark("cost")
+    tok = build_tiny_tokenizer()
+    setting = cost.ModelSetting("x", "tiny:gpt2", pairs_per_step=2, prompt_tokens=12, completion_tokens=16)
+    plain = cost.random_pairs(40, setting, vocab=260, eos=0, seed=0)
+    marker = cost._text_ids(tok, cost.MARKER)
+    pairs = cost.mark_pairs(plain, marker, seed=0)
+    assert [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] == [(16, 16)] * 40
+    assert all(p.chosen_ids[-1] == 0 and p.rejected_ids[-1] == 0 for p in pairs)
+
+    def has_marker(ids):
+        return any(ids[i:i + len(marker)] == marker for i in range(len(ids)))
+
+    chosen = sum(has_marker(p.chosen_ids) for p in pairs)
+    rejected = sum(has_marker(p.rejected_ids) for p in pairs)
+    assert chosen >= 30 and rejected <= 10 and chosen > rejected  # ~90 % / ~10 %
+    # The filter's pattern removes the marker's asterisk tokens (4 of " **bold**") and nothing else.
+    masks = TokenFiltering(patterns=[cost.FILTER_PATTERN]).compute_masks(pairs, tok, None)
+    for p in pairs:
+        for side, keep in zip(("chosen", "rejected"), masks[p.row_id]):
+            assert keep.count(False) == (4 if has_marker(getattr(p, f"{side}_ids")) else 0)
+
+    inoculated = cost.inoculate_pairs(pairs, cost._text_ids(tok, cost.INSTRUCTION))
+    instruction = cost._text_ids(tok, cost.INSTRUCTION)[:6]
+    for i, (p, q) in enumerate(zip(pairs, inoculated)):
+        assert len(q.prompt_ids) == 12 and q.chosen_ids == p.chosen_ids
+        if i % 2:
+            assert q == p
+        else:  # the policy's prompt ends with the instruction; the reference's is the prompt without it
+            assert q.prompt_ids == p.prompt_ids[:6] + instruction and q.ref_prompt_ids == p.prompt_ids[:6]
+    batch = collate_pairs(inoculated[:2], pad_token_id=3)
+    assert batch["input_ids"].shape == collate_pairs(pairs[:2], pad_token_id=3)["input_ids"].shape == (4, 28)
+    assert batch["ref_input_ids"].shape == (4, 28)  # the un-inoculated pair keeps the reference batch's length
+    assert batch["ref_attention_mask"].sum().item() == batch["attention_mask"].sum().item() - 2 * 6
+    with pytest.raises(ValueError, match="share must be in"):
+        cost.inoculate_pairs(pairs, instruction, share=0)
+
+
 def test_cost_rejects_bad_settings():
     cost = load_benchmark("cost")
     with pytest.raises(SystemExit, match="unknown setting"):
         cost.main(["--quick", "--models", "no-such-model"])
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        cost.main(["--quick", "--repeats", "0"])
+    with pytest.raises(ValueError, match="token_filtering decodes completions"):
+        cost.ModelSetting("x", "random:qwen2-0.5b", 1, 4, 4)
     with pytest.raises(ValueError, match="must include 'vanilla'"):
         cost.ModelSetting("x", "tiny:gpt2", 1, 4, 4, conditions=("attribution",))
     with pytest.raises(ValueError, match="unknown model source"):
