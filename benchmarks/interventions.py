@@ -116,7 +116,6 @@ class Config(task.Config):
     steering_alphas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
     filter_fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])
     token_filter_quantiles: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.9])
-    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))  # vanilla always runs
 
     @classmethod
     def quick(cls) -> Config:
@@ -390,7 +389,7 @@ def tune(scenario: str, base: Any, tok: Any, sae: Any, cfg: Config) -> tuple[Kno
                                ("steering", cfg.steering_alphas, "steering_alpha"),
                                ("filtering", cfg.filter_fractions, "filter_fraction"),
                                ("token_filtering_direction", cfg.token_filter_quantiles, "token_filter_quantile")):
-        if not set(KNOB_USERS[attr]) & set(cfg.conditions):
+        if not set(KNOB_USERS[attr]) & set(cfg.conditions or CONDITIONS):  # conditions None: all
             picked[attr] = getattr(default, attr)  # no requested condition uses it
             continue
         names = [f"{name}@{v:g}" for v in values]
@@ -603,8 +602,9 @@ def mechanism_tables(doc: dict[str, Any]) -> str:
     """The oracle ceilings, the read-outs' quality and the conditions the data could not run."""
     oracle_rows, readout_rows, skipped = [], [], []
     for sc in doc["scenarios"].values():
-        for name, o in (sc["goals"].get("oracle_within_2_points") or {}).items():
-            c = sc["conditions"][name]
+        oracles = sc["goals"].get("oracle_within_2_points") or {}
+        for name in condition_order(oracles):  # the table's order, not the file's (written with sorted keys)
+            o, c = oracles[name], sc["conditions"][name]
             oracle_rows.append([sc["scenario"], sc["variant"], name, "∞" if o["cut"] is None else f"{o['cut']:.2g}",
                                 _fmt(c["ontarget_vs_vanilla"], c["ontarget_vs_vanilla_ci"]),
                                 "yes" if o["meets_goal"] else "no"])
@@ -613,7 +613,9 @@ def mechanism_tables(doc: dict[str, Any]) -> str:
             readout_rows.append([sc["scenario"], sc["variant"], *(
                 "n/a" if mean.get(k) is None else f"{mean[k]:.3f}"
                 for k in ("pair_auroc_sae", "token_auroc_sae", "token_auroc_direction", "flagged_fraction"))])
-        for name, why in (sc.get("not_applicable") or {}).items():
+        skipped_here = sc.get("not_applicable") or {}
+        for name in condition_order(skipped_here):
+            why = skipped_here[name]
             skipped.append(f"- {sc['scenario']} {sc['variant']}, `{name}`: {why.split('; seed')[0].split(': ', 1)[-1]}")
     parts = []
     if oracle_rows:
@@ -743,7 +745,7 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
         doc["tuning"][scenario] = report
         common.log(f"  {scenario}: {knobs}")
         for variant in [v for v in cfg.scenario_variants.get(scenario, list(VARIANTS)) if v in cfg.variants]:
-            names = [n for n in CONDITIONS if n == "vanilla" or n in cfg.conditions]
+            names = [n for n in CONDITIONS if n == "vanilla" or n in (cfg.conditions or CONDITIONS)]
             per_cond: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
             concepts = []
             for seed in cfg.seeds:
