@@ -477,18 +477,6 @@ def not_applicable(per_cond: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
     return out
 
 
-def readout_summary(per_seed: Sequence[Any]) -> dict[str, Any]:
-    """The package-found read-outs' quality against the ground truth: the mean over seeds of each
-    AUROC (None where no seed has it), beside the per-seed values (or the reason there are none)."""
-    measured = [r for r in per_seed if isinstance(r, dict)]
-    keys = dict.fromkeys(k for r in measured for k in r)
-    mean = {}
-    for k in keys:
-        values = [r[k] for r in measured if r.get(k) is not None]
-        mean[k] = float(np.mean(values)) if values else None
-    return {"mean": mean, "per_seed": list(per_seed)}
-
-
 # ---------------------------------------------------------------------------------------- layout
 def scenario_key(scenario: str, variant: str) -> str:
     """The results file's key of one (scenario, data) setting, e.g. `opener_corr0.9`."""
@@ -759,7 +747,7 @@ def run(args: argparse.Namespace, cfg: Config, argv: Sequence[str] | None) -> di
             doc["scenarios"][scenario_key(scenario, variant)] = {
                 "scenario": scenario, "variant": variant, "kind": SCENARIOS[scenario], "knobs": dataclasses.asdict(knobs),
                 "concepts": concepts, "conditions": conds, "not_applicable": na, "goals": goals(conds),
-                "readout": readout_summary([c["spurious"].get("readout") for c in concepts])}
+                "readout": mech.readout_summary([c["spurious"].get("readout") for c in concepts])}
             publish(doc, args, started, complete=False)  # a long run leaves its finished settings behind
     doc = publish(doc, args, started, complete=True)
     if args.merge_into:

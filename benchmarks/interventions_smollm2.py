@@ -582,21 +582,11 @@ def run_scenario(base: Any, tok: Any, sae: Any, hook: str, rows: Sequence[Any], 
         token_filter[seed] = outcome.token_filter
         ran = [n for n in names if n not in not_applicable]
         entry = {**summarize({n: per_cond[n] for n in ran}, sizes, scenario), "knobs": knobs, "concepts": concepts,
-                 "readout": {"per_seed": readout, "mean": _mean_quality(readout)}, "not_applicable": not_applicable,
+                 "readout": mechanisms.readout_summary(readout), "not_applicable": not_applicable,
                  "token_filter": token_filter, "timing": timing}
         if on_seed is not None:
             on_seed(tuning, entry)  # a long run leaves its finished seeds behind
     return tuning, entry
-
-
-def _mean_quality(per_seed: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """The mean over seeds of each read-out quality (seeds where it is undefined left out)."""
-    keys = {k for q in per_seed for k in q if k not in ("seed", "error")}
-    out = {}
-    for k in sorted(keys):
-        values = [q[k] for q in per_seed if q.get(k) is not None]
-        out[k] = float(np.mean(values)) if values else None
-    return out
 
 
 def summarize(per_cond: dict[str, list[dict[str, Any]]], sizes: Sizes, scenario: Scenario) -> dict[str, Any]:

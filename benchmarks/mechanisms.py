@@ -94,6 +94,18 @@ def pair_readout_auroc(delta: Mapping[int, float], true_delta: Mapping[int, floa
     return auroc(pos, neg)
 
 
+def readout_summary(per_seed: Sequence[Any]) -> dict[str, Any]:
+    """The read-outs' quality over seeds: the mean of each measure over the seeds where it is defined
+    (None where none is), beside the per-seed entries (a dict of `Readouts.quality()`, possibly with
+    its `seed` or an `error`, or the reason there is none as a string)."""
+    measured = [r for r in per_seed if isinstance(r, dict)]
+    mean: dict[str, float | None] = {}
+    for k in dict.fromkeys(k for r in measured for k in r if k not in ("seed", "error")):
+        values = [r[k] for r in measured if r.get(k) is not None]
+        mean[k] = float(np.mean(values)) if values else None
+    return {"mean": mean, "per_seed": list(per_seed)}
+
+
 # ------------------------------------------------------------------------------ package read-outs
 @dataclass
 class Readouts:
