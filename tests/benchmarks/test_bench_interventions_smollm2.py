@@ -74,6 +74,18 @@ def test_markdown_split_bolds_one_or_two_words_of_the_same_carrier_pairs(bench):
     assert bench.SCENARIOS["style"].key(0.9) == "smollm2_style_corr0.9"
 
 
+def _marker_logp(model, tok, text, marker):
+    """log P(the marker's tokens | text), one plain forward per token: the reference the benchmark's
+    batched measures are checked against."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    total = 0.0
+    for j, t in enumerate(marker):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + marker[:j]])).logits[0, -1].float()
+        total += float(logits.log_softmax(-1)[t])
+    return total
+
+
 @pytest.mark.parametrize("marker", [" **", "*"])  # the tiny tokenizer: three tokens (a pass per position) / one
 def test_bold_logp_is_the_chance_of_opening_bold_somewhere_in_the_reply(bench, monkeypatch, marker):
     from lightning_anatomy.data import PreferenceRow
@@ -89,19 +101,11 @@ def test_bold_logp_is_the_chance_of_opening_bold_somewhere_in_the_reply(bench, m
     got = bench.bold_logp(model, tok, rows, max_prompt_length=64)
     bold = tok(bench.BOLD, add_special_tokens=False)["input_ids"]
 
-    def logp(text):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        total = 0.0
-        for j, t in enumerate(bold):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids + bold[:j]])).logits[0, -1].float()
-            total += float(logits.log_softmax(-1)[t])
-        return total
-
     positions = (range(1, 8), [1, 2], [0])  # every position with a word after it; a one-word reply: its start
     for value, row, ks in zip(got, rows, positions):
         words = row.chosen.split()
-        p = [np.exp(logp(row.prompt + ("" if k == 0 else " " + " ".join(words[:k])))) for k in ks]
+        p = [np.exp(_marker_logp(model, tok, row.prompt + ("" if k == 0 else " " + " ".join(words[:k])), bold))
+             for k in ks]
         assert value == pytest.approx(np.log(1 - np.prod([1 - x for x in p])), abs=1e-4)  # bold somewhere
 
 
@@ -119,13 +123,7 @@ def test_opener_logp_is_the_marker_tokens_log_probability_after_the_prompt(bench
     got = bench.opener_logp(model, tok, prompts, max_prompt_length=64)
     marker = tok(bench.MARKER, add_special_tokens=False)["input_ids"]
     for value, prompt in zip(got, prompts):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        total = 0.0
-        for j, t in enumerate(marker):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids + marker[:j]])).logits[0, -1].float()
-            total += float(logits.log_softmax(-1)[t])
-        assert value == pytest.approx(total, abs=1e-4)
+        assert value == pytest.approx(_marker_logp(model, tok, prompt, marker), abs=1e-4)
 
 
 def test_records_turn_margins_into_accuracy_points(bench):
