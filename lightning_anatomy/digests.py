@@ -35,6 +35,12 @@ def model_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Exact bytes of a whole (small) tensor as float32: a concept vector, an SAE's decoder."""
+    return hashlib.sha256(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def pairs_digest(pairs: Sequence[Any]) -> str:
     """Row ids and token ids of tokenized pairs (`TokenizedPair`), in order, with a pair's reference
     prompt and token-filter masks where it has them (so a precomputed reference table is keyed on

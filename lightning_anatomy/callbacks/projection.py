@@ -40,6 +40,7 @@ from lightning_anatomy.callbacks.strategies import (
     SHARDED,
     check_strategy,
     measures_on_every_rank,
+    restores_after_fit_start,
 )
 from lightning_anatomy.concepts.concept_set import ConceptSet
 from lightning_anatomy.interventions.activation_edits import (
@@ -260,7 +261,7 @@ class ConceptProjection(HookedCallback):
             check_strategy(trainer, self)
             self._targets = self._plan(find_causal_lm(pl_module))
         self.remove_hooks()  # before measuring the means: none of this callback's edits may act
-        means = {} if _restores_after_fit_start(trainer) else self._ablation_means(trainer, pl_module)
+        means = {} if restores_after_fit_start(trainer) else self._ablation_means(trainer, pl_module)
         shared = trainer.strategy.broadcast(
             {name: (t.suppress, t.amplify, means.get(name)) for name, t in self._targets.items()}, src=0
         )
@@ -276,7 +277,7 @@ class ConceptProjection(HookedCallback):
         here they come from the checkpoint, and a forward before the restore would run on weights
         about to be replaced. Ablation acts only while training, so the edits wait for nothing;
         the hooks skip this measurement pass."""
-        if self.ablation != "mean" or not _restores_after_fit_start(trainer):
+        if self.ablation != "mean" or not restores_after_fit_start(trainer):
             return
         shared = trainer.strategy.broadcast(self._ablation_means(trainer, pl_module), src=0)
         for name, mean in shared.items():
@@ -436,12 +437,6 @@ class ConceptProjection(HookedCallback):
             return None if out is hidden else out
 
         return edit
-
-
-def _restores_after_fit_start(trainer: Trainer) -> bool:
-    """ModelParallelStrategy and FSDPStrategy load a checkpoint (module and callback states) after
-    the on_fit_start hooks; the other strategies before."""
-    return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
 
 
 def _grad_counter(target: _Target, q: Tensor):

@@ -86,4 +86,12 @@ def measures_on_every_rank(trainer: Trainer) -> bool:
     return is_sharded_strategy(trainer.strategy)
 
 
-__all__ = ["DATA_PARALLEL", "SHARDED", "check_strategy", "measures_on_every_rank", "strategy_names"]
+def restores_after_fit_start(trainer: Trainer) -> bool:
+    """ModelParallelStrategy and FSDPStrategy load a checkpoint (module and callback states) after
+    the on_fit_start hooks; the other strategies before. A callback that prepares state at fit start
+    from the model must not take it from the trained weights a late restore brings."""
+    return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+
+
+__all__ = ["DATA_PARALLEL", "SHARDED", "check_strategy", "measures_on_every_rank", "restores_after_fit_start",
+           "strategy_names"]

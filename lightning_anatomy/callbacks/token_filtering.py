@@ -17,7 +17,6 @@ mode, and a precomputed reference table is keyed on the masks (its fingerprint h
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -30,11 +29,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import Strategy
 
 from lightning_anatomy.callbacks.sae_specs import build_pending_saes, load_saes
-from lightning_anatomy.callbacks.strategies import DATA_PARALLEL, SHARDED, check_strategy
+from lightning_anatomy.callbacks.strategies import (
+    DATA_PARALLEL,
+    SHARDED,
+    check_strategy,
+    restores_after_fit_start,
+)
 from lightning_anatomy.concepts.concept_set import ConceptSet
 from lightning_anatomy.concepts.lens import ConceptLens
 from lightning_anatomy.data.tokenize import TokenizedPair
-from lightning_anatomy.digests import combined_digest, full_model_digest, model_digest, pairs_digest
+from lightning_anatomy.digests import (
+    combined_digest,
+    full_model_digest,
+    model_digest,
+    pairs_digest,
+    tensor_digest,
+)
 from lightning_anatomy.interventions.token_filter import (
     FILTER_SIDES,
     UNITS,
@@ -320,7 +330,7 @@ class TokenFiltering(Callback):
             raise ValueError("TokenFiltering needs a PreferenceDataModule passed to trainer.fit(datamodule=...): "
                              "it filters the DataModule's pairs with the DataModule's tokenizer")
         if self.masks is None:
-            if trainer.ckpt_path and self._needs_model() and not _restores_after_fit_start(trainer):
+            if trainer.ckpt_path and self._needs_model() and not restores_after_fit_start(trainer):
                 raise ValueError(
                     f"TokenFiltering: the checkpoint {str(trainer.ckpt_path)!r} holds no masks for this filter "
                     f"(state key {self.state_key!r}), and its concepts {sorted(self._concepts)} would be measured "
@@ -386,8 +396,7 @@ class TokenFiltering(Callback):
             if spec[0] == "sae":
                 concepts[name] = ["sae", spec[1], int(spec[2]), _module_digest(self._saes[spec[1]])]
             elif spec[0] == "direction":
-                vector = spec[2].detach().to(torch.float32).cpu().contiguous()
-                concepts[name] = ["direction", spec[1], hashlib.sha256(vector.numpy().tobytes()).hexdigest()]
+                concepts[name] = ["direction", spec[1], tensor_digest(spec[2])]
             else:
                 concepts[name] = ["callable", _qualified_name(spec[1])]
         settings = {
@@ -456,11 +465,6 @@ class TokenFiltering(Callback):
                 self._apply(self._datamodule)
 
 
-def _restores_after_fit_start(trainer: Trainer) -> bool:
-    """ModelParallelStrategy and FSDPStrategy load a checkpoint after the on_fit_start hooks."""
-    return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
-
-
 def _qualified_name(fn: object) -> str:
     """A callable's identity in the cache key: module and qualified name (of its class for objects)."""
     named = fn if hasattr(fn, "__qualname__") else type(fn)
@@ -470,8 +474,7 @@ def _qualified_name(fn: object) -> str:
 def _module_digest(sae: object) -> str:
     if isinstance(sae, torch.nn.Module):
         return f"{type(sae).__name__}:{model_digest(sae)}"
-    w = sae.W_dec.detach().to(torch.float32).cpu().contiguous()  # type: ignore[attr-defined]
-    return f"{type(sae).__name__}:{hashlib.sha256(w.numpy().tobytes()).hexdigest()}"
+    return f"{type(sae).__name__}:{tensor_digest(sae.W_dec)}"  # type: ignore[attr-defined]
 
 
 def _tokenizer_digest(tokenizer: object) -> str | None:
