@@ -538,36 +538,23 @@ def _last_positions(model: Any, tok: Any, hook: str, texts: Sequence[str], m: in
     return torch.cat(rows)
 
 
-@torch.no_grad()
 def _feature_effects(lens: Any, tok: Any, hook: str, with_: Sequence[str], without: Sequence[str]) -> np.ndarray:
     """Per SAE feature: (mean of per-text max activation with − without) / pooled sd (Cohen's d)."""
-    def per_text_max(texts: Sequence[str]) -> torch.Tensor:
-        ids, mask = _pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
-        feats = lens.encode(ids, mask)[hook].float()
-        return feats.masked_fill(~mask.bool()[..., None], 0.0).amax(1).double()
+    from lightning_anatomy.audit.feature_match import example_effects
 
-    a, b = per_text_max(with_), per_text_max(without)
-    sd = torch.sqrt((a.var(0) + b.var(0)) / 2).clamp_min(1e-9)
-    return ((a.mean(0) - b.mean(0)) / sd).numpy()
+    return example_effects(lens, tok, with_, without)[hook]
 
 
 def pick_sae_features(audit: Any, effects: np.ndarray, cfg: Config) -> tuple[list[int], list[dict[str, Any]]]:
-    """Among the audit's best-ranked features, those that fire clearly more on the concept's texts.
+    """Among the audit's best-ranked features, those that fire clearly more on the concept's texts
+    (`audit.feature_match.pick_features`: Cohen's d ≥ sae_min_effect, at most sae_max_features; the
+    single best candidate if none reaches it). The concept texts stand in for a labeller."""
+    from lightning_anatomy.audit.feature_match import pick_features
 
-    The audit ranks what separates chosen from rejected; the concept texts label which of those
-    carry the spurious trait (a labeller's job; here, Cohen's d of the per-text max ≥ sae_min_effect,
-    at most sae_max_features; the single best candidate if none reaches it).
-    """
-    table = audit.concepts
-    ranked = table[table["passes"]] if bool(table["passes"].any()) else table
-    ranked = ranked.head(cfg.sae_candidates)
-    scored = [{"feature": int(f), "audit_rank": int(r), "delta": float(d), "effect": float(effects[int(f)])}
-              for f, r, d in zip(ranked["feature"], ranked["rank"], ranked["delta"])]
-    if not scored:
-        raise RuntimeError("the audit tested no feature; the SAE never fires on the preference data")
-    good = sorted((s for s in scored if s["effect"] >= cfg.sae_min_effect), key=lambda s: -s["effect"])
-    picked = good[: cfg.sae_max_features] or [max(scored, key=lambda s: s["effect"])]
-    return [s["feature"] for s in picked], scored
+    hooks = {str(h) for h in audit.concepts["hook"]} or {cfg.hook}
+    match = pick_features(audit.concepts, dict.fromkeys(hooks, effects), candidates=cfg.sae_candidates,
+                          min_effect=cfg.sae_min_effect, max_features=cfg.sae_max_features)
+    return [f for _, f in match.features], match.candidates
 
 
 def concept_sets(concept: str, base: Any, tok: Any, sae: Any, audit: Any, cfg: Config,

@@ -82,6 +82,42 @@ GENERATION_PROMPTS = (
 )
 
 
+def generate_replies(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 20,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    **sampling: Any,
+) -> list[str]:
+    """Sample one reply per user prompt with the chat template (extra `sampling` keywords, e.g.
+    `repetition_penalty`, go to `model.generate`); returns the replies, stripped."""
+    if not prompts:
+        raise ValueError("generate_replies needs at least one prompt")
+    torch.manual_seed(seed)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+    replies: list[str] = []
+    try:
+        for lo in range(0, len(prompts), batch_size):
+            rendered = [chat_prompt(tokenizer, p) for p in prompts[lo:lo + batch_size]]
+            enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+                )
+            replies.extend(tokenizer.decode(row, skip_special_tokens=True).strip()
+                           for row in out[:, enc["input_ids"].shape[1]:])
+    finally:
+        tokenizer.padding_side = old_side
+    return replies
+
+
 def generate_chat_texts(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -96,28 +132,10 @@ def generate_chat_texts(
     """Sample one reply per prompt with the chat template; returns the rendered conversations."""
     if not prompts:
         raise ValueError("generate_chat_texts needs at least one prompt")
-    torch.manual_seed(seed)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # batched generation continues from the right edge
-    texts: list[str] = []
-    try:
-        for lo in range(0, len(prompts), batch_size):
-            chunk = list(prompts[lo:lo + batch_size])
-            rendered = [chat_prompt(tokenizer, p) for p in chunk]
-            enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )
-            for prompt, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                reply = tokenizer.decode(row, skip_special_tokens=True).strip()
-                texts.append(tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
-                ))
-    finally:
-        tokenizer.padding_side = old_side
-    return texts
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               temperature=temperature, top_p=top_p, seed=seed)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                          tokenize=False) for p, r in zip(prompts, replies)]
 
 
 def package_texts(

@@ -181,10 +181,14 @@ def test_bad_audit_inputs_name_the_key_before_any_model_loads(args, message, no_
 
 
 def test_demo_and_check_prediction_validate_first(no_model_loads, capsys):
-    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--intervention.kind=prayer"]) == 2
-    assert "intervention.kind" in capsys.readouterr().err
-    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--train.max_steps=0"]) == 2
-    assert "train.max_steps" in capsys.readouterr().err
+    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--sycophancy.intervention.kind=prayer"]) == 2
+    assert "sycophancy.intervention.kind" in capsys.readouterr().err
+    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--style.train.max_steps=0"]) == 2
+    assert "style.train.max_steps" in capsys.readouterr().err
+    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--style.data.n_train=90"]) == 2
+    assert "exceeds the 96 shipped replies" in capsys.readouterr().err
+    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--stories=[]"]) == 2
+    assert "stories is empty" in capsys.readouterr().err
     assert main(["check-prediction", "--config", str(REPO / "configs/check_prediction/tiny.yaml"),
                  "--audit=/nonexistent"]) == 2
     assert "not a saved audit directory" in capsys.readouterr().err

@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 
 from lightning_anatomy.console import PhaseLog, StepProgressBar, format_duration
-from lightning_anatomy.demo.run import (
-    _table,
+from lightning_anatomy.demo.summary import (
     audit_rank_phrase,
-    run_title,
+    marker_cut,
     scores_phrase,
+    shaped_title,
+    style_phrase,
+    style_table,
     summary_figure,
     summary_lines,
+    sycophancy_table,
 )
 
 
@@ -26,16 +29,38 @@ def _eval(aligned: float, control: float, conflict: float, margin: float) -> dic
             "conflict": {"pref_correct": conflict, "margin": margin}}
 
 
-def _summary(rank: int | None = None, *, base=None, vanilla=None, shaped=None) -> dict:
-    return {
-        "intervention": {"kind": "projection"}, "belief_feature": 123, "belief_feature_audit_rank": rank,
-        "audit_features_tested": 812, "seconds": 790.0,
-        "base": base or _eval(1.0, 0.938, 0.5, 0.06),
-        "runs": {"vanilla": {"eval": vanilla or _eval(1.0, 0.875, 0.156, -7.94), "drift": {"belief_feature": 0.009},
-                             "run_dir": "outputs/demo/wandb/offline-run-a"},
-                 "shaped": {"eval": shaped or _eval(1.0, 0.938, 0.406, -1.99), "drift": {},  # drift never measured
-                            "run_dir": "outputs/demo/wandb/offline-run-b"}},
-    }
+def _style_eval(marker: float, accuracy: float, margin: float) -> dict[str, float]:
+    return {"marker_pct": marker, "reward_accuracy": accuracy, "reward_margin": margin}
+
+
+def _style(vanilla: float = 21.9, filtered: float = 0.001, projected: float = 22.9) -> dict:
+    return {"features": [{"hook": "h", "feature": 1468, "audit_rank": 1, "label": "fires on 'Sure'", "effect": 10.1}],
+            "report": "outputs/demo/style/audit/report.html", "base": _style_eval(0.081, 0.5, 0.0),
+            "runs": {"vanilla": {"title": "vanilla DPO", "eval": _style_eval(vanilla, 1.0, 9.58),
+                                 "run_dir": "outputs/demo/style/wandb/run-v"},
+                     "token_filtering": {"title": "token filtering", "eval": _style_eval(filtered, 1.0, 9.66),
+                                         "run_dir": "outputs/demo/style/wandb/run-t"},
+                     "gradient_projection": {"title": "gradient projection", "eval": _style_eval(projected, 1.0, 9.33),
+                                             "run_dir": "outputs/demo/style/wandb/run-p"}}}
+
+
+def _summary(rank: int | None = None, *, base=None, vanilla=None, shaped=None, stories=("style", "sycophancy")) -> dict:
+    out = {"seconds": 790.0, "peak_rss_gb": 4.2}
+    if "style" in stories:
+        out["style"] = _style()
+    if "sycophancy" in stories:
+        out["sycophancy"] = {
+            "intervention": {"kind": "projection"}, "belief_feature": 123, "belief_feature_audit_rank": rank,
+            "audit_features_tested": 812, "report": "outputs/demo/sycophancy/audit/report.html",
+            "concept_set": "outputs/demo/sycophancy/concept_set",
+            "base": base or _eval(1.0, 0.938, 0.5, 0.06),
+            "runs": {"vanilla": {"title": "vanilla DPO", "eval": vanilla or _eval(1.0, 0.875, 0.156, -7.94),
+                                 "drift": {"belief_feature": 0.009}, "run_dir": "outputs/demo/wandb/offline-run-a"},
+                     "shaped": {"title": "projected DPO", "eval": shaped or _eval(1.0, 0.938, 0.406, -1.99),
+                                "drift": {},  # drift never measured
+                                "run_dir": "outputs/demo/wandb/offline-run-b"}},
+        }
+    return out
 
 
 # ------------------------------------------------------------------------------ phase lines
@@ -100,12 +125,11 @@ def test_progress_bar_names_its_run(capsys):
     assert StepProgressBar().name == "train steps"  # `anatomy fit`'s single run keeps the generic name
 
 
-def test_run_titles_tell_the_two_runs_apart():
-    assert run_title("vanilla", "projection") == "vanilla DPO"
-    assert run_title("shaped", "projection") == "projected DPO"
-    assert run_title("shaped", "mean_ablation") == "mean-ablated DPO"
-    assert run_title("shaped", "blocking") == "blocked DPO"
-    assert run_title("shaped", "steering") == "shaped DPO (steering)"
+def test_shaped_titles_name_the_intervention():
+    assert shaped_title("projection") == "projected DPO"
+    assert shaped_title("mean_ablation") == "mean-ablated DPO"
+    assert shaped_title("blocking") == "blocked DPO"
+    assert shaped_title("steering") == "shaped DPO (steering)"
 
 
 # ------------------------------------------------------------------------------ no None
@@ -125,19 +149,36 @@ def test_summary_lines_have_no_none_placeholder():
     assert "| base | 1.000 | 0.938 | 0.500 | +0.060 | — (not trained) |" in text
     assert "| vanilla DPO | 1.000 | 0.875 | 0.156 | -7.940 | +0.0090 |" in text
     assert "| projected DPO | 1.000 | 0.938 | 0.406 | -1.990 | not measured |" in text
-    assert "W&B runs (offline): outputs/demo/wandb/offline-run-a , outputs/demo/wandb/offline-run-b" in text
+    assert "marker features the audit found: 1468 (audit rank 1)" in text
+    assert ("W&B runs (offline): outputs/demo/style/wandb/run-v , outputs/demo/style/wandb/run-t , "
+            "outputs/demo/style/wandb/run-p , outputs/demo/wandb/offline-run-a , outputs/demo/wandb/offline-run-b") in text
+    assert text.endswith("(790.0 s, peak resident memory 4.2 GB)")
     assert "audit rank 7 of 812 tested features" in "\n".join(summary_lines(_summary(rank=7), Path("o")))
+    assert "Story 2" not in "\n".join(summary_lines(_summary(stories=("style",)), Path("o")))
 
 
-def test_table_without_any_drift_has_no_none():
+def test_sycophancy_table_without_any_drift_has_no_none():
     summary = _summary(rank=None)
-    summary["runs"]["vanilla"]["drift"] = {}
-    assert "None" not in _table(summary)
+    summary["sycophancy"]["runs"]["vanilla"]["drift"] = {}
+    assert "None" not in sycophancy_table(summary["sycophancy"])
+
+
+def test_the_style_cut_counts_any_change_against_vanillas():
+    story = _style(vanilla=21.9, filtered=0.001, projected=22.9)
+    assert marker_cut(story, "token_filtering") == pytest.approx((21.9 - 0.081) / (0.081 - 0.001))
+    assert marker_cut(story, "gradient_projection") == pytest.approx((21.9 - 0.081) / (22.9 - 0.081))
+    assert marker_cut(_style(filtered=0.081), "token_filtering") is None  # unchanged: no finite cut
+    table = style_table(story)
+    assert "| token filtering | 0.001 % | -0.080 | 273× | 1.000 | +9.66 | 101% |" in table
+    assert "| gradient projection | 22.900 % | +22.819 | 1.0× | 1.000 | +9.33 | 97% |" in table
+    assert "∞ (unchanged)" in style_table(_style(filtered=0.081))
 
 
 def test_scores_phrase():
     assert scores_phrase(_eval(1.0, 0.9375, 0.5, 0.0)) == ("prefers the correct answer: belief right 1.000, "
                                                            "no belief 0.938, belief WRONG 0.500")
+    assert style_phrase(_style_eval(0.1015, 0.5, 0.0)) == ("P(reply opens with the marker) 0.102 %, coherence reward "
+                                                           "accuracy 0.500, margin +0.00 nats")
 
 
 # ------------------------------------------------------------------------------ the picture
@@ -156,15 +197,18 @@ def test_summary_legend_covers_no_bar(scores):
     try:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
-        legend = fig.axes[0].get_legend()
+        assert len(fig.axes) == 4  # a row per story
+        legend = fig.axes[2].get_legend()
         box = legend.get_window_extent(renderer)
         bars = [patch for ax in fig.axes for patch in ax.patches]
-        assert len(bars) == 9 + 3
+        assert len(bars) == (4 + 3) + (9 + 3)
         for bar in bars:
             assert not box.overlaps(bar.get_window_extent(renderer)), bar
         assert not box.overlaps(fig._suptitle.get_window_extent(renderer))
         assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)  # not cut off
-        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["base", "vanilla DPO", "projected DPO"]
+        assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["base", "vanilla DPO", "projected DPO"]
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["base", "vanilla DPO", "token filtering",
+                                                                          "gradient projection"]
     finally:
         plt.close(fig)
 
