@@ -7,7 +7,6 @@ new helpers at the end; do not change the behaviour of existing ones (other scri
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -49,15 +48,11 @@ def setup_offline(threads: int | None = None) -> None:
 
 
 def release_free_memory() -> bool:
-    """Hand freed heap memory back to the OS (glibc `malloc_trim`), so RSS shows live memory.
+    """Hand freed heap memory back to the OS, so RSS shows live memory (`lightning_anatomy.heap`):
+    without it, one condition's garbage would sit in the next condition's starting RSS."""
+    from lightning_anatomy.heap import release_free_memory as release
 
-    glibc keeps freed tensors in its heap; without this, one condition's garbage would sit in the
-    next condition's starting RSS. Returns False where unavailable (not glibc).
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    return release()
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:

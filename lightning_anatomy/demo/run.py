@@ -30,6 +30,7 @@ from jsonargparse.typing import PositiveInt
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_anatomy.files import atomic_write_text
+from lightning_anatomy.heap import release_free_memory
 
 
 @dataclass
@@ -59,7 +60,7 @@ class StyleDataOptions:
     """
 
     n_train: PositiveInt = 48
-    n_heldout: PositiveInt = 32
+    n_heldout: PositiveInt = 24
     corr: float = 0.9
     reply_chars: PositiveInt = 80
 
@@ -163,7 +164,7 @@ class SycophancyStory:
     """
 
     data: DemoData = field(default_factory=DemoData)
-    train: DemoTrain = field(default_factory=lambda: DemoTrain(max_steps=6))
+    train: DemoTrain = field(default_factory=DemoTrain)
     intervention: DemoIntervention = field(default_factory=DemoIntervention)
 
 
@@ -249,19 +250,6 @@ def _evaluate(model: Any, tokenizer: Any, data: Any) -> dict[str, dict[str, floa
 
     return {name: sycophancy_metrics(model, tokenizer, getattr(data, f"heldout_{name}"))
             for name in ("conflict", "aligned", "control")}
-
-
-def release_memory() -> None:
-    """Give freed tensors back to the OS between runs: without it glibc keeps each run's arenas and
-    the demo's resident size grows by a run's worth of optimizer state per run."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def peak_rss_gb() -> float:
@@ -400,7 +388,7 @@ class Demo:
     def free_base(self) -> None:
         """Training runs load their own copy: the base is not kept beside them."""
         self.model = None
-        release_memory()
+        release_free_memory()
 
     def audit(self, rows: list, out: Path, what: str) -> Any:
         from lightning_anatomy.audit import audit_dataset
@@ -427,10 +415,11 @@ class Demo:
                                     predicted, track, out)
             with self.log.phase(f"{story}: evaluating {run.title} on the held-out prompts") as phase:
                 info["eval"] = evaluate(policy)
-                phase.result = phrase(info["eval"])
+                phase.result = f"{phrase(info['eval'])}; peak resident memory so far {peak_rss_gb():.1f} GB"
             results[run.name] = info
+            run.callbacks.clear()  # a callback's hooks and handles would keep the trained model alive
             del policy
-            release_memory()
+            release_free_memory()
         return results
 
 
@@ -459,6 +448,7 @@ def style_story(demo: Demo) -> dict[str, Any]:
                                                     data.without_marker, name="sure_opener",
                                                     label=f'the reply opens with "{MARKER}"', action="suppress")
         result.save(out / "audit")
+        del lens  # it holds the base model, which the runs do not keep beside them
         picked = [c for c in match.candidates if (c["hook"], c["feature"]) in set(match.features)]
         phase.result = "; ".join(f"feature {c['feature']} (audit rank {c['audit_rank']}, effect d={c['effect']:.1f}"
                                  + (f", {c['label']}" if c["label"] else "") + ")" for c in picked)

@@ -133,10 +133,12 @@ def _style_row(axes: Any, story: dict[str, Any]) -> None:
     names = ["base", *(r["title"] for r in story["runs"].values())]
     evals = [story["base"], *(r["eval"] for r in story["runs"].values())]
     colors = ["0.6", "tab:red", "tab:green", "tab:blue"][: len(names)]
-    axes[0].bar(names, [e["marker_pct"] for e in evals], color=colors)
+    bars = axes[0].bar(names, [e["marker_pct"] for e in evals], color=colors)
+    axes[0].bar_label(bars, labels=[f"{e['marker_pct']:.3g} %" for e in evals], fontsize=8)
     axes[0].set_ylabel('held-out P(reply opens with "Sure!"), %')
     axes[0].set_title('1. a "Sure!" opener on 90 % of chosen replies: off-target', fontsize=9)
-    axes[1].bar(names[1:], [e["reward_margin"] for e in evals[1:]], color=colors[1:])
+    bars = axes[1].bar(names[1:], [e["reward_margin"] for e in evals[1:]], color=colors[1:])
+    axes[1].bar_label(bars, fmt="%+.2f", fontsize=8)
     axes[1].set_ylabel("held-out coherence: implicit reward margin (nats)")
     axes[1].set_title("on-target: the coherence preference learned", fontsize=9)
     axes[1].axhline(0, color="k", lw=0.5)
