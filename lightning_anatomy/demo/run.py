@@ -276,7 +276,13 @@ def _fit(story: str, run: Run, cfg: DictConfig, tr: DictConfig, tokenizer: Any, 
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    from lightning_anatomy import ConceptAttribution, ConceptDriftMonitor, DPOModule, PreferenceDataModule
+    from lightning_anatomy import (
+        ConceptAttribution,
+        ConceptDriftMonitor,
+        DPOModule,
+        PreferenceDataModule,
+        TokenFiltering,
+    )
     from lightning_anatomy.console import StepProgressBar
     from lightning_anatomy.models.embedded import load_embedded
 
@@ -311,7 +317,7 @@ def _fit(story: str, run: Run, cfg: DictConfig, tr: DictConfig, tokenizer: Any, 
     info: dict[str, Any] = {"title": run.title, "run_dir": str(run_dir or logger.log_dir), "drift_r2": drift.last_r2,
                             "drift": tracked}
     for cb in run.callbacks:
-        if getattr(cb, "report", None):
+        if isinstance(cb, TokenFiltering):  # what it removed, measured at fit start
             info["token_filter"] = {k: cb.report[k] for k in ("dropped_fraction", "dropped_tokens",
                                                                "completion_tokens")}
             info["token_filter"]["emptied_pairs"] = len(cb.report["emptied_pairs"])
