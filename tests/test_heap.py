@@ -1,26 +1,43 @@
-"""lightning_anatomy.heap: glibc's heap trimmed where it exists, a no-op elsewhere."""
+"""lightning_anatomy.heap: garbage collected and glibc's heap trimmed where it exists, a no-op elsewhere."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 from lightning_anatomy import heap
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+class _Libc:
+    def __init__(self) -> None:
+        self.trims: list[int] = []
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims.append(pad)
+        return 1
 
 
-def test_freed_memory_leaves_the_resident_set():
-    import torch
+class _Node:
+    pass
 
-    before = _rss_kb()
-    blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 × 4 MiB
-    assert _rss_kb() - before > 200_000
-    del blocks
-    heap.release_free_memory()
-    assert _rss_kb() - before < 50_000  # freed and given back, not kept resident
+
+def test_release_collects_cycles_then_trims_the_heap(monkeypatch):
+    libc = _Libc()
+    monkeypatch.setattr(heap, "_libc", lambda: libc)
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a  # a reference cycle: only the collector frees it
+    alive = weakref.ref(a)
+    del a, b
+    gc.disable()
+    try:
+        assert alive() is not None
+        assert heap.release_free_memory() is True
+    finally:
+        gc.enable()
+    assert alive() is None and libc.trims == [0]
 
 
 def test_without_glibc_it_is_a_no_op(monkeypatch):
     monkeypatch.setattr(heap, "_libc", lambda: None)
     assert heap.release_free_memory() is False
+
