@@ -221,3 +221,11 @@ def test_the_first_run_conversion_is_announced(tmp_path):
     note = CONVERSION_NOTE.format(cache=tmp_path)
     assert note.startswith("first run only: converting the packaged GGUF to safetensors once, ~45 s")
     assert str(tmp_path) in note
+
+
+def test_the_sycophancy_story_states_the_packages_refusal():
+    from lightning_anatomy.demo.run import confounding_verdict
+
+    verdict = confounding_verdict(64)
+    assert "all 64 non-zero ΔA are positive" in verdict and "perfect confounding" in verdict
+    assert "ConceptProjection" in verdict  # the remedy is named
