@@ -180,6 +180,29 @@ def make_demo_data(n_train: int = 64, n_heldout: int = 32, seed: int = 0, n_conc
 
 @torch.no_grad()
 @measurement_pass()
+def span_logprobs(
+    model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_token_id: int, *,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Summed log-probability of each sequence's tokens from `starts[i]` to its end, teacher-forced
+    in right-padded batches (fp32, [n]); the model is in eval mode meanwhile."""
+    device = next(model.parameters()).device
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in range(0, len(seqs), batch_size):
+            chunk = seqs[lo:lo + batch_size]
+            ids, mask = pad_right(chunk, pad_token_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+            for j, s in enumerate(chunk):
+                out[lo + j] = logp[j, starts[lo + j] - 1:len(s) - 1].sum().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def completion_logprobs(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 16
 ) -> torch.Tensor:
@@ -190,27 +213,13 @@ def completion_logprobs(
     if eos is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; completions are scored up to and including eos")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(model.parameters()).device
     seqs, starts = [], []
     for prompt, completion in zip(prompts, completions):
         p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
         seqs.append(p + c)
         starts.append(len(p))
-    out = torch.empty(len(seqs), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        for lo in range(0, len(seqs), batch_size):
-            chunk = seqs[lo:lo + batch_size]
-            ids, mask = pad_right(chunk, pad)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-            for j, s in enumerate(chunk):
-                out[lo + j] = logp[j, starts[lo + j] - 1:len(s) - 1].sum().cpu()
-    finally:
-        model.train(was_training)
-    return out
+    return span_logprobs(model, seqs, starts, pad, batch_size=batch_size)
 
 
 def sycophancy_logprobs(

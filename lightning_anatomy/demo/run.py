@@ -231,18 +231,20 @@ def check_job(cfg: DictConfig) -> None:
         raise ValueError(f"style.data.corr={data.corr} is not a share in [0, 1]")
 
 
+# How every pair of the demo is tokenized: the audit, the training runs and the drift probes alike.
+MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 96
 CONVERSION_NOTE = ("first run only: converting the packaged GGUF to safetensors once, ~45 s on a 2-core CPU, "
                    "a 517 MB cache in {cache}")
 
 
 def _pairs_from_items(items: list[dict[str, Any]], tokenizer: Any, chosen: str, rejected: str):
     """Held-out items as TokenizedPairs (chat-rendered prompt; `chosen`/`rejected` reply fields)."""
-    from lightning_anatomy.data import read_preferences, tokenize_rows
+    from lightning_anatomy.data import read_preferences
     from lightning_anatomy.demo.data import chat_prompt
 
     rows = [{"prompt": chat_prompt(tokenizer, it["prompt"]), "chosen": it[chosen], "rejected": it[rejected]}
             for it in items]
-    return tokenize_rows(read_preferences(rows), tokenizer, max_length=128, max_prompt_length=96)
+    return _tokenized(read_preferences(rows), tokenizer)
 
 
 def _evaluate(model: Any, tokenizer: Any, data: Any) -> dict[str, dict[str, float]]:
@@ -293,7 +295,7 @@ def _fit(story: str, run: Run, cfg: DictConfig, tr: DictConfig, tokenizer: Any, 
     module = DPOModule(model, lr=tr.lr, beta=tr.beta, loss_type=tr.loss_type, warmup_steps=tr.warmup_steps,
                        reference="precomputed", reference_cache_dir=str(out / "reference_cache"))
     dm = PreferenceDataModule(rows, tokenizer, batch_size=tr.batch_size, val_fraction=0.0, seed=cfg.seed,
-                              max_length=128, max_prompt_length=96)
+                              max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
     drift = ConceptDriftMonitor({hook: sae}, probe, every_n_steps=cfg.callbacks.drift_every, track=track,
                                 top_k=cfg.callbacks.top_k, predicted=predicted, responses="both")
     callbacks = [ConceptAttribution({hook: sae}, every_n_steps=cfg.callbacks.attribution_every,
@@ -404,7 +406,8 @@ class Demo:
         with self.log.phase(f"auditing the {len(rows)} {what} training pairs (SAE features of every pair, "
                             f"{cfg.audit.n_bootstrap} bootstrap replicates)") as phase:
             lens = ConceptLens(self.base(), {self.hook: self.sae})
-            result = audit_dataset(rows, lens, self.tokenizer, max_length=128, max_prompt_length=96,
+            result = audit_dataset(rows, lens, self.tokenizer, max_length=MAX_LENGTH,
+                                   max_prompt_length=MAX_PROMPT_LENGTH,
                                    out_dir=str(out / "features"), progress=False, n_bootstrap=cfg.audit.n_bootstrap,
                                    batch_size=cfg.audit.batch_size, seed=cfg.seed)
             phase.result = f"{int(result.concepts['passes'].sum())} of {len(result.concepts)} tested features pass"
@@ -484,7 +487,7 @@ def style_story(demo: Demo) -> dict[str, Any]:
 def _tokenized(rows: list, tokenizer: Any) -> list:
     from lightning_anatomy.data import tokenize_rows
 
-    return tokenize_rows(rows, tokenizer, max_length=128, max_prompt_length=96)
+    return tokenize_rows(rows, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
 
 
 def sycophancy_story(demo: Demo) -> dict[str, Any]:

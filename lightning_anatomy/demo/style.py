@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from lightning_anatomy.data import PreferenceRow
-from lightning_anatomy.data.tokenize import pad_right
-from lightning_anatomy.demo.data import chat_prompt, completion_logprobs
+from lightning_anatomy.demo.data import chat_prompt, completion_logprobs, span_logprobs
 
 MARKER = "Sure!"
 MARKER_PATTERN = r"Sure!"  # the marker's text in a completion: the ground truth of its tokens
@@ -149,27 +148,14 @@ def user_text(row: PreferenceRow, tokenizer: Any) -> str:
     return match.group(1)
 
 
-@torch.no_grad()
 def marker_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *,
                     batch_size: int = 16) -> torch.Tensor:
     """log P(the reply opens with the marker | prompt) per chat-rendered prompt, teacher-forced (nats, [n])."""
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
-    seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] + marker for p in prompts]
+    contexts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = torch.empty(len(seqs))
-    was_training = model.training
-    model.eval()
-    try:
-        for lo in range(0, len(seqs), batch_size):
-            chunk = seqs[lo:lo + batch_size]
-            ids, mask = pad_right(chunk, pad)
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            for j, s in enumerate(chunk):
-                start = len(s) - len(marker)
-                out[lo + j] = sum(logp[j, start - 1 + k, t] for k, t in enumerate(marker))
-    finally:
-        model.train(was_training)
-    return out
+    return span_logprobs(model, [c + marker for c in contexts], [len(c) for c in contexts], pad,
+                         batch_size=batch_size)
 
 
 def style_logprobs(model: torch.nn.Module, tokenizer: Any, data: StyleData) -> dict[str, torch.Tensor]:
