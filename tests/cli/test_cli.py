@@ -19,19 +19,19 @@ TINY = str(REPO / "configs/tiny.yaml")
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if anything loads a model or tokenizer: validation must come first."""
-    import lightning_anatomy.models.loading as loading
+    import importlib
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was validated")
 
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(loading, "load_tokenizer", refuse)
-    import importlib
-
-    for name in ("lightning_anatomy.module", "lightning_anatomy.policy"):  # wherever DPOModule loads its policy
+    # the modules that bind the loaders at import are imported first (so they keep the real ones
+    # after this test) and patched too: wherever DPOModule and the data module load
+    for name in ("lightning_anatomy.models.loading", "lightning_anatomy.module", "lightning_anatomy.policy",
+                 "lightning_anatomy.data.datamodule"):
         module = importlib.import_module(name)
-        if hasattr(module, "load_model"):
-            monkeypatch.setattr(module, "load_model", refuse)
+        for loader in ("load_model", "load_tokenizer"):
+            if hasattr(module, loader):
+                monkeypatch.setattr(module, loader, refuse)
 
 
 def _metrics(folder: Path) -> list[dict[str, str]]:
@@ -189,6 +189,8 @@ def test_demo_and_check_prediction_validate_first(no_model_loads, capsys):
     assert "exceeds the 96 shipped replies" in capsys.readouterr().err
     assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--stories=[]"]) == 2
     assert "stories is empty" in capsys.readouterr().err
+    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "--sycophancy.train.micro_batch_size=3"]) == 2
+    assert "sycophancy.train.micro_batch_size=3 does not divide sycophancy.train.batch_size=8" in capsys.readouterr().err
     assert main(["check-prediction", "--config", str(REPO / "configs/check_prediction/tiny.yaml"),
                  "--audit=/nonexistent"]) == 2
     assert "not a saved audit directory" in capsys.readouterr().err
