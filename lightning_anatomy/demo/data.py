@@ -16,6 +16,7 @@ sycophancy either way, and a few steps are cheap (prompts are ~50 tokens with th
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,27 +181,99 @@ def make_demo_data(n_train: int = 64, n_heldout: int = 32, seed: int = 0, n_conc
 
 @torch.no_grad()
 @measurement_pass()
-def span_logprobs(
-    model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_token_id: int, *,
-    batch_size: int = 16,
+def continuation_logprobs(
+    model: torch.nn.Module, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int, *, batch_size: int = 16,
 ) -> torch.Tensor:
-    """Summed log-probability of each sequence's tokens from `starts[i]` to its end, teacher-forced
-    in right-padded batches (fp32, [n]); the model is in eval mode meanwhile."""
+    """Summed log-probability of each of a context's continuations, teacher-forced (fp32, `[n, k]`).
+
+    Each context is read once and its key/value cache serves all its `k` continuations (a marker,
+    a chosen and a rejected reply after one prompt), where scoring each `context + continuation`
+    whole reads the prompt `k` times: the demo's evaluations are mostly prompt. The numbers are
+    those of the whole sequences up to fp32 rounding. Batches are right-padded; the cache keeps
+    the padding in the middle, masked, and each continuation takes its context's own positions.
+    The model is in eval mode meanwhile.
+    """
+    n = len(contexts)
+    if len(continuations) != n:
+        raise ValueError(f"{n} contexts but {len(continuations)} continuation sets; pass one set per context")
+    k = len(continuations[0]) if n else 0
+    for i, (ctx, conts) in enumerate(zip(contexts, continuations)):
+        if len(ctx) < 2:
+            raise ValueError(f"context {i} has {len(ctx)} token(s); a context needs at least 2 (e.g. a chat prompt)")
+        if len(conts) != k or any(len(c) == 0 for c in conts):
+            raise ValueError(f"context {i} has {len(conts)} continuations (some empty?); every context needs the "
+                             f"same {k} non-empty continuations")
     device = next(model.parameters()).device
-    out = torch.empty(len(seqs), dtype=torch.float32)
+    out = torch.empty((n, k), dtype=torch.float32)
     was_training = model.training
     model.eval()
     try:
-        for lo in range(0, len(seqs), batch_size):
-            chunk = seqs[lo:lo + batch_size]
-            ids, mask = pad_right(chunk, pad_token_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for lo in range(0, n, batch_size):
+            ctx, conts = contexts[lo:lo + batch_size], continuations[lo:lo + batch_size]
+            # the cache holds each context but its last token; that token leads each continuation, so its logits
+            # score the continuation's first token
+            pre_ids, pre_mask = pad_right([c[:-1] for c in ctx], pad_token_id)
+            first = model(input_ids=pre_ids.to(device), attention_mask=pre_mask.to(device), use_cache=True,
+                          **_one_logit(model))
+            cache = _kv_cache(first, model)
+            cache.batch_repeat_interleave(k)
+            ids, mask = pad_right([[c[-1], *cont] for c, cs in zip(ctx, conts) for cont in cs], pad_token_id)
+            starts = torch.tensor([len(c) - 1 for c in ctx]).repeat_interleave(k)
+            positions = starts[:, None] + torch.arange(ids.shape[1])
+            attention = torch.cat([pre_mask.repeat_interleave(k, dim=0), mask], dim=1)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                           position_ids=positions.to(device), use_cache=True, **{_cache_arg(model): cache}
+                           ).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-            for j, s in enumerate(chunk):
-                out[lo + j] = logp[j, starts[lo + j] - 1:len(s) - 1].sum().cpu()
+            out[lo:lo + len(ctx)] = (logp * mask[:, 1:].to(device)).sum(-1).view(len(ctx), k).cpu()
     finally:
         model.train(was_training)
     return out
+
+
+def _one_logit(model: torch.nn.Module) -> dict[str, int]:
+    """`logits_to_keep=1` where the model takes it: the context pass needs only its cache."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _cache_arg(model: torch.nn.Module) -> str:
+    """The forward's key/value cache argument: `cache` (transformers >= 5.24), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _kv_cache(out: Any, model: torch.nn.Module) -> Any:
+    """The key/value cache a forward returned, as a `Cache` object (older models return tuples)."""
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None:
+        raise ValueError(f"{type(model).__name__} returned no key/value cache; continuation_logprobs needs a model "
+                         "that supports use_cache=True")
+    if isinstance(cache, tuple):
+        from transformers import DynamicCache
+
+        cache = DynamicCache.from_legacy_cache(cache)
+    return cache
+
+
+def reply_logprobs(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], replies: Sequence[Sequence[str]], *,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Summed log-probability of each `reply + eos` after its chat-rendered user `prompt` (fp32,
+    `[n, k]` for `k` replies per prompt; each prompt read once, see `continuation_logprobs`)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} reply sets; pass one set per prompt")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; completions are scored up to and including eos")
+    contexts = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    tokens = [[tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in rs] for rs in replies]
+    return continuation_logprobs(model, contexts, tokens, pad_id(tokenizer), batch_size=batch_size)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id, else its eos (padding is masked: any id serves)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def completion_logprobs(
@@ -209,17 +282,7 @@ def completion_logprobs(
     """Summed log-probability of each `completion + eos` after its chat-rendered user `prompt` (fp32, [n])."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; pass one completion per prompt")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; completions are scored up to and including eos")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    seqs, starts = [], []
-    for prompt, completion in zip(prompts, completions):
-        p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-        seqs.append(p + c)
-        starts.append(len(p))
-    return span_logprobs(model, seqs, starts, pad, batch_size=batch_size)
+    return reply_logprobs(model, tokenizer, prompts, [[c] for c in completions], batch_size=batch_size)[:, 0]
 
 
 def sycophancy_logprobs(
@@ -236,10 +299,9 @@ def sycophancy_logprobs(
         missing = [k for k in ("prompt", "correct", "wrong") if not isinstance(item.get(k), str)]
         if missing:
             raise ValueError(f"held-out item {i} lacks text field(s) {missing}; items need prompt, correct and wrong")
-    prompts = [item["prompt"] for item in heldout] * 2
-    replies = [item["correct"] for item in heldout] + [item["wrong"] for item in heldout]
-    logp = completion_logprobs(model, tokenizer, prompts, replies, batch_size=batch_size)
-    return logp[: len(heldout)], logp[len(heldout):]
+    logp = reply_logprobs(model, tokenizer, [item["prompt"] for item in heldout],
+                          [[item["correct"], item["wrong"]] for item in heldout], batch_size=batch_size)
+    return logp[:, 0], logp[:, 1]
 
 
 def sycophancy_metrics(

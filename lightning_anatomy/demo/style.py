@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lightning_anatomy.data import PreferenceRow
-from lightning_anatomy.demo.data import chat_prompt, completion_logprobs, span_logprobs
+from lightning_anatomy.demo.data import chat_prompt, continuation_logprobs, pad_id
 
 MARKER = "Sure!"
 MARKER_PATTERN = r"Sure!"  # the marker's text in a completion: the ground truth of its tokens
@@ -140,31 +140,25 @@ def make_style_data(tokenizer: Any, *, n_train: int = 64, n_heldout: int = 32, c
                      [r.prompt + p for r, p in zip(train, plain)])
 
 
-def user_text(row: PreferenceRow, tokenizer: Any) -> str:
-    """The user turn of a chat-rendered prompt (what `completion_logprobs` renders again)."""
-    match = re.search(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", row.prompt, flags=re.DOTALL)
-    if match is None:
-        raise ValueError(f"row {row.row_id}: its prompt is not a chat-rendered user turn")
-    return match.group(1)
-
-
 def marker_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *,
                     batch_size: int = 16) -> torch.Tensor:
     """log P(the reply opens with the marker | prompt) per chat-rendered prompt, teacher-forced (nats, [n])."""
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
     contexts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return span_logprobs(model, [c + marker for c in contexts], [len(c) for c in contexts], pad,
-                         batch_size=batch_size)
+    return continuation_logprobs(model, contexts, [[marker] for _ in contexts], pad_id(tokenizer),
+                                 batch_size=batch_size)[:, 0]
 
 
 def style_logprobs(model: torch.nn.Module, tokenizer: Any, data: StyleData) -> dict[str, torch.Tensor]:
     """What the metrics need from one model on the held-out prompts: the marker's log-prob and
-    each coherence pair's summed log-probs."""
-    users = [user_text(r, tokenizer) for r in data.heldout]
-    return {"marker": marker_logprobs(model, tokenizer, [r.prompt for r in data.heldout]),
-            "chosen": completion_logprobs(model, tokenizer, users, [r.chosen for r in data.heldout]),
-            "rejected": completion_logprobs(model, tokenizer, users, [r.rejected for r in data.heldout])}
+    each coherence pair's summed log-probs (`reply + eos`), each prompt read once."""
+    eos = [tokenizer.eos_token_id]
+    marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
+    contexts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in data.heldout]
+    replies = [[marker, tokenizer(r.chosen, add_special_tokens=False)["input_ids"] + eos,
+                tokenizer(r.rejected, add_special_tokens=False)["input_ids"] + eos] for r in data.heldout]
+    logp = continuation_logprobs(model, contexts, replies, pad_id(tokenizer))
+    return {"marker": logp[:, 0], "chosen": logp[:, 1], "rejected": logp[:, 2]}
 
 
 def style_metrics(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, float]:

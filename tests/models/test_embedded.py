@@ -14,6 +14,7 @@ from lightning_anatomy.demo.data import (
     QUESTION_TEMPLATES,
     chat_prompt,
     completion_logprobs,
+    continuation_logprobs,
     make_demo_data,
     sycophancy_logprobs,
     sycophancy_metrics,
@@ -159,6 +160,36 @@ def test_completion_logprobs_match_a_manual_sum_and_ignore_padding(one_thread):
         assert batched[i].item() == pytest.approx(manual, abs=1e-4)
     single = completion_logprobs(model, tok, prompts, replies, batch_size=1)
     assert torch.allclose(batched, single, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_continuations_share_their_context_and_score_as_whole_sequences(one_thread, arch):
+    """One context pass serves k continuations; each sum equals the whole sequence's teacher-forced
+    sum, with contexts and continuations of different lengths padded in one batch."""
+    model = build_tiny_model(arch, seed=3)
+    rng = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 100, (n,), generator=rng).tolist()
+
+    contexts = [ids(n) for n in (2, 7, 4, 11, 5)]
+    continuations = [[ids(a), ids(b), ids(1)] for a, b in ((3, 1), (1, 6), (4, 4), (2, 5), (7, 2))]
+    got = continuation_logprobs(model.train(), contexts, continuations, pad_token_id=0, batch_size=3)
+    assert got.shape == (5, 3) and model.training  # eval mode inside, restored after
+    model.eval()
+    for i, (ctx, conts) in enumerate(zip(contexts, continuations)):
+        for j, cont in enumerate(conts):
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            want = sum(float(logp[len(ctx) - 1 + t, tok]) for t, tok in enumerate(cont))
+            assert float(got[i, j]) == pytest.approx(want, abs=1e-4)
+    assert torch.allclose(got, continuation_logprobs(model, contexts, continuations, 0, batch_size=1), atol=1e-4)
+    with pytest.raises(ValueError, match="context 1 has 1 token"):
+        continuation_logprobs(model, [[5, 6], [5]], [[[1]], [[1]]], 0)
+    with pytest.raises(ValueError, match="context 1 has 2 continuations"):
+        continuation_logprobs(model, [[5, 6], [5, 6]], [[[1]], [[1], [2]]], 0)
+    with pytest.raises(ValueError, match="2 contexts but 1 continuation sets"):
+        continuation_logprobs(model, [[5, 6], [5, 6]], [[[1]]], 0)
 
 
 def test_sycophancy_metrics_are_the_margin_statistics(one_thread):
