@@ -89,6 +89,9 @@ class DemoTrain:
         beta: DPO beta.
         loss_type: preference loss (see `preference_loss`).
         warmup_steps: linear warm-up steps.
+        micro_batch_size: pairs per forward (null: the whole step); the step's gradient is accumulated
+            over `batch_size / micro_batch_size` forwards: the same gradient, a fraction of the
+            activation memory (the demo's peak).
     """
 
     max_steps: PositiveInt = 8
@@ -97,6 +100,7 @@ class DemoTrain:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     warmup_steps: int = 2
+    micro_batch_size: int | None = 2
 
 
 Intervention = Literal["projection", "mean_ablation", "blocking"]
@@ -220,9 +224,13 @@ def check_job(cfg: DictConfig) -> None:
     if not cfg.stories:
         raise ValueError(f"stories is empty; name at least one of {list(STORIES)}")
     for story in ("style", "sycophancy"):
-        loss = cfg[story].train.loss_type
-        if loss not in LOSS_TYPES:
-            raise ValueError(f"{story}.train.loss_type={loss!r} is not one of {sorted(LOSS_TYPES)}")
+        tr = cfg[story].train
+        if tr.loss_type not in LOSS_TYPES:
+            raise ValueError(f"{story}.train.loss_type={tr.loss_type!r} is not one of {sorted(LOSS_TYPES)}")
+        micro = tr.micro_batch_size
+        if micro is not None and (micro < 1 or tr.batch_size % micro):
+            raise ValueError(f"{story}.train.micro_batch_size={micro} does not divide {story}.train.batch_size="
+                             f"{tr.batch_size}; use a divisor of it (or null: the whole step in one forward)")
     data = cfg.style.data
     if data.n_train + data.n_heldout > 96:
         raise ValueError(f"style.data.n_train + style.data.n_heldout = {data.n_train + data.n_heldout} exceeds the 96 "
@@ -252,6 +260,15 @@ def _evaluate(model: Any, tokenizer: Any, data: Any) -> dict[str, dict[str, floa
 
     return {name: sycophancy_metrics(model, tokenizer, getattr(data, f"heldout_{name}"))
             for name in ("conflict", "aligned", "control")}
+
+
+def steps_phrase(tr: DictConfig) -> str:
+    """"6 steps × 6 pairs (3 forwards of 2)": what one run trains on."""
+    phrase = f"{tr.max_steps} step{'' if tr.max_steps == 1 else 's'} × {tr.batch_size} pairs"
+    micro = tr.micro_batch_size
+    if micro and micro != tr.batch_size:
+        phrase += f" ({tr.batch_size // micro} forwards of {micro})"
+    return phrase
 
 
 def peak_rss_gb() -> float:
@@ -294,7 +311,8 @@ def _fit(story: str, run: Run, cfg: DictConfig, tr: DictConfig, tokenizer: Any, 
     # of a story whose masks agree share one table of reference log-probs
     module = DPOModule(model, lr=tr.lr, beta=tr.beta, loss_type=tr.loss_type, warmup_steps=tr.warmup_steps,
                        reference="precomputed", reference_cache_dir=str(out / "reference_cache"))
-    dm = PreferenceDataModule(rows, tokenizer, batch_size=tr.batch_size, val_fraction=0.0, seed=cfg.seed,
+    micro = tr.micro_batch_size or tr.batch_size
+    dm = PreferenceDataModule(rows, tokenizer, batch_size=micro, val_fraction=0.0, seed=cfg.seed,
                               max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
     drift = ConceptDriftMonitor({hook: sae}, probe, every_n_steps=cfg.callbacks.drift_every, track=track,
                                 top_k=cfg.callbacks.top_k, predicted=predicted, responses="both")
@@ -305,7 +323,8 @@ def _fit(story: str, run: Run, cfg: DictConfig, tr: DictConfig, tokenizer: Any, 
         logger = WandbLogger(project="lightning-anatomy-demo", name=name, save_dir=str(out), offline=True)
     else:
         logger = CSVLogger(str(out), name=name)
-    trainer = L.Trainer(max_steps=tr.max_steps, accelerator="cpu", logger=logger,
+    trainer = L.Trainer(max_steps=tr.max_steps, accumulate_grad_batches=tr.batch_size // micro, accelerator="cpu",
+                        logger=logger,
                         callbacks=[*callbacks, StepProgressBar(f"{story}: {run.title}")], enable_checkpointing=False,
                         log_every_n_steps=1, enable_model_summary=False, gradient_clip_val=1.0)
     trainer.fit(module, datamodule=dm)
@@ -418,8 +437,8 @@ class Demo:
         """Each run trained, evaluated on the held-out set, then freed before the next."""
         results: dict[str, Any] = {}
         for run in runs:
-            with self.log.phase(f"{story}: training {run.title}, {tr.max_steps} step{'' if tr.max_steps == 1 else 's'} "
-                                f"× {tr.batch_size} pairs, with the attribution and drift callbacks"):
+            with self.log.phase(f"{story}: training {run.title}, {steps_phrase(tr)}, with the attribution and drift "
+                                "callbacks"):
                 policy, info = _fit(story, run, self.cfg, tr, self.tokenizer, rows, self.sae, self.hook, probe,
                                     predicted, track, out)
             with self.log.phase(f"{story}: evaluating {run.title} on the held-out prompts") as phase:

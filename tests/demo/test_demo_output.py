@@ -229,3 +229,16 @@ def test_the_sycophancy_story_states_the_packages_refusal():
     verdict = confounding_verdict(64)
     assert "all 64 non-zero ΔA are positive" in verdict and "perfect confounding" in verdict
     assert "ConceptProjection" in verdict  # the remedy is named
+
+
+def test_the_run_phase_counts_pairs_and_forwards():
+    from omegaconf import OmegaConf
+
+    from lightning_anatomy.demo.run import steps_phrase
+
+    tr = OmegaConf.create({"max_steps": 6, "batch_size": 6, "micro_batch_size": 2})
+    assert steps_phrase(tr) == "6 steps × 6 pairs (3 forwards of 2)"
+    tr.micro_batch_size = None
+    assert steps_phrase(tr) == "6 steps × 6 pairs"
+    tr.max_steps, tr.micro_batch_size = 1, 6
+    assert steps_phrase(tr) == "1 step × 6 pairs"
