@@ -211,25 +211,48 @@ def continuation_logprobs(
     try:
         for lo in range(0, n, batch_size):
             ctx, conts = contexts[lo:lo + batch_size], continuations[lo:lo + batch_size]
-            # the cache holds each context but its last token; that token leads each continuation, so its logits
+            common = _common_prefix(ctx)
+            cache, seen = None, torch.ones((len(ctx), common), dtype=torch.long)
+            if common:  # a shared head (a chat template's system turn) is read once for the whole batch
+                cache = _forward(model, torch.tensor([list(ctx[0][:common])]), torch.ones((1, common), dtype=torch.long),
+                                 torch.arange(common)[None], None)
+                cache.batch_repeat_interleave(len(ctx))
+            # then each context but its last token; that token leads each continuation, so its logits
             # score the continuation's first token
-            pre_ids, pre_mask = pad_right([c[:-1] for c in ctx], pad_token_id)
-            first = model(input_ids=pre_ids.to(device), attention_mask=pre_mask.to(device), use_cache=True,
-                          **_one_logit(model))
-            cache = _kv_cache(first, model)
+            ids, mask = pad_right([c[common:-1] for c in ctx], pad_token_id)
+            cache = _forward(model, ids, torch.cat([seen, mask], dim=1), common + torch.arange(ids.shape[1])[None], cache)
+            seen = torch.cat([seen, mask], dim=1).repeat_interleave(k, dim=0)
             cache.batch_repeat_interleave(k)
             ids, mask = pad_right([[c[-1], *cont] for c, cs in zip(ctx, conts) for cont in cs], pad_token_id)
             starts = torch.tensor([len(c) - 1 for c in ctx]).repeat_interleave(k)
-            positions = starts[:, None] + torch.arange(ids.shape[1])
-            attention = torch.cat([pre_mask.repeat_interleave(k, dim=0), mask], dim=1)
-            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device),
-                           position_ids=positions.to(device), use_cache=True, **{_cache_arg(model): cache}
-                           ).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=torch.cat([seen, mask], dim=1).to(device),
+                           position_ids=(starts[:, None] + torch.arange(ids.shape[1])).to(device), use_cache=True,
+                           **{_cache_arg(model): cache}).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
             out[lo:lo + len(ctx)] = (logp * mask[:, 1:].to(device)).sum(-1).view(len(ctx), k).cpu()
     finally:
         model.train(was_training)
     return out
+
+
+def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every context shares, leaving each at least two of its own."""
+    limit = min(len(c) for c in contexts) - 2
+    first = contexts[0]
+    common = 0
+    while common < limit and all(c[common] == first[common] for c in contexts):
+        common += 1
+    return common if len(contexts) > 1 else 0
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+             cache: Any) -> Any:
+    """Extend `cache` (None: a new one) by `ids` at `positions`; `attention` covers the cache and `ids`."""
+    device = next(model.parameters()).device
+    kwargs = {} if cache is None else {_cache_arg(model): cache}
+    out = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+                use_cache=True, **_one_logit(model), **kwargs)
+    return _kv_cache(out, model)
 
 
 def _one_logit(model: torch.nn.Module) -> dict[str, int]:

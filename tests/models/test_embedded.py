@@ -12,6 +12,7 @@ import torch
 from lightning_anatomy.demo.data import (
     BELIEF_TEMPLATES,
     QUESTION_TEMPLATES,
+    _common_prefix,
     chat_prompt,
     completion_logprobs,
     continuation_logprobs,
@@ -162,18 +163,21 @@ def test_completion_logprobs_match_a_manual_sum_and_ignore_padding(one_thread):
     assert torch.allclose(batched, single, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_continuations_share_their_context_and_score_as_whole_sequences(one_thread, arch):
-    """One context pass serves k continuations; each sum equals the whole sequence's teacher-forced
-    sum, with contexts and continuations of different lengths padded in one batch."""
+@pytest.mark.parametrize("arch,head", [("llama", 0), ("gpt2", 0), ("llama", 6), ("gpt2", 6)])
+def test_continuations_share_their_context_and_score_as_whole_sequences(one_thread, arch, head):
+    """One context pass serves k continuations (and a head every context shares, one pass for the
+    batch); each sum equals the whole sequence's teacher-forced sum, with contexts and
+    continuations of different lengths padded in one batch."""
     model = build_tiny_model(arch, seed=3)
     rng = torch.Generator().manual_seed(0)
 
     def ids(n):
         return torch.randint(3, 100, (n,), generator=rng).tolist()
 
-    contexts = [ids(n) for n in (2, 7, 4, 11, 5)]
+    shared = ids(head)
+    contexts = [shared + ids(n) for n in (2, 7, 4, 11, 5)]
     continuations = [[ids(a), ids(b), ids(1)] for a, b in ((3, 1), (1, 6), (4, 4), (2, 5), (7, 2))]
+    assert _common_prefix(contexts[:3]) == head and _common_prefix(contexts[:1]) == 0  # the head is read once
     got = continuation_logprobs(model.train(), contexts, continuations, pad_token_id=0, batch_size=3)
     assert got.shape == (5, 3) and model.training  # eval mode inside, restored after
     model.eval()
