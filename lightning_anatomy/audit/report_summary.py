@@ -13,6 +13,7 @@ import pandas as pd
 
 from lightning_anatomy.audit.report_html import anchor, esc, fmt
 from lightning_anatomy.audit.report_index import ReportIndex
+from lightning_anatomy.interventions.explain_away import pair_auroc
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_anatomy.audit.result import AuditResult
@@ -20,24 +21,15 @@ if TYPE_CHECKING:  # pragma: no cover
 SUMMARY_CONCEPTS = 4  # concepts per direction in "What DPO will learn from this data"
 
 
-def pair_auroc(diff: np.ndarray) -> float:
-    """AUROC of a concept's paired difference ΔA = A(chosen) − A(rejected) for "chosen": the
-    probability that a pair's ΔA, read chosen-first, exceeds another pair's read rejected-first
-    (−ΔA), ties counting half (Mann–Whitney). 0.5: the concept says nothing about which side is
-    chosen; 1 (0): it is always higher in the chosen (rejected) response."""
-    d = np.asarray(diff, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if not len(d):
-        return float("nan")
-    neg = np.sort(-d)
-    below = np.searchsorted(neg, d, side="left")  # negatives strictly below each positive
-    ties = np.searchsorted(neg, d, side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (len(d) * len(d)))
-
-
 def preference_auroc(result: AuditResult, hook: str, feature: int, cohens_d: float) -> tuple[float, bool]:
-    """(AUROC of ΔA for "chosen", exact): from the result's span features when it carries them,
-    else the normal approximation Φ(√2·d) from the paired effect size d (exact=False)."""
+    """(the pair AUROC of ΔA for "chosen", exact), one definition with the tables' `pair_auroc`
+    column (`interventions.pair_auroc`: P(ΔA > 0) + ½·P(ΔA = 0)): that column where the audit
+    computed it, else from the result's span features, else the normal approximation Φ(d) from
+    the paired effect size d = mean ΔA / sd ΔA (exact=False)."""
+    row = result.concepts[(result.concepts["hook"] == hook) & (result.concepts["feature"] == int(feature))] \
+        if "pair_auroc" in result.concepts.columns else None
+    if row is not None and len(row) and pd.notna(row["pair_auroc"].iloc[0]):
+        return float(row["pair_auroc"].iloc[0]), True
     features = result.features
     if features is not None and hook in features.d_sae:
         try:
@@ -48,7 +40,7 @@ def preference_auroc(result: AuditResult, hook: str, feature: int, cohens_d: flo
         else:
             return pair_auroc(np.asarray((chosen - rejected).todense()).ravel()), True
     d = float(cohens_d) if pd.notna(cohens_d) else float("nan")
-    return (0.5 * (1.0 + math.erf(d)) if np.isfinite(d) else float("nan")), False  # Φ(√2·d)
+    return (0.5 * (1.0 + math.erf(d / math.sqrt(2.0))) if np.isfinite(d) else float("nan")), False  # Φ(d)
 
 
 def _summary_row(index: ReportIndex, r: pd.Series) -> str:
@@ -97,10 +89,10 @@ def dpo_summary_html(index: ReportIndex) -> str:
     head = ("<tr><th>concept (what it fires on)</th><th>DPO</th><th>leans to</th>"
             '<th title="Cohen\'s d_z: Δ / sd of the paired differences">effect d</th>'
             '<th title="mean chosen − rejected difference of the span statistic">Δ</th>'
-            '<th title="AUROC of ΔA for chosen">AUROC (chosen)</th></tr>')
-    note = ("<p><small>Effect d: 0.2 small, 0.5 medium, 0.8 large. AUROC (chosen): how well the concept alone "
-            "tells which response of a pair was chosen (0.5: unrelated to the preference; near 1 or 0: the "
-            "preference and the concept go together, so DPO learns the concept along with whatever the "
+            '<th title="pair AUROC: P(chosen has more of it than its rejected), ties ½">pair AUROC</th></tr>')
+    note = ("<p><small>Effect d: 0.2 small, 0.5 medium, 0.8 large. pair AUROC: how often the concept alone "
+            "tells which response of a pair was chosen: the share of pairs whose chosen response has more of "
+            "it, ties ½ (0.5: unrelated to the preference; near 1 or 0: the preference and the concept go together, so DPO learns the concept along with whatever the "
             "labellers preferred)." + (" ≈: estimated from d (the result carries no per-pair features)."
                                         if "<td>≈" in rows else "")
             + " Each row links to the concept's contexts and pairs.</small></p>")
