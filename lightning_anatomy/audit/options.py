@@ -22,50 +22,58 @@ METHODS = ("paired", "paper")
 class AuditOptions:
     """Every audit setting, checked at once (`validate`) so a bad one fails before any work.
 
-    method: "paired" (per-feature paired statistics on `stat`) or "paper" (the paper's
-        feature-conditioned cluster audit on firing frequencies; the options below marked paper).
-    stat: span statistic compared between chosen and rejected ("max": the per-span max
-        activation; "freq": the fraction of span tokens where it fires; "mean"). None: "max"
-        for "paired"; "paper" always uses "freq".
-    n_bootstrap: bootstrap replicates of the CI (0 skips the CI).
-    alpha: the false-discovery rate for `passes` (q < alpha and split-half agreement).
-    min_fire_count: a feature is tested only if it fires in at least this many spans (chosen +
-        rejected); below ~5 the normal approximation of the paired z misleads.
-    length_control: regress the difference on the completion-length difference.
-    top_n_cluster: features per hook (best ranked first) entering the co-firing clustering.
-    n_clusters: cap on feature clusters per hook (None: modularity decides).
-    n_data_clusters: k of the prompt k-means (1 disables the local table).
-    min_cluster_pairs: data clusters smaller than this are left out of the local table.
-    top_k_trace: concepts traced to their pairs; trace_pairs: pairs listed per traced concept.
-    cluster_label_members: with labels on, the best-ranked tested members labelled per feature
-        cluster, for the top `top_k_trace` clusters (paper method: the cluster table's names).
+    The fields marked (paper) act in the paper method only (their defaults are the paper's;
+    `seed` also seeds Leiden and k-means); the prediction fields act in either method.
 
-    Paper method (defaults are the paper's; `seed` also seeds Leiden and k-means):
-    tau: a feature is active in a span when its firing frequency exceeds τ (0.01).
-    cofire_top_fraction: fraction of all feature pairs kept as co-firing edges, by NMI (0.01).
-    cofire_min_tokens: a feature enters the co-firing graph only if it fires on at least this many
-        corpus tokens ("fire often enough"; 10, our choice).
-    min_cluster_size: Leiden communities with fewer features are dropped (4).
-    leiden_resolution: RBConfiguration resolution (1.0 = modularity).
-    cofire_block_size: features per block of the sparse XᵀX (memory / speed only, same result).
-    silent_percentile: pairs with total symmetric activity below this percentile are set aside (5).
-    n_data_clusters: K of the spherical k-means (8 here; the paper picks K per dataset).
-    local_min_features / local_min_pairs: the filters |T_m| ≥ 10 and n_k ≥ 25 of the local table.
-    cluster_examples: example pairs kept per feature cluster (report).
-    cluster_target_size: None (default) clusters at `leiden_resolution`; "auto" or a number of
-        features per cluster picks each hook's resolution by a rule that never sees the
-        preferences: the resolution (powers of 2 from 1/16 to 1024) whose kept clusters have a
-        mean size nearest the target; "auto" is the paper's ≈ 80 features per cluster at 65,536
-        features scaled by √(d_sae/65,536), about 7 at 512 (`audit.cofiring.choose_resolution`).
-
-    Prediction (either method):
-    predictor: what `predicted_shift` of the cluster table holds. "paper" (default): each
-        cluster's own mean chosen − rejected disparity (Δ). "tilt": a Bradley–Terry reward fitted
-        jointly on all clusters' activities, propagated as the tilt exp(t·w·a) of the dataset's
-        responses (`audit.tilt`); the table also gets `predicted_shift_first_order`,
-        `tilt_weight` and `tilt_sample`, and Δ stays in `delta`.
-    tilt_scale: t of the tilt (1: the fitted reward as is; DPO's exact optimum is 1/β).
-    tilt_folds: K of the K-fold pair cross-validation that picks the L2 strength (5).
+    Args:
+        method: "paired" (per-feature paired statistics on `stat`) or "paper" (the paper's
+            feature-conditioned cluster audit on firing frequencies).
+        stat: span statistic compared between chosen and rejected ("max": the per-span max
+            activation; "freq": the fraction of span tokens where it fires; "mean"). None: "max"
+            for "paired"; "paper" always uses "freq".
+        n_bootstrap: bootstrap replicates of the CI (0 skips the CI).
+        seed: seed of the bootstrap, the split halves, Leiden and k-means.
+        alpha: the false-discovery rate for `passes` (q < alpha and split-half agreement).
+        confidence: level of the bootstrap CI.
+        min_fire_count: a feature is tested only if it fires in at least this many spans (chosen +
+            rejected); below ~5 the normal approximation of the paired z misleads.
+        length_control: regress the difference on the completion-length difference.
+        top_n_cluster: features per hook (best ranked first) entering the co-firing clustering.
+        n_clusters: cap on feature clusters per hook (None: modularity decides).
+        n_data_clusters: k of the prompt k-means (1 disables the local table); the paper picks K
+            per dataset, 8 here.
+        min_cluster_pairs: data clusters smaller than this are left out of the local table.
+        top_k_trace: concepts traced to their pairs.
+        trace_pairs: pairs listed per traced concept.
+        snippet_chars: characters of context kept per traced snippet.
+        cluster_label_members: with labels on, the best-ranked tested members labelled per feature
+            cluster, for the top `top_k_trace` clusters (paper method: the cluster table's names).
+        tau: (paper) a feature is active in a span when its firing frequency exceeds τ.
+        cofire_top_fraction: (paper) fraction of all feature pairs kept as co-firing edges, by NMI.
+        cofire_min_tokens: (paper) a feature enters the co-firing graph only if it fires on at
+            least this many corpus tokens ("fire often enough"; our choice).
+        min_cluster_size: (paper) Leiden communities with fewer features are dropped.
+        leiden_resolution: (paper) RBConfiguration resolution (1.0 = modularity).
+        cofire_block_size: (paper) features per block of the sparse XᵀX (memory / speed only,
+            same result).
+        silent_percentile: (paper) pairs with total symmetric activity below this percentile are
+            set aside.
+        local_min_features: (paper) the filter |T_m| ≥ 10 of the local table.
+        local_min_pairs: (paper) the filter n_k ≥ 25 of the local table.
+        cluster_examples: (paper) example pairs kept per feature cluster (report).
+        cluster_target_size: (paper) None clusters at `leiden_resolution`; "auto" or a number of
+            features per cluster picks each hook's resolution by a rule that never sees the
+            preferences: the resolution (powers of 2 from 1/16 to 1024) whose kept clusters have
+            a mean size nearest the target; "auto" is the paper's ≈ 80 features per cluster at
+            65,536 features scaled by √(d_sae/65,536), about 7 at 512
+            (`audit.cofiring.choose_resolution`).
+        predictor: what `predicted_shift` of the cluster table holds. "paper": each cluster's own
+            mean chosen − rejected disparity (Δ). "tilt": a Bradley–Terry reward fitted jointly on
+            all clusters' activities, propagated as the tilt exp(t·w·a) of the dataset's
+            responses (`audit.tilt`); the table also gets `predicted_shift_first_order`,
+            `tilt_weight` and `tilt_sample`, and Δ stays in `delta`.
+        tilt_scale: t of the tilt (1: the fitted reward as is; DPO's exact optimum is 1/β).
+        tilt_folds: K of the K-fold pair cross-validation that picks the L2 strength.
     """
 
     method: str = "paired"

@@ -151,6 +151,10 @@ def test_help_lists_every_key_with_type_and_default(capsys):
     assert main(["audit", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--saes SAES" in out and "--audit.method" in out and "--data.source" in out
+    # every audit option says what it does (AuditOptions' Args), not only its type
+    flat = " ".join(out.split())
+    assert "--audit.tau TAU (paper) a feature is active in a span" in flat
+    assert "--audit.confidence CONFIDENCE level of the bootstrap CI" in flat
 
 
 def test_print_config_shows_the_resolved_config(capsys):
