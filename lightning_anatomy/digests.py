@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,68 @@ def model_digest(module: nn.Module) -> str:
 def tensor_digest(tensor: torch.Tensor) -> str:
     """Exact bytes of a whole (small) tensor as float32: a concept vector, an SAE's decoder."""
     return hashlib.sha256(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def callable_digest(fn: object) -> str:
+    """A callable in a cache key: its module and qualified name (its class's for a callable
+    object), then a digest of its code (constants, referenced names and nested code objects, so
+    editing a scoring function's body misses the cache), its defaults and what it closes over
+    (callables by this same rule, tensors by `tensor_digest`, immutable values by `repr`). A
+    callable object's attributes count as closed-over values. Not seen: a global it reads at call
+    time and a mutable container it closes over (a list, a dict: a counter or a memo changes as
+    it runs); rename the function, or clear the cache, when only such a value changes."""
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    name = f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', repr(named))}"
+    h = hashlib.sha256(name.encode())
+    _digest_callable(fn, h, depth=0)
+    return f"{name}:{h.hexdigest()[:16]}"
+
+
+def _digest_callable(fn: object, h: Any, depth: int) -> None:
+    target = fn if hasattr(fn, "__code__") else type(fn).__dict__.get("__call__")
+    code = getattr(target, "__code__", None)
+    if code is None or depth > 4:  # a builtin, or deep enough: the name stands for it
+        return
+    _digest_code(code, h)
+    _digest_value(getattr(target, "__defaults__", None), h, depth)
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        _digest_value(value, h, depth)
+    if not hasattr(fn, "__code__") and hasattr(fn, "__dict__"):  # a callable object: its attributes parametrise it
+        _digest_value(dict(sorted(vars(fn).items())), h, -1)
+
+
+def _digest_code(code: types.CodeType, h: Any) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _digest_code(const, h)
+        else:
+            h.update(repr(const).encode())
+
+
+def _digest_value(value: object, h: Any, depth: int) -> None:
+    """Tensors, callables and immutable values parametrise a callable; a mutable container it
+    closes over (a counter, a memo) changes as it runs, so it is left out (as a global is)."""
+    if isinstance(value, torch.Tensor):
+        h.update(tensor_digest(value).encode())
+    elif isinstance(value, tuple | frozenset):
+        for v in value:
+            _digest_value(v, h, depth)
+    elif isinstance(value, dict) and depth < 0:  # a callable object's attributes (see _digest_callable)
+        for k, v in value.items():
+            h.update(repr(k).encode())
+            _digest_value(v, h, 0)
+    elif callable(value) and not isinstance(value, type):
+        named = value if hasattr(value, "__qualname__") else type(value)
+        h.update(f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', '?')}".encode())
+        _digest_callable(value, h, depth + 1)  # depth-limited: a closure may hold itself
+    elif value is None or isinstance(value, bool | int | float | complex | str | bytes):
+        h.update(repr(value).encode())
 
 
 def pairs_digest(pairs: Sequence[Any]) -> str:

@@ -39,6 +39,7 @@ from lightning_anatomy.concepts.concept_set import ConceptSet
 from lightning_anatomy.concepts.lens import ConceptLens
 from lightning_anatomy.data.tokenize import TokenizedPair
 from lightning_anatomy.digests import (
+    callable_digest,
     combined_digest,
     full_model_digest,
     model_digest,
@@ -102,8 +103,8 @@ class TokenFiltering(Callback):
             measurement pass. The fingerprint covers the model's weights (only when SAE or
             ConceptSet concepts need the model), the pairs' token ids, the tokenizer's vocabulary
             (patterns, `unit="word"`), the patterns, the concepts (SAE weights and feature,
-            ConceptSet vectors, a callable by its qualified name: rename it, or clear the cache,
-            when its behaviour changes), the thresholds, `unit` and `sides`. Rank zero reads and
+            ConceptSet vectors, a callable by its name, code and closure: `digests.callable_digest`),
+            the thresholds, `unit` and `sides`. Rank zero reads and
             writes it. None: no cache.
         allow_untested_strategy: run under strategies other than single-device, DDP and FSDP.
 
@@ -398,7 +399,7 @@ class TokenFiltering(Callback):
             elif spec[0] == "direction":
                 concepts[name] = ["direction", spec[1], tensor_digest(spec[2])]
             else:
-                concepts[name] = ["callable", _qualified_name(spec[1])]
+                concepts[name] = ["callable", callable_digest(spec[1])]
         settings = {
             "patterns": [[p.pattern, int(p.flags)] for p in self.patterns], "concepts": concepts,
             "thresholds": {n: {"quantile": t.q} if isinstance(t, Quantile) else t for n, t in self.thresholds.items()},
@@ -463,12 +464,6 @@ class TokenFiltering(Callback):
             self.report = dict(state_dict.get("report", {}))
             if self._datamodule is not None:
                 self._apply(self._datamodule)
-
-
-def _qualified_name(fn: object) -> str:
-    """A callable's identity in the cache key: module and qualified name (of its class for objects)."""
-    named = fn if hasattr(fn, "__qualname__") else type(fn)
-    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', repr(named))}"
 
 
 def _module_digest(sae: object) -> str:
