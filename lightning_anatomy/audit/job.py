@@ -145,10 +145,12 @@ def run_audit(cfg: DictConfig):
     marked = mark_predicted(saved / "concept_set")
     print(f"audited {len(rows)} pairs; strongest concepts:")
     cols = [c for c in ("hook", "feature", "label", "delta", "cohens_d", "q_value", "split_half_agree",
-                        "predicted_direction", "explain_away_lambda", "pair_auroc") if c in result.concepts.columns]
+                        "predicted_direction", "explain_away_lambda", "pair_auroc", "differing_pairs")
+            if c in result.concepts.columns]
     print(result.concepts[cols].head(10).to_string(index=False))
     print("explain_away_lambda: the Bradley–Terry MLE of the concept's ΔA on the preferences (inf: it orders every "
-          "differing pair, perfect confounding); pair_auroc: P(chosen has more of it)")
+          "differing pair, perfect confounding); pair_auroc: P(chosen has more of it); differing_pairs: the pairs "
+          "both rest on")
     print(f"report: {saved / 'report.html'}\nConceptSet to edit (suppress/amplify/allow): {saved / 'concept_set'}")
     if marked:
         print(f"marked suppress in concept_set/concepts.yaml (what DPO is predicted to push up most): "

@@ -136,6 +136,7 @@ LEGEND = {
     "λ": ("how much of the preference the concept alone explains (Bradley–Terry MLE of ΔA on the preferences; "
           "∞: it orders every differing pair — perfect confounding, per-pair methods cannot separate it)"),
     "pair AUROC": "P(chosen has more of it than its rejected), ties ½",
+    "pairs ≠": "pairs whose chosen and rejected differ in it: what λ and the pair AUROC rest on",
 }
 
 def esc(value: Any) -> str:

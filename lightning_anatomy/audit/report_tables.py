@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 STAT_KEYS = {"Δ": "delta", "d": "cohens_d", "z": "z", "Welch z": "welch_z", "q": "q_value", "Δmin": "delta_min",
              "Δlen": "delta_len_ctrl", "zlen": "z_len_ctrl", "ū": "predicted_shift", "λ": "explain_away_lambda",
-             "pair AUROC": "pair_auroc"}
-CONFOUNDING_STATS = ("λ", "pair AUROC")
+             "pair AUROC": "pair_auroc", "pairs ≠": "differing_pairs"}
+CONFOUNDING_STATS = ("λ", "pair AUROC", "pairs ≠")
 
 
 def _confounding(rows: pd.DataFrame) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ PREDICTION_COLUMNS = ("hook", "cluster", "predicted_shift", "n_features")
 # (column, dtype) of each concept's and cluster's confounding with the preference (`audit.run.confounding_columns`):
 # NA where not computed, and in audits saved before them
 CONFOUNDING = (("explain_away_lambda", "float64", np.nan), ("pair_auroc", "float64", np.nan),
-               ("perfectly_confounded", "boolean", pd.NA))
+               ("perfectly_confounded", "boolean", pd.NA), ("differing_pairs", "Int64", pd.NA))
 
 
 @dataclass
@@ -53,7 +53,8 @@ class AuditResult:
     with the preference, from the same per-pair ΔA as their statistics: `explain_away_lambda` (the
     Bradley–Terry MLE of ΔA on the preferences; ±inf when perfectly confounded, then
     `perfectly_confounded` is True; the JSON files write ±inf as null, Parquet keeps it) and
-    `pair_auroc` (P(chosen has more of it), ties ½); NA where not computed.
+    `pair_auroc` (P(chosen has more of it), ties ½), `differing_pairs` (the pairs whose ΔA is not 0:
+    what λ and the AUROC rest on); NA where not computed.
     """
 
     concepts: pd.DataFrame

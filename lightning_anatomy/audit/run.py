@@ -78,15 +78,19 @@ def confounding_columns(chosen: sp.spmatrix, rejected: sp.spmatrix, columns: Seq
 
     `explain_away_lambda`: the Bradley–Terry MLE of ΔA on the preferences (±inf when every differing
     pair leans one way: perfect confounding, `perfectly_confounded`; NaN when ΔA is 0 in every pair,
-    which says nothing about λ); `pair_auroc`: P(ΔA > 0) + ½·P(ΔA = 0), "chosen has more of it".
+    which says nothing about λ); `pair_auroc`: P(ΔA > 0) + ½·P(ΔA = 0), "chosen has more of it";
+    `differing_pairs`: how many pairs have ΔA ≠ 0 (a λ of ∞ on 3 of them is a rare feature, on 300
+    a confound).
     """
     cols = np.asarray(columns, dtype=np.int64)
     lam = np.full(len(cols), np.nan)
     auroc = np.full(len(cols), np.nan)
+    differing = np.zeros(len(cols), dtype=np.int64)
     c, r = sp.csr_matrix(chosen), sp.csr_matrix(rejected)  # no copy of a CSR matrix; a column slice is one pass
     for b0 in range(0, len(cols), _CONFOUNDING_BLOCK):
         block = cols[b0:b0 + _CONFOUNDING_BLOCK]
         diff = (c[:, block].astype(np.float64) - r[:, block].astype(np.float64)).toarray()  # as the statistics: float64
+        differing[b0:b0 + len(block)] = (diff != 0).sum(axis=0)
         for j in range(diff.shape[1]):
             d = diff[:, j]
             if not d.any():  # no pair differs: AUROC ½, λ undefined (an error in explain_away_lambda)
@@ -95,7 +99,8 @@ def confounding_columns(chosen: sp.spmatrix, rejected: sp.spmatrix, columns: Seq
             conf = confounding(d)
             lam[b0 + j], auroc[b0 + j] = conf["lambda"], conf["auroc"]
     return pd.DataFrame({"explain_away_lambda": lam, "pair_auroc": auroc,
-                         "perfectly_confounded": pd.array(np.isinf(lam), dtype="boolean")})
+                         "perfectly_confounded": pd.array(np.isinf(lam), dtype="boolean"),
+                         "differing_pairs": pd.array(differing, dtype="Int64")})
 
 
 Sides = tuple[sp.spmatrix, sp.spmatrix, np.ndarray]  # (chosen, rejected, the ids of their columns)
@@ -112,6 +117,7 @@ def _add_confounding(table: pd.DataFrame, key: str, sides: Mapping[str, Sides] |
     lam = np.full(len(out), np.nan)
     auroc = np.full(len(out), np.nan)
     flag = pd.array([pd.NA] * len(out), dtype="boolean")
+    differing = pd.array([pd.NA] * len(out), dtype="Int64")
     head = out.head(len(out) if rows is None else rows)
     for hook, part in head.groupby("hook", sort=False):
         chosen, rejected, ids = sides[hook] if isinstance(sides, Mapping) else sides
@@ -120,7 +126,9 @@ def _add_confounding(table: pd.DataFrame, key: str, sides: Mapping[str, Sides] |
         pos = out.index.get_indexer(part.index)
         lam[pos], auroc[pos] = got["explain_away_lambda"].to_numpy(), got["pair_auroc"].to_numpy()
         flag[pos] = got["perfectly_confounded"].array
+        differing[pos] = got["differing_pairs"].array
     out["explain_away_lambda"], out["pair_auroc"], out["perfectly_confounded"] = lam, auroc, flag
+    out["differing_pairs"] = differing
     return out
 
 

@@ -70,6 +70,7 @@ def test_paired_concepts_and_clusters_report_lambda_and_auroc_of_their_own_delta
     for _, row in top.iterrows():
         d = _column(chosen, int(row["feature"])) - _column(rejected, int(row["feature"]))
         assert row["pair_auroc"] == pytest.approx(pair_auroc(d), abs=1e-15)
+        assert row["differing_pairs"] == int((d != 0).sum())
         if (d > 0).any() and (d < 0).any():  # finite: the MLE itself
             assert row["explain_away_lambda"] == pytest.approx(explain_away_lambda(d), rel=1e-12)
             assert not row["perfectly_confounded"]
@@ -132,7 +133,7 @@ def test_report_shows_both_columns_with_their_legend(paired, paper):
         for sid in ("concepts", "clusters"):
             body = _section(page, sid)
             heads = re.findall(r"<th[^>]*>([^<]*)</th>", body)
-            assert "λ" in heads and "pair AUROC" in heads, sid
+            assert "λ" in heads and "pair AUROC" in heads and "pairs ≠" in heads, sid
             assert "<b>λ</b>: how much of the preference the concept alone explains (Bradley–Terry MLE" in body
             assert "perfect confounding" in body and "<b>pair AUROC</b>: P(chosen has more of it" in body
     page = render_report(paired)
@@ -161,12 +162,13 @@ def test_save_load_round_trips_the_columns_and_older_audits_load_without_them(pa
     old = tmp_path / "paired"
     for table in ("concepts", "clusters"):
         frame = pd.read_parquet(old / f"{table}.parquet")
-        frame.drop(columns=["explain_away_lambda", "pair_auroc", "perfectly_confounded"]).to_parquet(
+        frame.drop(columns=["explain_away_lambda", "pair_auroc", "perfectly_confounded", "differing_pairs"]).to_parquet(
             old / f"{table}.parquet", index=False)
     loaded = AuditResult.load(old)
     for table in (loaded.concepts, loaded.clusters):
         assert table["explain_away_lambda"].isna().all() and table["pair_auroc"].isna().all()
         assert table["perfectly_confounded"].isna().all() and str(table["perfectly_confounded"].dtype) == "boolean"
+        assert table["differing_pairs"].isna().all() and str(table["differing_pairs"].dtype) == "Int64"
     page = render_report(loaded)  # the tables leave the columns out (the summary box reads the features)
     assert "<b>pair AUROC</b>" not in page and "<b>λ</b>" not in page
 
@@ -182,6 +184,8 @@ def test_confounding_columns_edge_cases():
     assert not got["perfectly_confounded"][1]
     assert got["explain_away_lambda"][2] == pytest.approx(explain_away_lambda([2.0, -1.0, -1.0]), rel=1e-12)
     assert math.isnan(got["explain_away_lambda"][3])  # equal everywhere
+    assert got["differing_pairs"].tolist() == [3, 0, 3, 0]
     lone = confounding_columns(sp.csr_matrix(np.array([[0.0], [0.0]])), sp.csr_matrix(np.array([[1.0], [0.0]])), [0])
     assert lone["explain_away_lambda"][0] == -math.inf and lone["perfectly_confounded"][0]
     assert lone["pair_auroc"][0] == pytest.approx(0.25)
+    assert lone["differing_pairs"][0] == 1  # infinite λ, on one pair: the column says how little it rests on
