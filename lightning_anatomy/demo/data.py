@@ -198,6 +198,8 @@ def continuation_logprobs(
     if len(continuations) != n:
         raise ValueError(f"{n} contexts but {len(continuations)} continuation sets; pass one set per context")
     k = len(continuations[0]) if n else 0
+    if n and not k:
+        raise ValueError("context 0 has no continuations; pass at least one (token ids) per context")
     for i, (ctx, conts) in enumerate(zip(contexts, continuations)):
         if len(ctx) < 2:
             raise ValueError(f"context {i} has {len(ctx)} token(s); a context needs at least 2 (e.g. a chat prompt)")

@@ -192,6 +192,8 @@ def test_continuations_share_their_context_and_score_as_whole_sequences(one_thre
         continuation_logprobs(model, [[5, 6], [5]], [[[1]], [[1]]], 0)
     with pytest.raises(ValueError, match="context 1 has 2 continuations"):
         continuation_logprobs(model, [[5, 6], [5, 6]], [[[1]], [[1], [2]]], 0)
+    with pytest.raises(ValueError, match="context 0 has no continuations"):
+        continuation_logprobs(model, [[5, 6]], [[]], 0)
     with pytest.raises(ValueError, match="2 contexts but 1 continuation sets"):
         continuation_logprobs(model, [[5, 6], [5, 6]], [[[1]]], 0)
 
