@@ -50,28 +50,37 @@ def callable_digest(fn: object) -> str:
     callable object's attributes count as closed-over values. Not seen: a global it reads at call
     time and a mutable container it closes over (a list, a dict: a counter or a memo changes as
     it runs); rename the function, or clear the cache, when only such a value changes."""
-    named = fn if hasattr(fn, "__qualname__") else type(fn)
-    name = f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', repr(named))}"
+    name = _callable_name(fn)
     h = hashlib.sha256(name.encode())
     _digest_callable(fn, h, depth=0)
     return f"{name}:{h.hexdigest()[:16]}"
 
 
+def _callable_name(fn: object) -> str:
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', repr(named))}"
+
+
 def _digest_callable(fn: object, h: Any, depth: int) -> None:
+    """Code, defaults, closure and (a callable object's) attributes of `fn`; `depth` bounds the
+    recursion through closed-over callables, which may hold themselves."""
     target = fn if hasattr(fn, "__code__") else type(fn).__dict__.get("__call__")
     code = getattr(target, "__code__", None)
     if code is None or depth > 4:  # a builtin, or deep enough: the name stands for it
         return
     _digest_code(code, h)
-    _digest_value(getattr(target, "__defaults__", None), h, depth)
+    values = [getattr(target, "__defaults__", None)]
     for cell in getattr(target, "__closure__", None) or ():
         try:
-            value = cell.cell_contents
+            values.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
-        _digest_value(value, h, depth)
     if not hasattr(fn, "__code__") and hasattr(fn, "__dict__"):  # a callable object: its attributes parametrise it
-        _digest_value(dict(sorted(vars(fn).items())), h, -1)
+        for key, value in sorted(vars(fn).items()):
+            h.update(key.encode())
+            values.append(value)
+    for value in values:
+        _digest_value(value, h, depth)
 
 
 def _digest_code(code: types.CodeType, h: Any) -> None:
@@ -92,14 +101,9 @@ def _digest_value(value: object, h: Any, depth: int) -> None:
     elif isinstance(value, tuple | frozenset):
         for v in value:
             _digest_value(v, h, depth)
-    elif isinstance(value, dict) and depth < 0:  # a callable object's attributes (see _digest_callable)
-        for k, v in value.items():
-            h.update(repr(k).encode())
-            _digest_value(v, h, 0)
     elif callable(value) and not isinstance(value, type):
-        named = value if hasattr(value, "__qualname__") else type(value)
-        h.update(f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', '?')}".encode())
-        _digest_callable(value, h, depth + 1)  # depth-limited: a closure may hold itself
+        h.update(_callable_name(value).encode())
+        _digest_callable(value, h, depth + 1)
     elif value is None or isinstance(value, bool | int | float | complex | str | bytes):
         h.update(repr(value).encode())
 

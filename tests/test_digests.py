@@ -49,3 +49,9 @@ def test_a_closure_that_holds_itself_terminates():
 
     assert callable_digest(outer()) == callable_digest(outer())
     assert callable_digest(len).startswith("builtins.len:")
+
+
+def test_a_callable_object_that_holds_itself_terminates():
+    scorer = _Scorer(torch.ones(2))
+    scorer.again = scorer  # an attribute cycle through a callable object
+    assert callable_digest(scorer) == callable_digest(scorer)
