@@ -206,7 +206,6 @@ def continuation_logprobs(
         if len(conts) != k or any(len(c) == 0 for c in conts):
             raise ValueError(f"context {i} has {len(conts)} continuations (some empty?); every context needs the "
                              f"same {k} non-empty continuations")
-    device = next(model.parameters()).device
     out = torch.empty((n, k), dtype=torch.float32)
     was_training = model.training
     model.eval()
@@ -216,22 +215,21 @@ def continuation_logprobs(
             common = _common_prefix(ctx)
             cache, seen = None, torch.ones((len(ctx), common), dtype=torch.long)
             if common:  # a shared head (a chat template's system turn) is read once for the whole batch
-                cache = _forward(model, torch.tensor([list(ctx[0][:common])]), torch.ones((1, common), dtype=torch.long),
-                                 torch.arange(common)[None], None)
+                head = torch.tensor([list(ctx[0][:common])])
+                cache = _kv_cache(_forward(model, head, torch.ones_like(head), torch.arange(common)[None], None), model)
                 cache.batch_repeat_interleave(len(ctx))
             # then each context but its last token; that token leads each continuation, so its logits
             # score the continuation's first token
             ids, mask = pad_right([c[common:-1] for c in ctx], pad_token_id)
-            cache = _forward(model, ids, torch.cat([seen, mask], dim=1), common + torch.arange(ids.shape[1])[None], cache)
-            seen = torch.cat([seen, mask], dim=1).repeat_interleave(k, dim=0)
+            seen = torch.cat([seen, mask], dim=1)
+            cache = _kv_cache(_forward(model, ids, seen, common + torch.arange(ids.shape[1])[None], cache), model)
             cache.batch_repeat_interleave(k)
             ids, mask = pad_right([[c[-1], *cont] for c, cs in zip(ctx, conts) for cont in cs], pad_token_id)
             starts = torch.tensor([len(c) - 1 for c in ctx]).repeat_interleave(k)
-            logits = model(input_ids=ids.to(device), attention_mask=torch.cat([seen, mask], dim=1).to(device),
-                           position_ids=(starts[:, None] + torch.arange(ids.shape[1])).to(device), use_cache=True,
-                           **{_cache_arg(model): cache}).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-            out[lo:lo + len(ctx)] = (logp * mask[:, 1:].to(device)).sum(-1).view(len(ctx), k).cpu()
+            logits = _forward(model, ids, torch.cat([seen.repeat_interleave(k, dim=0), mask], dim=1),
+                              starts[:, None] + torch.arange(ids.shape[1]), cache, all_logits=True).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(logits.device)).squeeze(-1)
+            out[lo:lo + len(ctx)] = (logp * mask[:, 1:].to(logits.device)).sum(-1).view(len(ctx), k).cpu()
     finally:
         model.train(was_training)
     return out
@@ -248,18 +246,16 @@ def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
 
 
 def _forward(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-             cache: Any) -> Any:
-    """Extend `cache` (None: a new one) by `ids` at `positions`; `attention` covers the cache and `ids`."""
+             cache: Any, *, all_logits: bool = False) -> Any:
+    """The model's output for `ids` at `positions` after `cache` (None: from the start); `attention`
+    covers the cache and `ids`. Without `all_logits` the head runs on one position (where the model
+    takes `logits_to_keep`): a context pass needs only the cache it returns."""
     device = next(model.parameters()).device
     kwargs = {} if cache is None else {_cache_arg(model): cache}
-    out = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                use_cache=True, **_one_logit(model), **kwargs)
-    return _kv_cache(out, model)
-
-
-def _one_logit(model: torch.nn.Module) -> dict[str, int]:
-    """`logits_to_keep=1` where the model takes it: the context pass needs only its cache."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    if not all_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+                 use_cache=True, **kwargs)
 
 
 def _cache_arg(model: torch.nn.Module) -> str:
