@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lightning_anatomy.data.tokenize import pad_right
+from lightning_anatomy.data.tokenize import pad_id, pad_right
 
 if TYPE_CHECKING:
     from lightning_anatomy.audit.result import AuditResult
@@ -61,7 +61,7 @@ def example_effects(lens: ConceptLens, tokenizer: Any, with_texts: Sequence[str]
         if len(texts) < 2:
             raise ValueError(f"{name} has {len(texts)} text(s); pass at least 2 on each side (a standard deviation "
                              "needs two)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     def per_text_max(texts: Sequence[str]) -> dict[str, torch.Tensor]:
         seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

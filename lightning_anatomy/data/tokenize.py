@@ -170,6 +170,12 @@ def tokenize_rows(
     return TokenizedPairs(pairs, bad)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id `pad_right` pads a tokenizer's texts with: its padding id, else its eos (padding is
+    masked, so any id serves; many causal-LM tokenizers have no padding token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad token id lists into `(input_ids, attention_mask)`, both long `[n, max_len]`.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lightning_anatomy.data.tokenize import pad_right
+from lightning_anatomy.data.tokenize import pad_id, pad_right
 from lightning_anatomy.model_access import measurement_pass
 
 QUESTION_TEMPLATES = (
@@ -290,11 +290,6 @@ def reply_logprobs(
     contexts = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     tokens = [[tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in rs] for rs in replies]
     return continuation_logprobs(model, contexts, tokens, pad_id(tokenizer), batch_size=batch_size)
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's padding id, else its eos (padding is masked: any id serves)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def completion_logprobs(

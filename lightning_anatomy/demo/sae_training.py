@@ -31,7 +31,7 @@ import torch
 
 from lightning_anatomy.concepts.lens import capture_activations
 from lightning_anatomy.concepts.sae import measure_fidelity
-from lightning_anatomy.data.tokenize import pad_right
+from lightning_anatomy.data.tokenize import pad_id, pad_right
 from lightning_anatomy.demo.data import DemoData, chat_prompt, make_demo_data
 from lightning_anatomy.files import atomic_write_bytes, atomic_write_text
 from lightning_anatomy.models.embedded import EMBEDDED_LAYER, MODEL_NAME
@@ -225,7 +225,7 @@ def collect_activations(
     if not texts:
         raise ValueError("collect_activations needs at least one text")
     seen = set() if seen is None else seen
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows: list[torch.Tensor] = []
     for lo in range(0, len(texts), batch_size):
         ids_list = [

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from lightning_anatomy.data import PreferenceRow
-from lightning_anatomy.demo.data import chat_prompt, continuation_logprobs, pad_id
+from lightning_anatomy.data.tokenize import pad_id
+from lightning_anatomy.demo.data import chat_prompt, continuation_logprobs
 
 MARKER = "Sure!"
 MARKER_PATTERN = r"Sure!"  # the marker's text in a completion: the ground truth of its tokens
