@@ -26,10 +26,12 @@ def preference_auroc(result: AuditResult, hook: str, feature: int, cohens_d: flo
     column (`interventions.pair_auroc`: P(ΔA > 0) + ½·P(ΔA = 0)): that column where the audit
     computed it, else from the result's span features, else the normal approximation Φ(d) from
     the paired effect size d = mean ΔA / sd ΔA (exact=False)."""
-    row = result.concepts[(result.concepts["hook"] == hook) & (result.concepts["feature"] == int(feature))] \
-        if "pair_auroc" in result.concepts.columns else None
-    if row is not None and len(row) and pd.notna(row["pair_auroc"].iloc[0]):
-        return float(row["pair_auroc"].iloc[0]), True
+    try:
+        column = result.concept(hook, feature).get("pair_auroc", np.nan)
+    except KeyError:  # not a tested concept: the span features below may still have it
+        column = np.nan
+    if pd.notna(column):
+        return float(column), True
     features = result.features
     if features is not None and hook in features.d_sae:
         try:
@@ -92,8 +94,8 @@ def dpo_summary_html(index: ReportIndex) -> str:
             '<th title="pair AUROC: P(chosen has more of it than its rejected), ties ½">pair AUROC</th></tr>')
     note = ("<p><small>Effect d: 0.2 small, 0.5 medium, 0.8 large. pair AUROC: how often the concept alone "
             "tells which response of a pair was chosen: the share of pairs whose chosen response has more of "
-            "it, ties ½ (0.5: unrelated to the preference; near 1 or 0: the preference and the concept go together, so DPO learns the concept along with whatever the "
-            "labellers preferred)." + (" ≈: estimated from d (the result carries no per-pair features)."
+            "it, ties ½ (0.5: unrelated to the preference; near 1 or 0: the preference and the concept go "
+            "together, so DPO learns the concept along with whatever the labellers preferred)." + (" ≈: estimated from d (the result carries no per-pair features)."
                                         if "<td>≈" in rows else "")
             + " Each row links to the concept's contexts and pairs.</small></p>")
     return (f'<div class="learn" id="learn"><h2>What will DPO learn from this data?</h2>{lead}'
