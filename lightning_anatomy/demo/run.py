@@ -324,9 +324,9 @@ def _fit(story: str, run: Run, cfg: DictConfig, tr: DictConfig, tokenizer: Any, 
     else:
         logger = CSVLogger(str(out), name=name)
     trainer = L.Trainer(max_steps=tr.max_steps, accumulate_grad_batches=tr.batch_size // micro, accelerator="cpu",
-                        logger=logger,
-                        callbacks=[*callbacks, StepProgressBar(f"{story}: {run.title}")], enable_checkpointing=False,
-                        log_every_n_steps=1, enable_model_summary=False, gradient_clip_val=1.0)
+                        logger=logger, callbacks=[*callbacks, StepProgressBar(f"{story}: {run.title}")],
+                        enable_checkpointing=False, log_every_n_steps=1, enable_model_summary=False,
+                        gradient_clip_val=1.0)
     trainer.fit(module, datamodule=dm)
     run_dir = None
     if cfg.logger == "wandb":

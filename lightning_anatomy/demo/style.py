@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,24 +140,17 @@ def make_style_data(tokenizer: Any, *, n_train: int = 64, n_heldout: int = 32, c
                      [r.prompt + p for r, p in zip(train, plain)])
 
 
-def marker_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *,
-                    batch_size: int = 16) -> torch.Tensor:
-    """log P(the reply opens with the marker | prompt) per chat-rendered prompt, teacher-forced (nats, [n])."""
-    marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
-    contexts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return continuation_logprobs(model, contexts, [[marker] for _ in contexts], pad_id(tokenizer),
-                                 batch_size=batch_size)[:, 0]
-
-
-def style_logprobs(model: torch.nn.Module, tokenizer: Any, data: StyleData) -> dict[str, torch.Tensor]:
-    """What the metrics need from one model on the held-out prompts: the marker's log-prob and
-    each coherence pair's summed log-probs (`reply + eos`), each prompt read once."""
+def style_logprobs(model: torch.nn.Module, tokenizer: Any, data: StyleData, *,
+                   batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """What the metrics need from one model on the held-out prompts, teacher-forced (nats, [n]
+    each): `marker`, log P(the reply opens with the marker | prompt), and each coherence pair's
+    summed log-probs `chosen`/`rejected` (`reply + eos`); each prompt read once."""
     eos = [tokenizer.eos_token_id]
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
     contexts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in data.heldout]
     replies = [[marker, tokenizer(r.chosen, add_special_tokens=False)["input_ids"] + eos,
                 tokenizer(r.rejected, add_special_tokens=False)["input_ids"] + eos] for r in data.heldout]
-    logp = continuation_logprobs(model, contexts, replies, pad_id(tokenizer))
+    logp = continuation_logprobs(model, contexts, replies, pad_id(tokenizer), batch_size=batch_size)
     return {"marker": logp[:, 0], "chosen": logp[:, 1], "rejected": logp[:, 2]}
 
 

@@ -16,7 +16,6 @@ from lightning_anatomy.demo.style import (
     clean_reply,
     load_replies,
     make_style_data,
-    marker_logprobs,
     style_logprobs,
     style_metrics,
     style_prompts,
@@ -85,7 +84,7 @@ def test_marker_logprob_is_the_teacher_forced_sum(tok):
     model = build_tiny_model("llama").eval()
     data = make_style_data(tok, n_train=4, n_heldout=3, seed=0)
     prompts = [r.prompt for r in data.heldout]
-    got = marker_logprobs(model, tok, prompts, batch_size=2)  # padded batches
+    got = style_logprobs(model, tok, data, batch_size=2)["marker"]  # padded batches
     marker = tok(MARKER, add_special_tokens=False)["input_ids"]
     for value, prompt in zip(got, prompts):
         ids = tok(prompt, add_special_tokens=False)["input_ids"] + marker
