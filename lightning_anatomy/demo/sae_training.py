@@ -119,21 +119,13 @@ def generate_replies(
 
 
 def generate_chat_texts(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str] = GENERATION_PROMPTS,
-    *,
-    max_new_tokens: int = 96,
-    batch_size: int = 20,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    seed: int = 0,
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str] = GENERATION_PROMPTS, **generation: Any,
 ) -> list[str]:
-    """Sample one reply per prompt with the chat template; returns the rendered conversations."""
+    """Sample one reply per prompt (`generation` keywords as `generate_replies` takes them) and
+    return the rendered conversations, the texts an SAE reads in chat form."""
     if not prompts:
         raise ValueError("generate_chat_texts needs at least one prompt")
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               temperature=temperature, top_p=top_p, seed=seed)
+    replies = generate_replies(model, tokenizer, prompts, **generation)
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                           tokenize=False) for p, r in zip(prompts, replies)]
 

@@ -24,6 +24,8 @@ from lightning_anatomy.demo.sae_training import (
     _paragraph_chunks,
     collect_activations,
     drop_outliers,
+    generate_chat_texts,
+    generate_replies,
     held_out_split,
     package_texts,
     save_sae_dir,
@@ -244,6 +246,19 @@ def test_drop_outliers_and_held_out_split_are_exact():
     assert n == 1 and torch.equal(kept, acts[[0, 2]])
     train, held = held_out_split([str(i) for i in range(25)], every=10)
     assert held == ["9", "19"] and len(train) == 23
+
+
+def test_generate_chat_texts_renders_the_seeded_replies_as_conversations():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model("llama", vocab_size=len(tok), hidden_size=32, num_layers=1, seed=0).eval()
+    prompts = ["hello there", "what is a cat"]
+    replies = generate_replies(model, tok, prompts, max_new_tokens=6, batch_size=1, seed=3)
+    texts = generate_chat_texts(model, tok, prompts, max_new_tokens=6, batch_size=1, seed=3)
+    assert texts == [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                             tokenize=False) for p, r in zip(prompts, replies)]
+    assert tok.padding_side == "right"  # restored after left-padded generation
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_chat_texts(model, tok, [])
 
 
 def test_package_texts_round_robin_over_packages(tmp_path):
