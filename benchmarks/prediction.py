@@ -497,6 +497,72 @@ def tables(results: dict[str, Any]) -> str:
     return out
 
 
+def headline(results: dict[str, Any]) -> str:
+    """R² [95 % CI] per setting and predictor on the training prompts (the paper's protocol), the
+    README's one-glance view of the prediction table."""
+    rows = []
+    for name, part in results["settings"].items():
+        found = part.get("methods") or {}
+        if "skipped" in part or not found:
+            continue
+
+        def cell(key: str, found: dict[str, Any] = found) -> str:
+            m = found.get(key)
+            if m is None:
+                return "–"
+            ci = m.get("r2_ci") or [None, None]
+            return f"{_fmt(m.get('r2'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] ({_fmt(m.get('n_clusters'))})"
+
+        prompts = next((m.get("prompts") for m in found.values() if m.get("prompts")), "heldout")
+        rows.append([name, prompts, cell("paper"), cell("tilt"), cell("paired")])
+    return common.markdown_table(["setting", "prompts", "paper R² [95% CI] (clusters)", "tilt", "paired"], rows)
+
+
+GOALS = {  # issue 24's pre-registered goals: setting -> (tilt R² at least, clusters at least, OLS R² at least, every marker's sign)
+    "graded_controlled": (0.9, 20, 0.7, True),
+    "graded_smollm2": (0.9, 20, 0.7, True),
+    "hh_smollm2": (0.6, None, None, False),
+}
+
+
+def goals(results: dict[str, Any]) -> str:
+    """Issue 24's goals against the measurement, a row each: the tilt predictor's R², cluster count,
+    OLS R² and marker signs on the training prompts (the paper's protocol), and tilt ≥ paper on
+    every prompt set measured. Settings not in the results are left out; a number the run could
+    not compute counts as missed."""
+    rows = []
+
+    def row(name: str, goal: str, measured: str, met: bool | None) -> None:
+        rows.append([name, goal, measured, "–" if met is None else "met" if met else "missed"])
+
+    for name, part in results["settings"].items():
+        if name not in GOALS or "skipped" in part:
+            continue
+        r2_min, clusters_min, ols_min, signs = GOALS[name]
+        tilt = part.get("methods", {}).get("tilt")
+        if tilt is not None and tilt.get("prompts", "train") == "train":
+            r2, n = tilt.get("r2"), tilt.get("n_clusters")
+            row(name, f"tilt R² ≥ {r2_min}, training prompts", _fmt(r2), r2 is not None and r2 >= r2_min)
+            if clusters_min is not None:
+                row(name, f"≥ {clusters_min} clusters", _fmt(n), n is not None and n >= clusters_min)
+            if ols_min is not None:
+                ols = tilt.get("r2_ols")
+                row(name, f"tilt OLS R² through the origin ≥ {ols_min}", _fmt(ols), ols is not None and ols >= ols_min)
+            if signs and "all_marker_signs_predicted" in tilt:
+                right = sum(np.sign(m["cluster_predicted"] or 0) == np.sign(m["disparity"])
+                            for m in tilt["markers"].values())
+                shared = len({m["cluster"] for m in tilt["markers"].values() if m["cluster"] is not None})
+                row(name, "every planted marker's sign", f"{right} of {len(tilt['markers'])} (in {shared} cluster{'' if shared == 1 else 's'})",
+                    bool(tilt["all_marker_signs_predicted"]))
+        for key, prompts in (("methods", "training"), ("methods_heldout", "held-out")):
+            found = part.get(key) or {}
+            if "tilt" in found and "paper" in found:
+                t, q = found["tilt"].get("r2"), found["paper"].get("r2")
+                row(name, f"tilt R² ≥ paper R², {prompts} prompts", f"{_fmt(t)} vs {_fmt(q)}",
+                    t is not None and q is not None and t >= q)
+    return common.markdown_table(["setting", "goal (issue 24)", "measured", "goal"], rows)
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}

@@ -54,6 +54,8 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "real-model-table": ("real_model.json", _benchmark_tables("real_model")),
     "real-model-demo-table": ("real_model.demo.json", _benchmark_tables("real_model")),
     "prediction-table": ("prediction.json", _benchmark_tables("prediction")),
+    "prediction-goals": ("prediction.json", _benchmark_tables("prediction", "goals")),
+    "prediction-headline": ("prediction.json", _benchmark_tables("prediction", "headline")),
 }
 
 

@@ -146,3 +146,34 @@ def test_merge_keeps_both_measurements(bench, tmp_path):
     merged = bench.main(["--merge", str(path), "--out", str(tmp_path), "--name", "merged"])
     assert merged["settings"] == part["settings"] and merged["parts"]["s"]["wall_s"] == 12.0
     assert json.loads((tmp_path / "merged.json").read_text())["settings"] == part["settings"]
+
+
+def test_goals_table_checks_each_pre_registered_goal(bench):
+    marker = {"cluster": 1, "cluster_predicted": 0.2, "disparity": 0.5}
+    graded = {"methods": {"paper": _entry(0.95, "train"),
+                          "tilt": _entry(0.9, "train") | {"n_clusters": 20, "r2_ols": 0.69, "all_marker_signs_predicted": False,
+                                                          "markers": {"a": marker, "b": marker | {"disparity": -0.5}}}},
+              "methods_heldout": {"paper": _entry(0.5, "heldout"), "tilt": _entry(0.5, "heldout")}}
+    hh = {"methods": {"paper": _entry(None, "train"), "tilt": _entry(0.6, "train")}}
+    text = bench.goals({"settings": {"graded_smollm2": graded, "hh_smollm2": hh, "other": graded,
+                                     "graded_controlled": {"skipped": "no data"}}})
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    assert [(r[0][2:], r[1], r[2], r[3][:-2]) for r in rows] == [
+        ("graded_smollm2", "tilt R² ≥ 0.9, training prompts", "0.900", "met"),
+        ("graded_smollm2", "≥ 20 clusters", "20", "met"),
+        ("graded_smollm2", "tilt OLS R² through the origin ≥ 0.7", "0.690", "missed"),
+        ("graded_smollm2", "every planted marker's sign", "1 of 2 (in 1 cluster)", "missed"),
+        ("graded_smollm2", "tilt R² ≥ paper R², training prompts", "0.900 vs 0.950", "missed"),
+        ("graded_smollm2", "tilt R² ≥ paper R², held-out prompts", "0.500 vs 0.500", "met"),
+        ("hh_smollm2", "tilt R² ≥ 0.6, training prompts", "0.600", "met"),
+        ("hh_smollm2", "tilt R² ≥ paper R², training prompts", "0.600 vs –", "missed"),  # no paper number: not shown as met
+    ]
+
+
+def test_headline_reads_the_training_prompt_measurement(bench):
+    doc = {"settings": {"s": {"methods": {"paper": _entry(0.25, "train"), "tilt": _entry(0.5, "train")},
+                              "methods_heldout": {"paper": _entry(0.125, "heldout")}},
+                        "old": {"methods": {"paper": _entry(0.3, None)}}, "gone": {"skipped": "absent"}}}
+    rows = bench.headline(doc).splitlines()[2:]
+    assert rows == ["| s | train | 0.250 [0.100, 0.900] (12) | 0.500 [0.100, 0.900] (12) | – |",
+                    "| old | heldout | 0.300 [0.100, 0.900] (12) | – | – |"]

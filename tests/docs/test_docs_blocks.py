@@ -145,14 +145,17 @@ def _contains(config, part) -> bool:
 
 
 def test_benchmarks_page_is_generated_from_the_results_files():
-    """docs/benchmarks.md holds what `python benchmarks/readme_tables.py` renders from benchmarks/results/."""
+    """docs/benchmarks.md and the README hold what `python benchmarks/readme_tables.py` renders from
+    benchmarks/results/, and every results table is shown on one of them."""
     from tests.helpers.bench_loader import load_benchmark
 
     tables = load_benchmark("readme_tables")
-    page = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    assert all(f"<!-- {name}:begin -->" in page for name in tables.TABLES)  # every results table is shown
-    assert tables.render(page, REPO / "benchmarks" / "results") == page, (
-        "docs/benchmarks.md is stale: run `python benchmarks/readme_tables.py`")
+    pages = {path: path.read_text(encoding="utf-8") for path in tables.PAGES}
+    shown = [name for name in tables.TABLES if any(f"<!-- {name}:begin -->" in page for page in pages.values())]
+    assert shown == list(tables.TABLES)
+    for path, page in pages.items():
+        assert tables.render(page, REPO / "benchmarks" / "results") == page, (
+            f"{path.relative_to(REPO)} is stale: run `python benchmarks/readme_tables.py`")
 
 
 def test_contains_reads_partial_configs():
