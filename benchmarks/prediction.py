@@ -325,10 +325,14 @@ def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: A
     predicted = marker_cluster_predictions(audit, check, lens, tok, hook, predictor)
     per = {m.name: {"disparity": disparities[m.name], "rate_before": before[m.name], "rate_after": after[m.name],
                     "cluster": predicted[m.name][0], "cluster_predicted": predicted[m.name][1]} for m in MARKERS}
-    signs = [np.sign(p["cluster_predicted"]) == np.sign(p["disparity"]) for p in per.values()
-             if p["cluster_predicted"] is not None]
     return {"r2_markers": r2, "sign_agreement_markers_observed": sign_agreement(d, observed),
-            "all_marker_signs_predicted": bool(signs) and all(signs) and len(signs) == len(MARKERS), "markers": per}
+            "all_marker_signs_predicted": all(map(sign_predicted, per.values())), "markers": per}
+
+
+def sign_predicted(marker: dict[str, Any]) -> bool:
+    """Whether a marker's audit cluster was predicted to move the way its disparity points (a
+    marker without a cluster counts as not predicted)."""
+    return marker["cluster_predicted"] is not None and np.sign(marker["cluster_predicted"]) == np.sign(marker["disparity"])
 
 
 @torch.no_grad()
@@ -462,6 +466,11 @@ def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _ci(m: dict[str, Any]) -> str:
+    low, high = m.get("r2_ci") or [None, None]
+    return f"[{_fmt(low)}, {_fmt(high)}]"
+
+
 def _measurements(part: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(results key, prompt set, entry) of a setting: per key its training-prompt row, then its held-out row.
 
@@ -482,8 +491,7 @@ def tables(results: dict[str, Any]) -> str:
     rows, accuracy = [], []
     for name, part in results["settings"].items():
         for key, prompts, m in _measurements(part):
-            ci = m.get("r2_ci") or [None, None]
-            rows.append([name, key, prompts, _fmt(m.get("r2")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]",
+            rows.append([name, key, prompts, _fmt(m.get("r2")), _ci(m),
                          _fmt(m.get("r2_ols")), _fmt(m.get("sign_agreement")), _fmt(m.get("n_clusters")),
                          _fmt(m.get("r2_markers"))])
         acc = part.get("implicit_reward_accuracy") or {"heldout": part.get("heldout_reward_accuracy")}
@@ -510,8 +518,7 @@ def headline(results: dict[str, Any]) -> str:
             m = found.get(key)
             if m is None:
                 return "–"
-            ci = m.get("r2_ci") or [None, None]
-            return f"{_fmt(m.get('r2'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] ({_fmt(m.get('n_clusters'))})"
+            return f"{_fmt(m.get('r2'))} {_ci(m)} ({_fmt(m.get('n_clusters'))})"
 
         prompts = next((m.get("prompts") for m in found.values() if m.get("prompts")), "heldout")
         rows.append([name, prompts, cell("paper"), cell("tilt"), cell("paired")])
@@ -532,8 +539,8 @@ def goals(results: dict[str, Any]) -> str:
     not compute counts as missed."""
     rows = []
 
-    def row(name: str, goal: str, measured: str, met: bool | None) -> None:
-        rows.append([name, goal, measured, "–" if met is None else "met" if met else "missed"])
+    def row(name: str, goal: str, measured: str, met: bool) -> None:
+        rows.append([name, goal, measured, "met" if met else "missed"])
 
     for name, part in results["settings"].items():
         if name not in GOALS or "skipped" in part:
@@ -549,10 +556,11 @@ def goals(results: dict[str, Any]) -> str:
                 ols = tilt.get("r2_ols")
                 row(name, f"tilt OLS R² through the origin ≥ {ols_min}", _fmt(ols), ols is not None and ols >= ols_min)
             if signs and "all_marker_signs_predicted" in tilt:
-                right = sum(np.sign(m["cluster_predicted"] or 0) == np.sign(m["disparity"])
-                            for m in tilt["markers"].values())
-                shared = len({m["cluster"] for m in tilt["markers"].values() if m["cluster"] is not None})
-                row(name, "every planted marker's sign", f"{right} of {len(tilt['markers'])} (in {shared} cluster{'' if shared == 1 else 's'})",
+                markers = tilt["markers"].values()
+                right = sum(map(sign_predicted, markers))
+                shared = len({m["cluster"] for m in markers if m["cluster"] is not None})
+                where = f"in {shared} cluster{'' if shared == 1 else 's'}"
+                row(name, "every planted marker's sign", f"{right} of {len(markers)} ({where})",
                     bool(tilt["all_marker_signs_predicted"]))
         for key, prompts in (("methods", "training"), ("methods_heldout", "held-out")):
             found = part.get(key) or {}
