@@ -623,9 +623,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-prompts", type=int, default=None, metavar="N",
                         help="prompts of the DPO pairs to roll out for the training-prompt measurement "
                              "(default: as many as the setting's held-out prompts)")
+    parser.add_argument("--hh-heldout", type=int, default=None, metavar="N",
+                        help="hh_smollm2: held-out pairs (their prompts rolled out, their pairs scored for the "
+                             "implicit-reward accuracy); default 96")
     args = parser.parse_args(argv)
     if args.train_prompts is not None and args.train_prompts < 2:
         parser.error(f"--train-prompts {args.train_prompts}: roll out at least 2 prompts")
+    if args.hh_heldout is not None and args.hh_heldout < 2:
+        parser.error(f"--hh-heldout {args.hh_heldout}: hold out at least 2 pairs")
     if args.merge:
         merged = merge_results(args.merge)
         common.publish(merged, args.out, args.name or "prediction", tables)
@@ -637,7 +642,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
                     dpo_steps=sizes.dpo_steps if args.steps is None else args.steps,
                     cluster_target_size=None if target is None else target if target == "auto" else float(target),
-                    n_train_prompts=args.train_prompts)
+                    n_train_prompts=args.train_prompts,
+                    hh_n_heldout=sizes.hh_n_heldout if args.hh_heldout is None else args.hh_heldout)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="anatomy-prediction-"))
     results: dict[str, Any] = {"format": FORMAT, "version": VERSION, "quick": args.quick, "seed": args.seed,

@@ -82,16 +82,19 @@ def test_quick_run_measures_train_and_heldout_prompts_sampling_each_once(bench, 
     assert "implicit-reward accuracy" in table
 
 
-def test_train_prompts_flag_sets_the_training_prompt_count(bench, tmp_path, monkeypatch):
+def test_prompt_count_flags_set_the_rolled_out_prompts(bench, tmp_path, monkeypatch):
     calls = _counting_sampler(monkeypatch)
     results = bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--parts", "graded_controlled",
-                          "--train-prompts", "3"])
+                          "--train-prompts", "3", "--hh-heldout", "5"])
+    assert results["sizes"]["hh_n_heldout"] == 5  # recorded with the run (hh_smollm2's held-out pairs)
     part = results["settings"]["graded_controlled"]
     assert part["n_train_prompts"] == 3 and part["n_heldout_prompts"] == bench.QUICK.n_heldout
     assert {e["n_prompts"] for e in part["methods"].values() if "n_prompts" in e} == {3}
     assert sorted(calls) == [3, 3, bench.QUICK.n_heldout, bench.QUICK.n_heldout]
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(tmp_path), "--train-prompts", "1"])
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path), "--hh-heldout", "1"])
 
 
 def test_prompt_sets_default_to_the_heldout_count_and_clip_to_the_data(bench):
