@@ -49,6 +49,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "throughput-table": ("throughput.json", _benchmark_tables("throughput")),
     "audit-speed-table": ("audit_speed.json", _benchmark_tables("audit_speed")),
     "audit-speed-10k-table": ("audit_speed.10k.json", _benchmark_tables("audit_speed")),
+    "audit-speed-tilt-table": ("audit_speed.tilt.json", _benchmark_tables("audit_speed")),
     "cofiring-scale-table": ("cofiring_scale.json", _benchmark_tables("cofiring_scale")),
     "spurious-table": ("spurious.json", _benchmark_tables("spurious", "markdown")),
     "real-model-table": ("real_model.json", _benchmark_tables("real_model")),
