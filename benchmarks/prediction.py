@@ -119,6 +119,7 @@ class Sizes:
     n_bootstrap: int = 1000
     cluster_target_size: str | float | None = None  # the paper method's Leiden rule (None: resolution 1)
     n_train_prompts: int | None = None  # training prompts rolled out (None: as many as the held-out prompts)
+    cluster_sweep: tuple[str | float, ...] = ()  # further Leiden rules of the paper method, on the same rollouts
 
 
 FULL = Sizes()
@@ -264,22 +265,16 @@ def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: l
     every prompt set of `prompts` ({"train": …, "heldout": …}); per prompt set the rollouts are
     sampled once and reused across methods and predictors. Returns ({prompt set: {results key:
     summary}}, {prompt set: {results key: (audit, check, predictor)}})."""
-    from lightning_anatomy.audit import audit_dataset, check_prediction
     from lightning_anatomy.concepts.lens import ConceptLens
 
     lens = ConceptLens(base, saes, fidelity_check=False)
-    # prompts cut like the audit cuts prompts: their last max_prompt_length tokens
-    ids = {name: [tok(p, add_special_tokens=False)["input_ids"][-sizes.max_prompt_length:] for p in texts]
-           for name, texts in prompts.items()}
+    ids = prompt_ids(prompts, tok, sizes)
     methods: dict[str, dict[str, Any]] = {name: {} for name in ids}
     checks: dict[str, dict[str, Any]] = {name: {} for name in ids}
     reuse: dict[str, Any] = {}  # prompt set -> the check whose rollouts the next ones reuse
     for method in METHODS:
         started = time.perf_counter()
-        audit = audit_dataset(rows, lens, tok, method=method, max_length=sizes.max_length,
-                              max_prompt_length=sizes.max_prompt_length, batch_size=sizes.batch,
-                              n_bootstrap=min(200, sizes.n_bootstrap), progress=False, label_concepts=False,
-                              out_dir=shards, seed=seed, cluster_target_size=sizes.cluster_target_size)
+        audit = run_audit(rows, lens, tok, method, sizes, seed, shards, sizes.cluster_target_size)
         about = {"method": method, "audit_s": time.perf_counter() - started,
                  "n_feature_clusters": int(audit.feature_clusters["cluster"].nunique())}
         names = {"paper": method, "tilt": "tilt"}  # predictor -> results key
@@ -291,13 +286,11 @@ def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: l
                         "r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
                         "n_clusters": len(audit.cluster_predictions), "prompts": name, **about}
             continue
-        for name, prompt_ids in ids.items():
+        for name, set_ids in ids.items():
             started = time.perf_counter()
-            check = check_prediction(audit, base, after, prompt_ids, tokenizer=tok, saes=saes,
-                                     samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
-                                     seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=PREDICTORS[method],
-                                     reuse=reuse.get(name))
-            measured = {"check_s": time.perf_counter() - started, "n_prompts": len(prompt_ids),
+            check = run_check(audit, base, after, tok, saes, set_ids, sizes, seed, PREDICTORS[method],
+                              reuse.get(name))
+            measured = {"check_s": time.perf_counter() - started, "n_prompts": len(set_ids),
                         "n_rollouts": len(check.rollouts["before"]),
                         "reused_rollouts": bool(check.settings["reused_rollouts"])}
             reuse[name] = check
@@ -305,6 +298,68 @@ def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: l
                 methods[name][names[predictor]] = {**summary, "prompts": name, **about, **measured}
                 checks[name][names[predictor]] = (audit, check, predictor)
     return methods, checks
+
+
+def prompt_ids(prompts: dict[str, list[str]], tok: Any, sizes: Sizes) -> dict[str, list[list[int]]]:
+    """Each prompt set's token ids, cut like the audit cuts prompts: their last max_prompt_length tokens."""
+    return {name: [tok(p, add_special_tokens=False)["input_ids"][-sizes.max_prompt_length:] for p in texts]
+            for name, texts in prompts.items()}
+
+
+def run_audit(rows: list[Any], lens: Any, tok: Any, method: str, sizes: Sizes, seed: int, shards: Path,
+              cluster_target_size: str | float | None) -> Any:
+    """One audit of `rows` as every measurement here runs it (the extraction in `shards` is shared)."""
+    from lightning_anatomy.audit import audit_dataset
+
+    return audit_dataset(rows, lens, tok, method=method, max_length=sizes.max_length,
+                         max_prompt_length=sizes.max_prompt_length, batch_size=sizes.batch,
+                         n_bootstrap=min(200, sizes.n_bootstrap), progress=False, label_concepts=False,
+                         out_dir=shards, seed=seed, cluster_target_size=cluster_target_size)
+
+
+def run_check(audit: Any, base: Any, after: Any, tok: Any, saes: dict[str, Any], ids: list[list[int]], sizes: Sizes,
+              seed: int, predictors: tuple[str, ...], reuse: Any) -> Any:
+    """`check_prediction` as every measurement here runs it; `reuse` an earlier check on the same prompts."""
+    from lightning_anatomy.audit import check_prediction
+
+    return check_prediction(audit, base, after, ids, tokenizer=tok, saes=saes,
+                            samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
+                            seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=predictors, reuse=reuse)
+
+
+def cluster_sweep(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any],
+                  prompts: dict[str, list[str]], methods: dict[str, dict[str, Any]],
+                  checks: dict[str, dict[str, Any]], sizes: Sizes, seed: int, shards: Path) -> list[dict[str, Any]]:
+    """How the paper and tilt predictors' R² depends on the paper method's clusters (issue 24, item
+    2): the run's own rule first, then each rule of `sizes.cluster_sweep`, audited on the same
+    extraction and checked on the same rollouts and SAE firing (nothing is sampled again: only the
+    clustering and the predictions change). One row per rule and prompt set."""
+    from lightning_anatomy.concepts.lens import ConceptLens
+
+    def row(rule: str | float | None, name: str, found: dict[str, Any], resolution: Any) -> dict[str, Any]:
+        return {"cluster_target_size": rule, "prompts": name, "leiden_resolution_used": resolution,
+                **{p: {k: found[p].get(k) for k in ("r2", "r2_ci", "r2_ols", "sign_agreement", "n_clusters")}
+                   for p in PREDICTORS["paper"] if p in found}}
+
+    out = [row(sizes.cluster_target_size, name, methods[name], checks[name]["paper"][0].options.get(
+        "leiden_resolution_used")) for name in prompts if "paper" in checks[name]]
+    if not sizes.cluster_sweep:
+        return out
+    lens = ConceptLens(base, saes, fidelity_check=False)
+    ids = prompt_ids(prompts, tok, sizes)
+    for rule in sizes.cluster_sweep:
+        audit = run_audit(rows, lens, tok, "paper", sizes, seed, shards, rule)
+        resolution = audit.options.get("leiden_resolution_used")
+        for name in prompts:
+            earlier = checks[name].get("paper")
+            if earlier is None or len(audit.cluster_predictions) < 2:
+                common.log(f"  cluster rule {rule} ({name}): {len(audit.cluster_predictions)} clusters, no R²")
+                continue
+            check = run_check(audit, base, after, tok, saes, ids[name], sizes, seed, PREDICTORS["paper"], earlier[1])
+            out.append(row(rule, name, check.summary()["predictors"], resolution))
+            common.log(f"  cluster rule {rule} ({name}): {out[-1]['paper']['n_clusters']} clusters, "
+                       f"paper R² {out[-1]['paper']['r2']}, tilt R² {out[-1]['tilt']['r2']}")
+    return out
 
 
 def by_prompts(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -399,6 +454,7 @@ def graded(name: str, base: Any, tok: Any, sae: Any, hook: str, prompts: list[st
     after, train_s = fit_dpo(base, rows, tok, steps=steps, lr=lr, sizes=sizes, seed=seed)
     sets = prompt_sets(prompts, heldout, sizes)
     methods, checks = check_methods(base, after, tok, {hook: sae}, rows, sets, sizes, seed, work / name)
+    sweep = cluster_sweep(base, after, tok, {hook: sae}, rows, sets, methods, checks, sizes, seed, work / name)
     lens = ConceptLens(base, {hook: sae}, fidelity_check=False)
     for prompt_set, found in checks.items():
         for key, (audit, check, predictor) in found.items():
@@ -406,7 +462,8 @@ def graded(name: str, base: Any, tok: Any, sae: Any, hook: str, prompts: list[st
     part = {**by_prompts(methods),
             "implicit_reward_accuracy": implicit_reward_accuracy(base, after, tok, rows, heldout_rows, sizes),
             "disparities": disparities, "n_train": len(rows), "n_train_prompts": len(sets["train"]),
-            "n_heldout_prompts": len(heldout), "dpo_steps": steps, "lr": lr, "train_s": train_s}
+            "n_heldout_prompts": len(heldout), "dpo_steps": steps, "lr": lr, "train_s": train_s,
+            **({"cluster_sweep": sweep} if sizes.cluster_sweep else {})}
     _log_setting(name, part)
     return part
 
@@ -452,12 +509,13 @@ def run_setting(name: str, sizes: Sizes, quick: bool, seed: int, hh_path: Path, 
     train_rows = audit_rows[:sizes.hh_n_train]
     after, train_s = fit_dpo(base, train_rows, tok, steps=sizes.hh_dpo_steps, lr=sizes.hh_lr, sizes=sizes, seed=seed)
     sets = prompt_sets([r.prompt for r in train_rows], [r.prompt for r in heldout], sizes)
-    methods, _ = check_methods(base, after, tok, {hook: sae}, audit_rows, sets, sizes, seed, work / name)
+    methods, checks = check_methods(base, after, tok, {hook: sae}, audit_rows, sets, sizes, seed, work / name)
+    sweep = cluster_sweep(base, after, tok, {hook: sae}, audit_rows, sets, methods, checks, sizes, seed, work / name)
     part = {**by_prompts(methods),
             "implicit_reward_accuracy": implicit_reward_accuracy(base, after, tok, train_rows, heldout, sizes),
             "train_s": train_s, "n_audit": len(audit_rows), "n_train": len(train_rows),
             "n_train_prompts": len(sets["train"]), "n_heldout": len(heldout), "dpo_steps": sizes.hh_dpo_steps,
-            "lr": sizes.hh_lr}
+            "lr": sizes.hh_lr, **({"cluster_sweep": sweep} if sizes.cluster_sweep else {})}
     _log_setting(name, part)
     return part
 
@@ -523,6 +581,29 @@ def headline(results: dict[str, Any]) -> str:
         prompts = next((m.get("prompts") for m in found.values() if m.get("prompts")), "heldout")
         rows.append([name, prompts, cell("paper"), cell("tilt"), cell("paired")])
     return common.markdown_table(["setting", "prompts", "paper R² [95% CI] (clusters)", "tilt", "paired"], rows)
+
+
+def _rule(rule: str | float | None, resolution: Any) -> str:
+    """A cluster rule as the sweep table names it, with the Leiden resolution it chose where known."""
+    name = "resolution 1 (default)" if rule is None else "auto" if rule == "auto" else f"{rule:g} features"
+    used = sorted(set((resolution or {}).values()))
+    return name + (f" → resolution {', '.join(f'{r:g}' for r in used)}" if used else "")
+
+
+def sweep(results: dict[str, Any]) -> str:
+    """R² of the paper and tilt predictors per cluster rule (`--cluster-sweep`), each setting's
+    measured rules on the same rollouts."""
+    rows = []
+    for name, part in results["settings"].items():
+        for r in part.get("cluster_sweep", []):
+            paper, tilt = r.get("paper", {}), r.get("tilt", {})
+            rows.append([name, _rule(r["cluster_target_size"], r.get("leiden_resolution_used")), r["prompts"],
+                         _fmt(paper.get("n_clusters")), f"{_fmt(paper.get('r2'))} {_ci(paper)}",
+                         f"{_fmt(tilt.get('r2'))} {_ci(tilt)}", _fmt(tilt.get("r2_ols"))])
+    if not rows:
+        return "No setting of these results has a cluster sweep (`--cluster-sweep`)."
+    return common.markdown_table(["setting", "cluster rule (paper method)", "prompts", "clusters",
+                                  "paper R² [95% CI]", "tilt R² [95% CI]", "tilt OLS R²"], rows)
 
 
 GOALS = {  # issue 24's pre-registered goals: setting -> (tilt R² at least, clusters at least, OLS R² at least, every marker's sign)
@@ -604,6 +685,15 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
     return merged
 
 
+def _target_size(value: str) -> str | float:
+    """A --cluster-target-size / --cluster-sweep value: 'auto' or a number > 1 (checked as the audit checks it)."""
+    from lightning_anatomy.audit.cofiring import check_target_size
+
+    size = value.strip() if value.strip() == "auto" else float(value)
+    check_target_size(size)
+    return size
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
@@ -623,6 +713,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-prompts", type=int, default=None, metavar="N",
                         help="prompts of the DPO pairs to roll out for the training-prompt measurement "
                              "(default: as many as the setting's held-out prompts)")
+    parser.add_argument("--cluster-sweep", default=None, metavar="SIZES",
+                        help="paper method: further Leiden rules to measure on the same rollouts, comma-separated "
+                             "target cluster sizes or 'auto' (e.g. 4,8,16,auto); written under cluster_sweep")
     parser.add_argument("--hh-heldout", type=int, default=None, metavar="N",
                         help="hh_smollm2: held-out pairs (their prompts rolled out, their pairs scored for the "
                              "implicit-reward accuracy); default 96")
@@ -631,6 +724,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--train-prompts {args.train_prompts}: roll out at least 2 prompts")
     if args.hh_heldout is not None and args.hh_heldout < 2:
         parser.error(f"--hh-heldout {args.hh_heldout}: hold out at least 2 pairs")
+    try:
+        sweep = tuple(_target_size(v) for v in (args.cluster_sweep or "").split(",") if v.strip())
+    except ValueError as err:
+        parser.error(f"--cluster-sweep {args.cluster_sweep}: {err}")
     if args.merge:
         merged = merge_results(args.merge)
         common.publish(merged, args.out, args.name or "prediction", tables)
@@ -641,7 +738,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target = args.cluster_target_size
     sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
                     dpo_steps=sizes.dpo_steps if args.steps is None else args.steps,
-                    cluster_target_size=None if target is None else target if target == "auto" else float(target),
+                    cluster_target_size=None if target is None else _target_size(target), cluster_sweep=sweep,
                     n_train_prompts=args.train_prompts,
                     hh_n_heldout=sizes.hh_n_heldout if args.hh_heldout is None else args.hh_heldout)
     started = time.time()

@@ -82,19 +82,32 @@ def test_quick_run_measures_train_and_heldout_prompts_sampling_each_once(bench, 
     assert "implicit-reward accuracy" in table
 
 
-def test_prompt_count_flags_set_the_rolled_out_prompts(bench, tmp_path, monkeypatch):
+def test_run_flags_set_prompt_counts_and_sweep_clusters_on_the_same_rollouts(bench, tmp_path, monkeypatch):
     calls = _counting_sampler(monkeypatch)
     results = bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--parts", "graded_controlled",
-                          "--train-prompts", "3", "--hh-heldout", "5"])
+                          "--train-prompts", "3", "--hh-heldout", "5", "--cluster-sweep", "4, auto"])
     assert results["sizes"]["hh_n_heldout"] == 5  # recorded with the run (hh_smollm2's held-out pairs)
     part = results["settings"]["graded_controlled"]
     assert part["n_train_prompts"] == 3 and part["n_heldout_prompts"] == bench.QUICK.n_heldout
     assert {e["n_prompts"] for e in part["methods"].values() if "n_prompts" in e} == {3}
     assert sorted(calls) == [3, 3, bench.QUICK.n_heldout, bench.QUICK.n_heldout]
+    # the sweep: the run's own rule, then each swept rule, per prompt set, on the rollouts above (no more sampling)
+    sweep = part["cluster_sweep"]
+    assert [(r["cluster_target_size"], r["prompts"]) for r in sweep] == [
+        (rule, prompts) for rule in (None, 4.0, "auto") for prompts in ("train", "heldout")]
+    for r in sweep[:2]:
+        own = part[bench.RESULT_KEYS[r["prompts"]]]
+        assert r["paper"]["r2"] == own["paper"]["r2"] and r["tilt"]["r2"] == own["tilt"]["r2"]
+    for r in sweep[2:]:
+        assert r["leiden_resolution_used"] and set(r["paper"]) == set(r["tilt"]) == KEYS - {"prompts"}
+    table = bench.sweep(results)
+    assert table.count("| graded_controlled |") == 6 and "| 4 features → resolution " in table
+    assert "cluster sweep" in bench.sweep({"settings": {"x": {}}})
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(tmp_path), "--train-prompts", "1"])
-    with pytest.raises(SystemExit):
-        bench.main(["--quick", "--out", str(tmp_path), "--hh-heldout", "1"])
+    for bad in (["--hh-heldout", "1"], ["--cluster-sweep", "4,1"], ["--cluster-sweep", "big"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--quick", "--out", str(tmp_path), *bad])
 
 
 def test_prompt_sets_default_to_the_heldout_count_and_clip_to_the_data(bench):
