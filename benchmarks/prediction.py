@@ -585,7 +585,9 @@ def headline(results: dict[str, Any]) -> str:
 
 def _rule(rule: str | float | None, resolution: Any) -> str:
     """A cluster rule as the sweep table names it, with the Leiden resolution it chose where known."""
-    name = "resolution 1 (default)" if rule is None else "auto" if rule == "auto" else f"{rule:g} features"
+    if rule is None:
+        return "resolution 1 (the default)"
+    name = "auto" if rule == "auto" else f"{rule:g} features"
     used = sorted(set((resolution or {}).values()))
     return name + (f" → resolution {', '.join(f'{r:g}' for r in used)}" if used else "")
 
