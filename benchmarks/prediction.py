@@ -32,16 +32,20 @@ keys. `implicit_reward_accuracy` is TRL's `rewards/accuracies` of the trained po
 
 The training prompts rolled out are the first `--train-prompts` prompts of the DPO pairs
 (default: as many as the held-out prompts, so both measurements rest on equally many rollouts).
+`--cluster-sweep 4,auto,…` audits the pairs again under each further Leiden rule of the paper method
+and checks each on the same rollouts (`cluster_sweep`: R² per rule, the run's own rule first).
 
     python benchmarks/prediction.py                    # all three settings (hours on 2 CPU cores)
     python benchmarks/prediction.py --parts graded_controlled
     python benchmarks/prediction.py --quick            # random tiny models, small sizes: a smoke run (~1 min)
-    python benchmarks/prediction.py --parts graded_controlled --cluster-target-size auto --name prediction.auto
+    python benchmarks/prediction.py --parts graded_controlled --cluster-sweep 4,auto,12,24,48 --threads 1
+    python benchmarks/prediction.py --parts hh_smollm2 --train-prompts 48 --hh-heldout 48 --threads 2  # ~2.5 h
 
 Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
 `{"settings": {<setting>: {"methods" | "methods_heldout": {"paper" | "paired" | "tilt": {"r2",
 "r2_ci", "r2_ols", "sign_agreement", "n_clusters", "prompts", ...}}, "implicit_reward_accuracy":
-{"train", "heldout"}, ...}}}`, null where a number is undefined.
+{"train", "heldout"}, "cluster_sweep": [{"cluster_target_size", "prompts", "leiden_resolution_used",
+"paper", "tilt"}], ...}}}`, null where a number is undefined.
 """
 
 from __future__ import annotations
