@@ -695,7 +695,10 @@ def _target_size(value: str) -> str | float:
     """A --cluster-target-size / --cluster-sweep value: 'auto' or a number > 1 (checked as the audit checks it)."""
     from lightning_anatomy.audit.cofiring import check_target_size
 
-    size = value.strip() if value.strip() == "auto" else float(value)
+    try:
+        size = value.strip() if value.strip() == "auto" else float(value)
+    except ValueError:
+        raise ValueError(f"{value.strip()!r} is neither 'auto' nor a number of features per cluster (> 1)") from None
     check_target_size(size)
     return size
 
@@ -731,6 +734,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.hh_heldout is not None and args.hh_heldout < 2:
         parser.error(f"--hh-heldout {args.hh_heldout}: hold out at least 2 pairs")
     try:
+        target = None if args.cluster_target_size is None else _target_size(args.cluster_target_size)
+    except ValueError as err:
+        parser.error(f"--cluster-target-size {args.cluster_target_size}: {err}")
+    try:
         sweep = tuple(_target_size(v) for v in (args.cluster_sweep or "").split(",") if v.strip())
     except ValueError as err:
         parser.error(f"--cluster-sweep {args.cluster_sweep}: {err}")
@@ -741,10 +748,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.setup_offline(args.threads)
     common.quiet_libraries()
     sizes = QUICK if args.quick else FULL
-    target = args.cluster_target_size
     sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
                     dpo_steps=sizes.dpo_steps if args.steps is None else args.steps,
-                    cluster_target_size=None if target is None else _target_size(target), cluster_sweep=sweep,
+                    cluster_target_size=target, cluster_sweep=sweep,
                     n_train_prompts=args.train_prompts,
                     hh_n_heldout=sizes.hh_n_heldout if args.hh_heldout is None else args.hh_heldout)
     started = time.time()

@@ -105,7 +105,8 @@ def test_run_flags_set_prompt_counts_and_sweep_clusters_on_the_same_rollouts(ben
     assert "cluster sweep" in bench.sweep({"settings": {"x": {}}})
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(tmp_path), "--train-prompts", "1"])
-    for bad in (["--hh-heldout", "1"], ["--cluster-sweep", "4,1"], ["--cluster-sweep", "big"]):
+    for bad in (["--hh-heldout", "1"], ["--cluster-sweep", "4,1"], ["--cluster-sweep", "big"],
+                ["--cluster-target-size", "0.5"]):
         with pytest.raises(SystemExit):
             bench.main(["--quick", "--out", str(tmp_path), *bad])
 
