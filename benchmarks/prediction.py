@@ -39,7 +39,7 @@ and checks each on the same rollouts (`cluster_sweep`: R² per rule, the run's o
     python benchmarks/prediction.py --parts graded_controlled
     python benchmarks/prediction.py --quick            # random tiny models, small sizes: a smoke run (~1 min)
     python benchmarks/prediction.py --parts graded_controlled --cluster-sweep 4,auto,12,24,48 --threads 1
-    python benchmarks/prediction.py --parts hh_smollm2 --train-prompts 48 --hh-heldout 48 --threads 2  # ~2.5 h
+    python benchmarks/prediction.py --parts hh_smollm2 --train-prompts 48 --hh-heldout 48 --threads 2  # ~2 h 51 min
 
 Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
 `{"settings": {<setting>: {"methods" | "methods_heldout": {"paper" | "paired" | "tilt": {"r2",
