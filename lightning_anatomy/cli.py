@@ -34,6 +34,7 @@ from lightning_anatomy.cli_errors import (
     unknown_key_line,
     user_error_line,
 )
+from lightning_anatomy.wandb_offline import wait_until_finished
 
 FIT_COMMANDS = ("fit", "validate")
 JOBS = {  # subcommand -> (module, config dataclass, run function, help)
@@ -324,12 +325,21 @@ def run_fit(argv: list[str]) -> int:
     return 0
 
 
-def finish_wandb() -> None:
+def finish_wandb(timeout: float = 30.0) -> None:
     """Close the command's W&B run, so its files are complete when `main` returns (also when it is
-    called from Python, e.g. a notebook, where the process does not exit)."""
+    called from Python, e.g. a notebook, where the process does not exit).
+
+    `wandb.finish()` may return before wandb-core has written the run's last records, so this
+    waits (at most `timeout` seconds) until the `.wandb` file holds its exit record.
+    """
     wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    sync_file = Path(run.settings.sync_file)
+    wandb.finish()
+    if sync_file.is_file():
+        wait_until_finished(sync_file, timeout)
 
 
 # ------------------------------------------------------------------------------ jobs

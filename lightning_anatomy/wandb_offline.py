@@ -121,16 +121,26 @@ def read_run(path_or_dir: str | Path, *, allow_truncated: bool = False, wait: fl
     complete records before the cut.
     """
     path = _run_file(Path(path_or_dir))
-    deadline = time.monotonic() + wait
+    return wait_until_finished(path, wait) or _parse(path, allow_truncated=allow_truncated)
+
+
+def wait_until_finished(path: str | Path, timeout: float) -> OfflineRun | None:
+    """The run parsed once its exit record is on disk, or None after `timeout` seconds.
+
+    wandb-core writes the `.wandb` file from its own process, so the file can still be short of
+    its last records when `wandb.finish()` returns.
+    """
+    path = _run_file(Path(path))
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             run = _parse(path, allow_truncated=True)
-        except WandbFileError:  # e.g. the header is not written yet
+        except (WandbFileError, OSError):  # e.g. the header is not written yet
             run = None
         if run is not None and run.finished:
             return run
         time.sleep(0.05)
-    return _parse(path, allow_truncated=allow_truncated)
+    return None
 
 
 def _run_file(path: Path) -> Path:

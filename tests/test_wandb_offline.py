@@ -134,3 +134,30 @@ def test_lightning_wandb_logger_metrics_read_back(tmp_path):
     assert run.config == {"beta": 0.1}
     assert run.series("train/loss", step_key="trainer/global_step") == [(0, 0.75), (5, 0.5), (10, 0.375)]
     assert run.series("train/rewards/accuracies", step_key="trainer/global_step") == [(0, 0.0), (5, 0.5), (10, 1.0)]
+
+
+def test_cli_finish_returns_once_the_file_holds_the_exit_record(tmp_path, monkeypatch):
+    """wandb-core can still be writing when `wandb.finish()` returns: the CLI waits for the exit record."""
+    import sys
+    import threading
+    import types
+
+    from lightning_anatomy.cli import finish_wandb
+
+    _write_run(tmp_path)
+    (run_dir,) = find_offline_runs(tmp_path)
+    (wandb_file,) = run_dir.glob("run-*.wandb")
+    full = read_run(wandb_file, wait=30).history
+    data = wandb_file.read_bytes()
+    wandb_file.write_bytes(data[: len(data) - 5])  # as when finish() returns before the last flush
+
+    def finish():  # the file is completed 0.3 s after finish() returned
+        fake.run = None
+        threading.Timer(0.3, wandb_file.write_bytes, args=(data,)).start()
+
+    fake = types.SimpleNamespace(run=types.SimpleNamespace(settings=types.SimpleNamespace(sync_file=str(wandb_file))),
+                                 finish=finish)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    finish_wandb()
+    run = read_run(wandb_file)  # no wait: complete on return
+    assert run.finished and run.history == full
