@@ -34,18 +34,22 @@ The training prompts rolled out are the first `--train-prompts` prompts of the D
 (default: as many as the held-out prompts, so both measurements rest on equally many rollouts).
 `--cluster-sweep 4,auto,…` audits the pairs again under each further Leiden rule of the paper method
 and checks each on the same rollouts (`cluster_sweep`: R² per rule, the run's own rule first).
+`--tilt-samples dataset,both` measures the tilt predictor again on the same rollouts with each
+further sample it can reweight (`tilt_samples`: R² per sample, its own "rollouts" first).
 
     python benchmarks/prediction.py                    # all three settings (hours on 2 CPU cores)
     python benchmarks/prediction.py --parts graded_controlled
     python benchmarks/prediction.py --quick            # random tiny models, small sizes: a smoke run (~1 min)
     python benchmarks/prediction.py --parts graded_controlled --cluster-sweep 4,auto,12,24,48 --threads 1
+    python benchmarks/prediction.py --parts graded_smollm2 --tilt-samples dataset,both
     python benchmarks/prediction.py --parts hh_smollm2 --train-prompts 48 --hh-heldout 48 --threads 2  # ~2 h 51 min
 
 Writes `<out>/prediction.json` (`prediction.quick.json` with --quick):
 `{"settings": {<setting>: {"methods" | "methods_heldout": {"paper" | "paired" | "tilt": {"r2",
 "r2_ci", "r2_ols", "sign_agreement", "n_clusters", "prompts", ...}}, "implicit_reward_accuracy":
 {"train", "heldout"}, "cluster_sweep": [{"cluster_target_size", "prompts", "leiden_resolution_used",
-"paper", "tilt"}], ...}}}`, null where a number is undefined.
+"paper", "tilt"}], "tilt_samples": [{"tilt_sample", "prompts", "r2", ...}], ...}}}`, null where a
+number is undefined.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ METHODS = ("paper", "paired")
 PREDICTORS = {"paper": ("paper", "tilt"), "paired": ("paper",)}  # per audit method, compared on the same rollouts
 PROMPT_SETS = ("train", "heldout")  # rollouts on the DPO data's own prompts (the paper's protocol), then held-out
 RESULT_KEYS = {"train": "methods", "heldout": "methods_heldout"}  # prompt set -> key of its measurement
+SUMMARY_KEYS = ("r2", "r2_ci", "r2_ols", "sign_agreement", "n_clusters")  # a predictor's measurement, per the results contract
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ class Sizes:
     cluster_target_size: str | float | None = None  # the paper method's Leiden rule (None: resolution 1)
     n_train_prompts: int | None = None  # training prompts rolled out (None: as many as the held-out prompts)
     cluster_sweep: tuple[str | float, ...] = ()  # further Leiden rules of the paper method, on the same rollouts
+    tilt_samples: tuple[str, ...] = ()  # further samples of the tilt predictor ("dataset", "both"), same rollouts
 
 
 FULL = Sizes()
@@ -262,13 +268,21 @@ def prompt_sets(train: list[str], heldout: list[str], sizes: Sizes) -> dict[str,
     return {"train": list(train[:n]), "heldout": list(heldout)}
 
 
+@dataclass
+class Checked:
+    """What `check_methods` measured, and what it built that later measurements of the run reuse."""
+
+    methods: dict[str, dict[str, Any]]  # prompt set -> results key -> summary
+    checks: dict[str, dict[str, Any]]  # prompt set -> results key -> (audit, check, predictor)
+    lens: Any  # the base model's ConceptLens
+    ids: dict[str, list[list[int]]]  # prompt set -> prompt token ids
+
+
 def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any],
-                  prompts: dict[str, list[str]], sizes: Sizes, seed: int, shards: Path
-                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+                  prompts: dict[str, list[str]], sizes: Sizes, seed: int, shards: Path) -> Checked:
     """Both audits of `rows` (each run once; one extraction in `shards`, shared), each checked on
     every prompt set of `prompts` ({"train": …, "heldout": …}); per prompt set the rollouts are
-    sampled once and reused across methods and predictors. Returns ({prompt set: {results key:
-    summary}}, {prompt set: {results key: (audit, check, predictor)}})."""
+    sampled once and reused across methods and predictors."""
     from lightning_anatomy.concepts.lens import ConceptLens
 
     lens = ConceptLens(base, saes, fidelity_check=False)
@@ -287,7 +301,7 @@ def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: l
             for name in ids:
                 for predictor in PREDICTORS[method]:
                     methods[name][names[predictor]] = {
-                        "r2": None, "r2_ci": [None, None], "r2_ols": None, "sign_agreement": None,
+                        **dict.fromkeys(SUMMARY_KEYS), "r2_ci": [None, None],
                         "n_clusters": len(audit.cluster_predictions), "prompts": name, **about}
             continue
         for name, set_ids in ids.items():
@@ -301,7 +315,7 @@ def check_methods(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: l
             for predictor, summary in check.summary()["predictors"].items():
                 methods[name][names[predictor]] = {**summary, "prompts": name, **about, **measured}
                 checks[name][names[predictor]] = (audit, check, predictor)
-    return methods, checks
+    return Checked(methods, checks, lens, ids)
 
 
 def prompt_ids(prompts: dict[str, list[str]], tok: Any, sizes: Sizes) -> dict[str, list[list[int]]]:
@@ -322,53 +336,78 @@ def run_audit(rows: list[Any], lens: Any, tok: Any, method: str, sizes: Sizes, s
 
 
 def run_check(audit: Any, base: Any, after: Any, tok: Any, saes: dict[str, Any], ids: list[list[int]], sizes: Sizes,
-              seed: int, predictors: tuple[str, ...], reuse: Any) -> Any:
+              seed: int, predictors: tuple[str, ...], reuse: Any, tilt_sample: str = "rollouts") -> Any:
     """`check_prediction` as every measurement here runs it; `reuse` an earlier check on the same prompts."""
     from lightning_anatomy.audit import check_prediction
 
     return check_prediction(audit, base, after, ids, tokenizer=tok, saes=saes,
                             samples_per_prompt=sizes.samples_per_prompt, max_new_tokens=sizes.max_new_tokens,
-                            seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=predictors, reuse=reuse)
+                            seed=seed, n_bootstrap=sizes.n_bootstrap, predictors=predictors, reuse=reuse,
+                            tilt_sample=tilt_sample)
 
 
-def cluster_sweep(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any],
-                  prompts: dict[str, list[str]], methods: dict[str, dict[str, Any]],
-                  checks: dict[str, dict[str, Any]], sizes: Sizes, seed: int, shards: Path) -> list[dict[str, Any]]:
+def cluster_sweep(base: Any, after: Any, tok: Any, saes: dict[str, Any], rows: list[Any], checked: Checked,
+                  sizes: Sizes, seed: int, shards: Path) -> list[dict[str, Any]]:
     """How the paper and tilt predictors' R² depends on the paper method's clusters (issue 24, item
     2): the run's own rule first, then each rule of `sizes.cluster_sweep`, audited on the same
     extraction and checked on the same rollouts and SAE firing (nothing is sampled again: only the
-    clustering and the predictions change). One row per rule and prompt set."""
-    from lightning_anatomy.concepts.lens import ConceptLens
+    clustering and the predictions change). One row per rule and prompt set; none without a sweep."""
+    if not sizes.cluster_sweep:
+        return []
 
     def row(rule: str | float | None, name: str, found: dict[str, Any], resolution: Any) -> dict[str, Any]:
         return {"cluster_target_size": rule, "prompts": name, "leiden_resolution_used": resolution,
-                **{p: {k: found[p].get(k) for k in ("r2", "r2_ci", "r2_ols", "sign_agreement", "n_clusters")}
-                   for p in PREDICTORS["paper"] if p in found}}
+                **{p: {k: found[p].get(k) for k in SUMMARY_KEYS} for p in PREDICTORS["paper"] if p in found}}
 
-    out = [row(sizes.cluster_target_size, name, methods[name], checks[name]["paper"][0].options.get(
-        "leiden_resolution_used")) for name in prompts if "paper" in checks[name]]
-    if not sizes.cluster_sweep:
-        return out
-    lens = ConceptLens(base, saes, fidelity_check=False)
-    ids = prompt_ids(prompts, tok, sizes)
+    checks = checked.checks
+    out = [row(sizes.cluster_target_size, name, checked.methods[name], checks[name]["paper"][0].options.get(
+        "leiden_resolution_used")) for name in checked.ids if "paper" in checks[name]]
     for rule in sizes.cluster_sweep:
-        audit = run_audit(rows, lens, tok, "paper", sizes, seed, shards, rule)
+        audit = run_audit(rows, checked.lens, tok, "paper", sizes, seed, shards, rule)
         resolution = audit.options.get("leiden_resolution_used")
-        for name in prompts:
+        for name, ids in checked.ids.items():
             earlier = checks[name].get("paper")
             if earlier is None or len(audit.cluster_predictions) < 2:
                 common.log(f"  cluster rule {rule} ({name}): {len(audit.cluster_predictions)} clusters, no R²")
                 continue
-            check = run_check(audit, base, after, tok, saes, ids[name], sizes, seed, PREDICTORS["paper"], earlier[1])
+            check = run_check(audit, base, after, tok, saes, ids, sizes, seed, PREDICTORS["paper"], earlier[1])
             out.append(row(rule, name, check.summary()["predictors"], resolution))
             common.log(f"  cluster rule {rule} ({name}): {out[-1]['paper']['n_clusters']} clusters, "
                        f"paper R² {out[-1]['paper']['r2']}, tilt R² {out[-1]['tilt']['r2']}")
     return out
 
 
-def by_prompts(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{"methods": the training-prompt measurement, "methods_heldout": the held-out one}."""
-    return {RESULT_KEYS[name]: methods[name] for name in PROMPT_SETS if name in methods}
+def tilt_samples(base: Any, after: Any, tok: Any, saes: dict[str, Any], checked: Checked, sizes: Sizes,
+                 seed: int) -> tuple[list[dict[str, Any]], list[tuple[Any, Any]]]:
+    """The tilt predictor's R² per sample it reweights: its own ("rollouts", a cluster they never show
+    falling back to the dataset's responses) first, then each of `sizes.tilt_samples` ("dataset",
+    "both"), on the paper method's audit and the same rollouts and SAE firing. Returns (one row per
+    sample and prompt set, each row's (audit, check)); none without `--tilt-samples`."""
+    rows: list[dict[str, Any]] = []
+    found: list[tuple[Any, Any]] = []
+    if not sizes.tilt_samples:
+        return rows, found
+    for name, ids in checked.ids.items():
+        own = checked.checks[name].get("tilt")
+        if own is None:
+            continue
+        audit, check, _ = own
+        for sample in ("rollouts", *sizes.tilt_samples):
+            if sample != "rollouts":
+                check = run_check(audit, base, after, tok, saes, ids, sizes, seed, ("tilt",), own[1], sample)
+            summary = check.summary()["predictors"]["tilt"]
+            rows.append({"tilt_sample": sample, "prompts": name, "sample_used": summary["sample"],
+                         "r2_first_order": summary["r2_first_order"], **{k: summary[k] for k in SUMMARY_KEYS}})
+            found.append((audit, check))
+            common.log(f"  tilt sample {sample} ({name}): tilt R² {summary['r2']}")
+    return rows, found
+
+
+def by_prompts(checked: Checked, sweep: list[dict[str, Any]], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"methods": the training-prompt measurement, "methods_heldout": the held-out one,
+    "cluster_sweep" / "tilt_samples": their rows, where they ran}."""
+    return {**{RESULT_KEYS[name]: checked.methods[name] for name in PROMPT_SETS if name in checked.methods},
+            **({"cluster_sweep": sweep} if sweep else {}), **({"tilt_samples": samples} if samples else {})}
 
 
 def marker_summary(check: Any, tok: Any, disparities: dict[str, float], audit: Any, lens: Any, hook: str,
@@ -449,25 +488,27 @@ def _log_setting(name: str, part: dict[str, Any]) -> None:
 def graded(name: str, base: Any, tok: Any, sae: Any, hook: str, prompts: list[str], responses: list[str],
            heldout: list[str], heldout_responses: list[str], *, steps: int, lr: float, sizes: Sizes, seed: int,
            work: Path) -> dict[str, Any]:
-    from lightning_anatomy.concepts.lens import ConceptLens
-
     order = np.random.default_rng(seed).permutation(len(MARKERS))
     disparities = {MARKERS[i].name: DISPARITIES[j] for j, i in enumerate(order)}
     rows = graded_rows(prompts, responses, disparities, seed)
     heldout_rows = graded_rows(heldout, heldout_responses, disparities, seed, stream="graded-heldout")
     after, train_s = fit_dpo(base, rows, tok, steps=steps, lr=lr, sizes=sizes, seed=seed)
     sets = prompt_sets(prompts, heldout, sizes)
-    methods, checks = check_methods(base, after, tok, {hook: sae}, rows, sets, sizes, seed, work / name)
-    sweep = cluster_sweep(base, after, tok, {hook: sae}, rows, sets, methods, checks, sizes, seed, work / name)
-    lens = ConceptLens(base, {hook: sae}, fidelity_check=False)
-    for prompt_set, found in checks.items():
+    checked = check_methods(base, after, tok, {hook: sae}, rows, sets, sizes, seed, work / name)
+    sweep = cluster_sweep(base, after, tok, {hook: sae}, rows, checked, sizes, seed, work / name)
+    samples, sampled = tilt_samples(base, after, tok, {hook: sae}, checked, sizes, seed)
+    for prompt_set, found in checked.checks.items():
         for key, (audit, check, predictor) in found.items():
-            methods[prompt_set][key].update(marker_summary(check, tok, disparities, audit, lens, hook, predictor))
-    part = {**by_prompts(methods),
+            checked.methods[prompt_set][key].update(
+                marker_summary(check, tok, disparities, audit, checked.lens, hook, predictor))
+    for row, (audit, check) in zip(samples, sampled, strict=True):
+        markers = marker_summary(check, tok, disparities, audit, checked.lens, hook, "tilt")
+        row["all_marker_signs_predicted"] = markers["all_marker_signs_predicted"]
+        row["markers_predicted"] = {m: v["cluster_predicted"] for m, v in markers["markers"].items()}
+    part = {**by_prompts(checked, sweep, samples),
             "implicit_reward_accuracy": implicit_reward_accuracy(base, after, tok, rows, heldout_rows, sizes),
             "disparities": disparities, "n_train": len(rows), "n_train_prompts": len(sets["train"]),
-            "n_heldout_prompts": len(heldout), "dpo_steps": steps, "lr": lr, "train_s": train_s,
-            **({"cluster_sweep": sweep} if sizes.cluster_sweep else {})}
+            "n_heldout_prompts": len(heldout), "dpo_steps": steps, "lr": lr, "train_s": train_s}
     _log_setting(name, part)
     return part
 
@@ -513,13 +554,14 @@ def run_setting(name: str, sizes: Sizes, quick: bool, seed: int, hh_path: Path, 
     train_rows = audit_rows[:sizes.hh_n_train]
     after, train_s = fit_dpo(base, train_rows, tok, steps=sizes.hh_dpo_steps, lr=sizes.hh_lr, sizes=sizes, seed=seed)
     sets = prompt_sets([r.prompt for r in train_rows], [r.prompt for r in heldout], sizes)
-    methods, checks = check_methods(base, after, tok, {hook: sae}, audit_rows, sets, sizes, seed, work / name)
-    sweep = cluster_sweep(base, after, tok, {hook: sae}, audit_rows, sets, methods, checks, sizes, seed, work / name)
-    part = {**by_prompts(methods),
+    checked = check_methods(base, after, tok, {hook: sae}, audit_rows, sets, sizes, seed, work / name)
+    sweep = cluster_sweep(base, after, tok, {hook: sae}, audit_rows, checked, sizes, seed, work / name)
+    samples, _ = tilt_samples(base, after, tok, {hook: sae}, checked, sizes, seed)
+    part = {**by_prompts(checked, sweep, samples),
             "implicit_reward_accuracy": implicit_reward_accuracy(base, after, tok, train_rows, heldout, sizes),
             "train_s": train_s, "n_audit": len(audit_rows), "n_train": len(train_rows),
             "n_train_prompts": len(sets["train"]), "n_heldout": len(heldout), "dpo_steps": sizes.hh_dpo_steps,
-            "lr": sizes.hh_lr, **({"cluster_sweep": sweep} if sizes.cluster_sweep else {})}
+            "lr": sizes.hh_lr}
     _log_setting(name, part)
     return part
 
@@ -610,6 +652,22 @@ def sweep(results: dict[str, Any]) -> str:
         return "No setting of these results has a cluster sweep (`--cluster-sweep`)."
     return common.markdown_table(["setting", "cluster rule (paper method)", "prompts", "clusters",
                                   "paper R² [95% CI]", "tilt R² [95% CI]", "tilt OLS R²"], rows)
+
+
+def samples(results: dict[str, Any]) -> str:
+    """R² of the tilt predictor per sample it reweights (`--tilt-samples`), each setting's measured
+    samples on the same rollouts."""
+    rows = []
+    for name, part in results["settings"].items():
+        for r in part.get("tilt_samples", []):
+            signs = r.get("all_marker_signs_predicted")
+            rows.append([name, r["tilt_sample"], r["prompts"], _fmt(r.get("n_clusters")), f"{_fmt(r.get('r2'))} {_ci(r)}",
+                         _fmt(r.get("r2_ols")), _fmt(r.get("sign_agreement")),
+                         "–" if signs is None else "yes" if signs else "no"])
+    if not rows:
+        return "No setting of these results compares tilt samples (`--tilt-samples`)."
+    return common.markdown_table(["setting", "tilt sample", "prompts", "clusters", "tilt R² [95% CI]", "OLS R²",
+                                  "signs", "every marker's sign"], rows)
 
 
 GOALS = {  # issue 24's pre-registered goals: setting -> (tilt R² at least, clusters at least, OLS R² at least, every marker's sign)
@@ -725,6 +783,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cluster-sweep", default=None, metavar="SIZES",
                         help="paper method: further Leiden rules to measure on the same rollouts, comma-separated "
                              "target cluster sizes or 'auto' (e.g. 4,8,16,auto); written under cluster_sweep")
+    parser.add_argument("--tilt-samples", default=None, metavar="SAMPLES",
+                        help="tilt predictor: further samples to measure on the same rollouts, comma-separated "
+                             "from 'dataset', 'both' (the default 'rollouts' is always measured); written under "
+                             "tilt_samples")
     parser.add_argument("--hh-heldout", type=int, default=None, metavar="N",
                         help="hh_smollm2: held-out pairs (their prompts rolled out, their pairs scored for the "
                              "implicit-reward accuracy); default 96")
@@ -741,6 +803,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sweep = tuple(_target_size(v) for v in (args.cluster_sweep or "").split(",") if v.strip())
     except ValueError as err:
         parser.error(f"--cluster-sweep {args.cluster_sweep}: {err}")
+    samples = tuple(v.strip() for v in (args.tilt_samples or "").split(",") if v.strip())
+    for sample in samples:
+        if sample not in ("dataset", "both"):
+            parser.error(f"--tilt-samples {args.tilt_samples}: {sample!r} is not a further tilt sample; choose "
+                         "from dataset, both (rollouts, the default, is always measured)")
     if args.merge:
         merged = merge_results(args.merge)
         common.publish(merged, args.out, args.name or "prediction", tables)
@@ -750,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     sizes = replace(sizes, lr=sizes.lr if args.lr is None else args.lr,
                     dpo_steps=sizes.dpo_steps if args.steps is None else args.steps,
-                    cluster_target_size=target, cluster_sweep=sweep,
+                    cluster_target_size=target, cluster_sweep=sweep, tilt_samples=samples,
                     n_train_prompts=args.train_prompts,
                     hh_n_heldout=sizes.hh_n_heldout if args.hh_heldout is None else args.hh_heldout)
     started = time.time()

@@ -44,7 +44,13 @@ from lightning_anatomy.audit.rollouts import (
     response_frequencies,
     sample_rollouts,
 )
-from lightning_anatomy.audit.tilt import check_predictor, pair_cluster_activity, tilt_predict
+from lightning_anatomy.audit.tilt import (
+    SAMPLES,
+    check_predictor,
+    check_sample,
+    pair_cluster_activity,
+    tilt_predict,
+)
 from lightning_anatomy.files import atomic_directory
 
 TABLE_COLUMNS = ("hook", "cluster", "n_features", "label", "predicted", "observed", "before", "after")
@@ -257,6 +263,7 @@ def check_prediction(
     confidence: float = 0.95,
     n_examples: int = 3,
     predictors: Sequence[str] | None = None,
+    tilt_sample: str = "rollouts",
     reuse: PredictionCheck | None = None,
 ) -> PredictionCheck:
     """Rollouts of both policies on `prompts`, each cluster's change, and its agreement with the audit.
@@ -272,6 +279,8 @@ def check_prediction(
     `predictors`: the predictions to compare on the same rollouts ("paper", "tilt"; default:
     the one the audit ran with). "tilt" refits the audit's Bradley–Terry reward on its pairs
     (the audit's span features, at this τ and measure) and tilts the `policy_before` rollouts.
+    `tilt_sample`: what the tilt reweights: "rollouts" (a cluster they never show falls back to
+    the dataset's responses), "dataset" (the pairs' responses) or "both" (pooled); see `audit.tilt`.
     `reuse`: an earlier `PredictionCheck` of the same two policies on the same prompts and
     sampling settings; its rollouts and SAE firing are reused instead of sampled again.
     """
@@ -313,6 +322,7 @@ def check_prediction(
         raise ValueError(f"predictors={predictors!r} is invalid: pass distinct names from ('paper', 'tilt')")
     for name in names:
         check_predictor(name, "predictors")
+    check_sample(tilt_sample)
     if reuse is not None and not (isinstance(reuse, PredictionCheck) and reuse.rollouts and reuse.frequencies):
         raise ValueError("reuse must be a PredictionCheck returned by check_prediction in this process (its rollouts "
                          "and firing are kept in memory only)")
@@ -364,11 +374,12 @@ def check_prediction(
     before = values_before.mean(axis=0)
     after = reader.values(freqs["after"]).mean(axis=0)
     first_order = None
-    tilt_sample = None
+    tilt_used = None  # per cluster: the sample the tilt reweighted
     if pairs is not None:
-        tilt = tilt_predict(pairs[0], pairs[1], rollouts=values_before, scale=float(options.get("tilt_scale", 1.0)),
+        tilt = tilt_predict(pairs[0], pairs[1], rollouts=values_before, sample=tilt_sample,
+                            scale=float(options.get("tilt_scale", 1.0)),
                             n_folds=int(options.get("tilt_folds", 5)), seed=int(options.get("seed", seed)))
-        shifts["tilt"], first_order, tilt_sample = tilt.full, tilt.first_order, tilt.sample.astype(str)
+        shifts["tilt"], first_order, tilt_used = tilt.full, tilt.first_order, tilt.sample.astype(str)
     labels = _cluster_labels(audit_result, assign)
     table = pd.DataFrame({
         "hook": predictions["hook"].to_numpy(), "cluster": cluster_ids,
@@ -381,7 +392,7 @@ def check_prediction(
         table[f"predicted_{name}"] = shifts[name]
     if first_order is not None:
         table["predicted_tilt_first_order"] = first_order
-        table["tilt_sample"] = tilt_sample
+        table["tilt_sample"] = tilt_used
     y = table["observed"].to_numpy()
     rows = []
     for name in names:
@@ -391,8 +402,8 @@ def check_prediction(
         sample = "pairs"
         r2_first = float("nan")
         if name == "tilt":
-            used = set(tilt_sample)
-            sample = "+".join(s for s in ("rollouts", "dataset") if s in used)
+            used = set(tilt_used)
+            sample = "+".join(s for s in SAMPLES if s in used)
             r2_first = r_squared(first_order, y)
         rows.append({"predictor": name, "r2": float("nan") if r2_ is None else r2_, "r2_ci_low": lo,
                      "r2_ci_high": hi, "r2_ols": float("nan") if r2_ols_ is None else r2_ols_,
@@ -403,6 +414,7 @@ def check_prediction(
     features = _feature_table(audit_result, assign, reader, freqs)
     settings = {**sampling, "tau": tau, "measure": measure, "n_bootstrap": n_bootstrap, "confidence": confidence,
                 "method": options.get("method", "paired"), "hooks": hooks, "predictors": names,
+                **({"tilt_sample": tilt_sample} if "tilt" in names else {}),
                 "reused_rollouts": reuse is not None,
                 "mean_response_tokens": {s: float(np.mean([len(r.response_ids) for r in sampled[s]])) for s in sampled}}
     examples = []

@@ -20,10 +20,15 @@ is predicted alone. The tilt predictor (`predictor="tilt"`) instead:
    Σ_i softmax(t·r)_i·a_i − mean(a), and its first order Cov(a_m, w·a)·t. All clusters move
    jointly through the sample's own correlations, a common drift included.
 
-The sample is the base policy's own rollouts where they exist (`check_prediction` samples
-them), otherwise the dataset's responses (chosen and rejected of every pair). A cluster that never
-fires in the rollouts cannot be predicted from them (its activity has no variance there), so
-it falls back to the dataset's responses; `sample` names, per cluster, which one was used.
+The sample (`tilt_sample`) is by default the base policy's own rollouts where they exist
+(`check_prediction` samples them), otherwise the dataset's responses (chosen and rejected of every
+pair). A cluster that never fires in the rollouts cannot be predicted from them (its activity has
+no variance there), so it falls back to the dataset's responses; `sample` names, per cluster,
+which one was used. `tilt_sample="dataset"` uses the dataset's responses for every cluster, and
+`"both"` pools the rollouts and the dataset's responses into one sample (each response one row),
+so that a concept the base model shows rarely but the pairs carry often still has weight to move:
+where DPO leaves the base model's support, a tilt of its rollouts alone can only reweight what
+they already contain.
 
 t (`tilt_scale`, default 1): at DPO's exact optimum t = 1/β, but a finite run moves less; the
 first-order prediction is linear in t, so the Pearson R² does not depend on it.
@@ -48,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PREDICTORS = ("paper", "tilt")
 L2_GRID = tuple(float(10.0 ** k) for k in range(-5, 3))  # per-pair penalty λ: 1e-5 … 1e2
-SAMPLES = ("rollouts", "dataset")
+SAMPLES = ("rollouts", "dataset", "both")  # what the tilt reweights: see the module docstring
 
 
 def check_predictor(name: object, option: str = "predictor") -> str:
@@ -56,6 +61,15 @@ def check_predictor(name: object, option: str = "predictor") -> str:
     if not isinstance(name, str) or name not in PREDICTORS:
         raise ValueError(f"{option}={name!r} is invalid: choose one of {', '.join(PREDICTORS)} ('paper': each "
                          "cluster's own mean disparity; 'tilt': a joint Bradley–Terry reward propagated as a tilt)")
+    return name
+
+
+def check_sample(name: object, option: str = "tilt_sample") -> str:
+    """`name` if it is a known tilt sample, else a ValueError naming it and the choices."""
+    if not isinstance(name, str) or name not in SAMPLES:
+        raise ValueError(f"{option}={name!r} is invalid: choose one of {', '.join(SAMPLES)} ('rollouts': the base "
+                         "policy's rollouts, the dataset's responses for a cluster they never show; 'dataset': the "
+                         "pairs' responses; 'both': the two pooled)")
     return name
 
 
@@ -185,7 +199,7 @@ class TiltPrediction:
 
     full: np.ndarray
     first_order: np.ndarray
-    sample: np.ndarray  # "rollouts" or "dataset" per cluster
+    sample: np.ndarray  # "rollouts", "dataset" or "both" per cluster
     fit: BradleyTerryFit
 
 
@@ -194,6 +208,7 @@ def tilt_predict(
     rejected: np.ndarray,
     *,
     rollouts: np.ndarray | None = None,
+    sample: str = "rollouts",
     scale: float = 1.0,
     n_folds: int = 5,
     seed: int = 0,
@@ -201,9 +216,10 @@ def tilt_predict(
 ) -> TiltPrediction:
     """The tilt prediction from the pairs' cluster activities [n_pairs, M] (chosen, rejected).
 
-    The tilt runs on `rollouts` [N, M] (the base policy's cluster activities) when given; clusters
-    that never fire there, and every cluster without rollouts, use the dataset's responses
-    (chosen and rejected stacked).
+    With `sample="rollouts"` the tilt runs on `rollouts` [N, M] (the base policy's cluster
+    activities) when given; clusters that never fire there, and every cluster without rollouts, use
+    the dataset's responses (chosen and rejected stacked). `sample="dataset"` ignores the rollouts;
+    `sample="both"` tilts the rollouts and the dataset's responses pooled (it needs `rollouts`).
     """
     c = np.asarray(chosen, dtype=np.float64)
     r = np.asarray(rejected, dtype=np.float64)
@@ -211,20 +227,29 @@ def tilt_predict(
         raise ValueError(f"chosen and rejected cluster activities must share a 2-d shape, got {c.shape} and {r.shape}")
     if not (isinstance(scale, int | float) and np.isfinite(scale) and scale > 0):
         raise ValueError(f"tilt_scale={scale!r} is invalid: pass a number > 0 (1: the Bradley–Terry reward as is)")
-    fit = fit_bradley_terry(c - r, l2_grid=l2_grid, n_folds=n_folds, seed=seed)
-    full, first = tilt_shift(np.vstack([c, r]), fit.weights, scale=scale)
-    sample = np.full(c.shape[1], "dataset", dtype=object)
+    check_sample(sample)
+    a = None
     if rollouts is not None:
         a = np.asarray(rollouts, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] != c.shape[1]:
             raise ValueError(f"rollouts must be [n_rollouts, {c.shape[1]}] cluster activities, got {a.shape}")
-        if a.shape[0]:
-            fires = np.any(a != 0, axis=0)
-            full_r, first_r = tilt_shift(a, fit.weights, scale=scale)
-            full = np.where(fires, full_r, full)
-            first = np.where(fires, first_r, first)
-            sample[fires] = "rollouts"
-    return TiltPrediction(full=full, first_order=first, sample=sample, fit=fit)
+    if sample == "both" and (a is None or not a.shape[0]):
+        raise ValueError("tilt_sample='both' pools the base policy's rollouts with the dataset's responses, but no "
+                         "rollouts were given; use check_prediction (it samples them) or tilt_sample='dataset'")
+    fit = fit_bradley_terry(c - r, l2_grid=l2_grid, n_folds=n_folds, seed=seed)
+    dataset = np.vstack([c, r])
+    if sample == "both":
+        full, first = tilt_shift(np.vstack([a, dataset]), fit.weights, scale=scale)
+        return TiltPrediction(full=full, first_order=first, sample=np.full(c.shape[1], "both", dtype=object), fit=fit)
+    full, first = tilt_shift(dataset, fit.weights, scale=scale)
+    used = np.full(c.shape[1], "dataset", dtype=object)
+    if sample == "rollouts" and a is not None and a.shape[0]:
+        fires = np.any(a != 0, axis=0)
+        full_r, first_r = tilt_shift(a, fit.weights, scale=scale)
+        full = np.where(fires, full_r, full)
+        first = np.where(fires, first_r, first)
+        used[fires] = "rollouts"
+    return TiltPrediction(full=full, first_order=first, sample=used, fit=fit)
 
 
 def pair_cluster_activity(

@@ -123,6 +123,18 @@ def test_tilt_math_by_hand_and_the_dataset_fallback():
     assert list(with_rollouts.sample) == ["rollouts", "rollouts", "dataset", "rollouts", "rollouts", "rollouts"]
     assert with_rollouts.full[2] == dataset_only.full[2] and list(dataset_only.sample) == ["dataset"] * M
     np.testing.assert_allclose(dataset_only.full, tilt_shift(np.vstack([chosen, rejected]), dataset_only.fit.weights)[0])
+    ignored = tilt_predict(chosen, rejected, rollouts=rollouts, sample="dataset")
+    np.testing.assert_array_equal(ignored.full, dataset_only.full)
+    assert list(ignored.sample) == ["dataset"] * M
+    pooled = tilt_predict(chosen, rejected, rollouts=rollouts, sample="both")
+    full, first = tilt_shift(np.vstack([rollouts, chosen, rejected]), pooled.fit.weights)
+    np.testing.assert_array_equal(pooled.full, full)
+    np.testing.assert_array_equal(pooled.first_order, first)
+    assert list(pooled.sample) == ["both"] * M and pooled.full[2] != 0  # concept 2 moves through the dataset rows
+    with pytest.raises(ValueError, match="tilt_sample='both' pools .* no rollouts were given"):
+        tilt_predict(chosen, rejected, sample="both")
+    with pytest.raises(ValueError, match="tilt_sample='pooled' is invalid: choose one of rollouts, dataset, both"):
+        tilt_predict(chosen, rejected, rollouts=rollouts, sample="pooled")
 
 
 def test_resolution_rule_is_deterministic_and_scaled_to_the_sae():
@@ -219,5 +231,12 @@ def test_check_prediction_compares_predictors_on_the_same_reused_rollouts(case):
     np.testing.assert_array_equal(reused.table["observed"], both.table["observed"])
     np.testing.assert_array_equal(reused.table["predicted"], both.table["predicted_tilt"])
     assert reused.r2 == both.predictors.iloc[1]["r2"]
+    pooled = check_prediction(result, model, after, prompts, predictors=("tilt",), tilt_sample="both", reuse=both, **kw)
+    assert pooled.predictors.iloc[0]["sample"] == "both" and set(pooled.table["tilt_sample"]) == {"both"}
+    assert pooled.settings["tilt_sample"] == "both" and reused.settings["tilt_sample"] == "rollouts"
+    np.testing.assert_array_equal(pooled.table["observed"], both.table["observed"])
+    assert not np.array_equal(pooled.table["predicted"], both.table["predicted_tilt"])
+    with pytest.raises(ValueError, match="tilt_sample='all' is invalid"):  # before any sampling
+        check_prediction(result, model, after, prompts, predictors=("tilt",), tilt_sample="all", **kw)
     with pytest.raises(ValueError, match="reuse= was sampled with other seed"):
         check_prediction(result, model, after, prompts, reuse=both, **(kw | {"seed": 1}))

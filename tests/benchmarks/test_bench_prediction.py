@@ -85,7 +85,8 @@ def test_quick_run_measures_train_and_heldout_prompts_sampling_each_once(bench, 
 def test_run_flags_set_prompt_counts_and_sweep_clusters_on_the_same_rollouts(bench, tmp_path, monkeypatch):
     calls = _counting_sampler(monkeypatch)
     results = bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--parts", "graded_controlled",
-                          "--train-prompts", "3", "--hh-heldout", "5", "--cluster-sweep", "4, auto"])
+                          "--train-prompts", "3", "--hh-heldout", "5", "--cluster-sweep", "4, auto",
+                          "--tilt-samples", "dataset,both"])
     assert results["sizes"]["hh_n_heldout"] == 5  # recorded with the run (hh_smollm2's held-out pairs)
     part = results["settings"]["graded_controlled"]
     assert part["n_train_prompts"] == 3 and part["n_heldout_prompts"] == bench.QUICK.n_heldout
@@ -103,10 +104,21 @@ def test_run_flags_set_prompt_counts_and_sweep_clusters_on_the_same_rollouts(ben
     table = bench.sweep(results)
     assert table.count("| graded_controlled |") == 6 and "| 4 features → resolution " in table
     assert "cluster sweep" in bench.sweep({"settings": {"x": {}}})
+    # the tilt samples: its own first, then each further one, per prompt set, on the same rollouts
+    samples = part["tilt_samples"]
+    assert [(r["tilt_sample"], r["prompts"]) for r in samples] == [
+        (sample, prompts) for prompts in ("train", "heldout") for sample in ("rollouts", "dataset", "both")]
+    for r in samples:
+        own = part[bench.RESULT_KEYS[r["prompts"]]]["tilt"]
+        assert (r["r2"] == own["r2"]) if r["tilt_sample"] == "rollouts" else r["sample_used"] == r["tilt_sample"]
+        assert set(r["markers_predicted"]) == {m.name for m in bench.MARKERS}
+    table = bench.samples(results)
+    assert table.count("| graded_controlled |") == 6 and "| both | heldout |" in table
+    assert "tilt samples" in bench.samples({"settings": {"x": {}}})
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(tmp_path), "--train-prompts", "1"])
     for bad in (["--hh-heldout", "1"], ["--cluster-sweep", "4,1"], ["--cluster-sweep", "big"],
-                ["--cluster-target-size", "0.5"]):
+                ["--cluster-target-size", "0.5"], ["--tilt-samples", "rollouts"], ["--tilt-samples", "both,all"]):
         with pytest.raises(SystemExit):
             bench.main(["--quick", "--out", str(tmp_path), *bad])
 
