@@ -75,6 +75,20 @@ class Rollouts:
 
 
 @dataclass
+class Prediction:
+    """Which predictions are compared on the same rollouts.
+
+    Args:
+        predictors: 'paper' and/or 'tilt', compared side by side (None: the audit's own predictor).
+        tilt_sample: what the tilt predictor reweights: 'rollouts' (the base policy's; a cluster they
+            never show falls back to the dataset's responses), 'dataset' or 'both' (pooled).
+    """
+
+    predictors: list[Literal["paper", "tilt"]] | None = None
+    tilt_sample: Literal["rollouts", "dataset", "both"] = "rollouts"
+
+
+@dataclass
 class CheckPredictionJob:
     """`anatomy check-prediction`: did the policy change as the audit predicted?
 
@@ -85,6 +99,7 @@ class CheckPredictionJob:
         saes: the audit's SAEs, {hook: spec} as in the audit config.
         data: held-out prompts.
         rollouts: rollout options.
+        prediction: the predictors compared on the rollouts.
         output_dir: where the check (JSON, PNG, HTML) is written.
     """
 
@@ -94,6 +109,7 @@ class CheckPredictionJob:
     saes: dict[str, str] = field(default_factory=dict)
     data: HeldOut = field(default_factory=HeldOut)
     rollouts: Rollouts = field(default_factory=Rollouts)
+    prediction: Prediction = field(default_factory=Prediction)
     output_dir: str = "outputs/check_prediction"
 
 
@@ -103,6 +119,10 @@ def check_job(cfg: DictConfig) -> None:
     from lightning_anatomy.data.sources import check_source
     from lightning_anatomy.models.loading import check_model_spec
 
+    predictors = cfg.prediction.predictors
+    if predictors is not None and (not predictors or len(set(predictors)) != len(predictors)):
+        raise ValueError(f"prediction.predictors={list(predictors)} is invalid: name 'paper' and/or 'tilt' once each, "
+                         "or leave it unset (the audit's own predictor)")
     if not cfg.audit or not (Path(str(cfg.audit)) / "audit.json").is_file():
         raise ValueError(f"audit={cfg.audit!r} is not a saved audit directory (no audit.json); pass the directory "
                          "`anatomy audit` wrote, e.g. --audit=outputs/audit/audit")
@@ -127,6 +147,9 @@ def run_check_prediction(cfg: DictConfig):
     from lightning_anatomy.models.loading import load_model, load_tokenizer
 
     audit = AuditResult.load(str(cfg.audit))
+    if "tilt" in (cfg.prediction.predictors or [audit.options.get("predictor", "paper")]) and audit.features is None:
+        raise ValueError(f"prediction.predictors includes 'tilt', which refits the reward on the audit's pairs, but "
+                         f"{cfg.audit} holds no span features; rerun `anatomy audit` (it saves them) or drop 'tilt'")
     hooks = sorted(set(audit.feature_clusters["hook"]))
     missing = [h for h in hooks if h not in cfg.saes]
     if missing:
@@ -141,11 +164,12 @@ def run_check_prediction(cfg: DictConfig):
     before = load_model(cfg.model.before, dtype=cfg.model.dtype).eval()
     after = load_model(cfg.model.after, dtype=cfg.model.dtype).eval()
     saes = {h: load_sae(cfg.saes[h], d_in=hidden_size_at(before, h), seed=cfg.seed) for h in hooks}
-    options = OmegaConf.to_container(cfg.rollouts, resolve=True)
+    options = OmegaConf.to_container(cfg.rollouts, resolve=True) | OmegaConf.to_container(cfg.prediction, resolve=True)
     check = check_prediction(audit, before, after, prompts, tokenizer=tokenizer, saes=saes, seed=cfg.seed, **options)
     out = check.save(Path(cfg.output_dir), audit_result=audit)
     s = check.summary()
-    print(f"{s['n_clusters']} clusters: R² {s['r2']} (CI {s['r2_ci']}), OLS R² {s['r2_ols']}, "
-          f"sign agreement {s['sign_agreement']}")
+    for name, p in s.get("predictors", {"": s}).items():
+        print(f"{name + ': ' if name else ''}{p['n_clusters']} clusters: R² {p['r2']} (CI {p['r2_ci']}), "
+              f"OLS R² {p['r2_ols']}, sign agreement {p['sign_agreement']}")
     print(f"report: {out / 'report.html'}")
     return check

@@ -265,7 +265,8 @@ def _save_features(features: SpanFeatures, stat: str, folder: Path) -> dict[str,
         for span in ("chosen", "rejected"):
             sp.save_npz(folder / f"h{i}_{span}.npz", features.get(hook, span, stat).tocsr(), compressed=False)
         hooks.append({"hook": hook, "d_sae": int(features.d_sae[hook])})
-    return {"stat": stat, "hooks": hooks, "spans": list(features.lengths), "threshold": features.threshold}
+    return {"stat": stat, "hooks": hooks, "spans": list(features.lengths), "threshold": features.threshold,
+            "meta": dict(features.meta)}  # e.g. the τ of a kept 1{freq > τ}: the tilt predictor reads it back
 
 
 def _load_features(folder: Path, manifest: Mapping[str, Any]) -> SpanFeatures:
@@ -281,6 +282,7 @@ def _load_features(folder: Path, manifest: Mapping[str, Any]) -> SpanFeatures:
         row_ids=np.load(folder / "row_ids.npy"),
         lengths={span: np.load(folder / f"lengths_{span}.npy") for span in manifest["spans"]},
         matrices=matrices, d_sae=d_sae, threshold=float(manifest.get("threshold", 0.0)),
+        meta=dict(manifest.get("meta", {})),
     )
 
 

@@ -269,7 +269,10 @@ def pair_cluster_activity(
         stat = "freq"
     elif all((h, s, "active") in features.matrices for h in hooks for s in ("chosen", "rejected")):
         kept_tau = features.meta.get("active_tau")
-        if measure != "active" or kept_tau is None or not np.isclose(float(kept_tau), tau):
+        if kept_tau is None:
+            raise ValueError("the saved audit kept only 1{freq > τ} per span and not its τ (saved before the tilt "
+                             "predictor could read it back); re-run the audit, or use the in-memory audit")
+        if measure != "active" or not np.isclose(float(kept_tau), tau):
             raise ValueError(f"the audit kept only 1{{freq > {kept_tau}}} per span; the tilt predictor with "
                              f"measure={measure!r}, tau={tau} needs the firing frequencies: pass tau={kept_tau} "
                              "and measure='active', or use the in-memory audit")

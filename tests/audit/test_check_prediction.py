@@ -192,6 +192,11 @@ def test_cli_check_prediction_end_to_end(tmp_path, capsys):
     args = ["check-prediction", "--config", str(cfg), f"--audit={audit_out / 'audit'}",
             f"--model.after={tmp_path / 'after'}", f"--output_dir={out}", "--data.source=toy:40", "--data.offset=32",
             "--rollouts.max_new_tokens=8", "--rollouts.n_bootstrap=50"]
+    assert main([*args, "--prediction.predictors=[paper,tilt]", "--prediction.tilt_sample=both"]) == 0
+    printed = capsys.readouterr().out
+    assert "paper: " in printed and "tilt: " in printed, printed  # one line per predictor
+    saved = json.loads((out / "prediction.json").read_text())
+    assert saved["settings"]["tilt_sample"] == "both" and saved["settings"]["predictors"] == ["paper", "tilt"]
     assert main(args) == 0
     assert "R²" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"prediction.json", "scatter.png", "report.html", "clusters.parquet"}

@@ -198,6 +198,11 @@ def test_demo_and_check_prediction_validate_first(no_model_loads, capsys):
     assert main(["check-prediction", "--config", str(REPO / "configs/check_prediction/tiny.yaml"),
                  "--audit=/nonexistent"]) == 2
     assert "not a saved audit directory" in capsys.readouterr().err
+    for bad, key in (("--prediction.tilt_sample=pooled", "prediction.tilt_sample"),
+                     ("--prediction.predictors=[tilt,tilt]", "prediction.predictors"),
+                     ("--prediction.predictors=[oracle]", "prediction.predictors")):
+        assert main(["check-prediction", "--config", str(REPO / "configs/check_prediction/tiny.yaml"), bad]) == 2
+        assert key in capsys.readouterr().err
 
 
 def test_unknown_command_and_bare_call(capsys):
