@@ -58,6 +58,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "prediction-goals": ("prediction.json", _benchmark_tables("prediction", "goals")),
     "prediction-headline": ("prediction.json", _benchmark_tables("prediction", "headline")),
     "prediction-sweep": ("prediction.json", _benchmark_tables("prediction", "sweep")),
+    "prediction-samples": ("prediction.json", _benchmark_tables("prediction", "samples")),
 }
 
 
