@@ -803,11 +803,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sweep = tuple(_target_size(v) for v in (args.cluster_sweep or "").split(",") if v.strip())
     except ValueError as err:
         parser.error(f"--cluster-sweep {args.cluster_sweep}: {err}")
+    from lightning_anatomy.audit.tilt import SAMPLES
+
+    further = SAMPLES[1:]  # SAMPLES[0], the default, is always measured
     samples = tuple(v.strip() for v in (args.tilt_samples or "").split(",") if v.strip())
     for sample in samples:
-        if sample not in ("dataset", "both"):
+        if sample not in further:
             parser.error(f"--tilt-samples {args.tilt_samples}: {sample!r} is not a further tilt sample; choose "
-                         "from dataset, both (rollouts, the default, is always measured)")
+                         f"from {', '.join(further)} ({SAMPLES[0]}, the default, is always measured)")
     if args.merge:
         merged = merge_results(args.merge)
         common.publish(merged, args.out, args.name or "prediction", tables)

@@ -46,7 +46,7 @@ from lightning_anatomy.audit.rollouts import (
 )
 from lightning_anatomy.audit.tilt import (
     SAMPLES,
-    check_predictor,
+    check_predictors,
     check_sample,
     pair_cluster_activity,
     tilt_predict,
@@ -317,11 +317,8 @@ def check_prediction(
         raise ValueError(f"tau={tau!r} is invalid: the activity threshold must be in [0, 1)")
     threshold = float(options.get("threshold", 0.0))
     audit_predictor = str(options.get("predictor", "paper"))
-    names = [audit_predictor] if predictors is None else [predictors] if isinstance(predictors, str) else list(predictors)
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"predictors={predictors!r} is invalid: pass distinct names from ('paper', 'tilt')")
-    for name in names:
-        check_predictor(name, "predictors")
+    names = check_predictors([audit_predictor] if predictors is None else [predictors] if isinstance(predictors, str)
+                             else predictors)
     check_sample(tilt_sample)
     if reuse is not None and not (isinstance(reuse, PredictionCheck) and reuse.rollouts and reuse.frequencies):
         raise ValueError("reuse must be a PredictionCheck returned by check_prediction in this process (its rollouts "

@@ -115,14 +115,13 @@ class CheckPredictionJob:
 
 def check_job(cfg: DictConfig) -> None:
     """The options this job reads itself, before any model loads."""
+    from lightning_anatomy.audit.tilt import check_predictors
     from lightning_anatomy.concepts.sae import check_sae_spec
     from lightning_anatomy.data.sources import check_source
     from lightning_anatomy.models.loading import check_model_spec
 
-    predictors = cfg.prediction.predictors
-    if predictors is not None and (not predictors or len(set(predictors)) != len(predictors)):
-        raise ValueError(f"prediction.predictors={list(predictors)} is invalid: name 'paper' and/or 'tilt' once each, "
-                         "or leave it unset (the audit's own predictor)")
+    if cfg.prediction.predictors is not None:  # unset: the audit's own predictor
+        check_predictors(list(cfg.prediction.predictors), "prediction.predictors")
     if not cfg.audit or not (Path(str(cfg.audit)) / "audit.json").is_file():
         raise ValueError(f"audit={cfg.audit!r} is not a saved audit directory (no audit.json); pass the directory "
                          "`anatomy audit` wrote, e.g. --audit=outputs/audit/audit")

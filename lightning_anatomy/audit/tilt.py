@@ -64,6 +64,15 @@ def check_predictor(name: object, option: str = "predictor") -> str:
     return name
 
 
+def check_predictors(names: Sequence[object], option: str = "predictors") -> list[str]:
+    """`names` as a list if they are known predictors, at least one and each once, else a ValueError
+    naming `option` (the Python argument or the CLI key)."""
+    names = list(names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{option}={names!r} is invalid: pass distinct names from {PREDICTORS}")
+    return [check_predictor(name, option) for name in names]
+
+
 def check_sample(name: object, option: str = "tilt_sample") -> str:
     """`name` if it is a known tilt sample, else a ValueError naming it and the choices."""
     if not isinstance(name, str) or name not in SAMPLES:
